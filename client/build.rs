@@ -1,0 +1,11 @@
+//! Generates client stubs only from the workspace's `proto/`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=../proto");
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(&["../proto/resnet_serve/v1/classifier.proto"], &["../proto"])?;
+    Ok(())
+}

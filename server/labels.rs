@@ -1,0 +1,72 @@
+//! The ImageNet-1k class names (torchvision's order) and what is computed from logits:
+//! probabilities and labelled top-k.
+
+use std::sync::LazyLock;
+
+static LABELS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| include_str!("labels/imagenet_classes.txt").lines().collect());
+
+/// All 1000 class names, index-aligned with the logits.
+pub fn labels() -> &'static [&'static str] {
+    &LABELS
+}
+
+/// The name of class `index`, or `""` past the end.
+pub fn label(index: usize) -> &'static str {
+    LABELS.get(index).copied().unwrap_or("")
+}
+
+/// Numerically stable softmax.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+/// One ranked class.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Scored {
+    pub index: usize,
+    pub label: &'static str,
+    pub score: f32,
+}
+
+/// The `k` best classes, best first; ties go to the lower index, as `torch.topk` on CPU.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|index| Scored {
+            index,
+            label: label(index),
+            score: scores[index],
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousand_labels_in_torchvision_order() {
+        assert_eq!(labels().len(), 1000);
+        assert_eq!(label(0), "tench");
+        assert_eq!(label(281), "tabby");
+        assert_eq!(label(999), "toilet tissue");
+        assert_eq!(label(1000), "");
+    }
+
+    #[test]
+    fn softmax_and_top_k() {
+        let p = softmax(&[1.0, 3.0, 2.0, 3.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let top: Vec<usize> = top_k(&p, 3).iter().map(|s| s.index).collect();
+        assert_eq!(top, vec![1, 3, 2]);
+        // Large logits do not overflow.
+        assert!(softmax(&[1000.0, 0.0]).iter().all(|v| v.is_finite()));
+    }
+}

@@ -1,0 +1,37 @@
+//! resnet-serve: a gRPC inference server for the twelve semi-supervised (`_ssl`) and
+//! semi-weakly supervised (`_swsl`) ImageNet ResNet / ResNeXt classifiers of Yalniz et
+//! al. 2019 (arXiv 1905.00546), on Candle.
+//!
+//! # Layout
+//! The repository root is this package: `server/` holds its sources, `build.rs` compiles
+//! `proto/`, `benches/` measures it, `client/` is a separate workspace member (client
+//! stubs and CLI, no Candle), `deploy/` holds the Kubernetes manifests.
+//!
+//! Modules, in the order data flows through them:
+//! - [`weights`]: checkpoint files in every format a user holds (legacy `torch.save`,
+//!   zip `.pth`, safetensors), read without executing pickles; torch.hub names, hash
+//!   checks, the download cache and conversion to safetensors.
+//! - [`model`]: the six architectures behind the twelve hub names, built strictly from a
+//!   state dict with batch-norm folded into the convolutions; [`model::layers`] is the
+//!   single seam where layer compute happens.
+//! - [`preprocess`]: encoded images, raw RGB8 frames and float tensors to the normalised
+//!   3x224x224 input, matching PIL + torchvision.
+//! - [`labels`]: the ImageNet-1k class names, and logits to probabilities / top-k.
+//! - [`predict`]: the offline `predict` command (the model card's example as a tool).
+//! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
+
+pub mod labels;
+pub mod model;
+pub mod predict;
+pub mod preprocess;
+pub mod weights;
+
+/// The generated `resnet_serve.v1` protocol types (server and client stubs).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("resnet_serve.v1");
+
+    /// Encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("resnet_serve_descriptor");
+}

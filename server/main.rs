@@ -1,0 +1,149 @@
+//! The `resnet-serve` binary: offline tools over the model core (`predict`, `weights`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+
+use resnet_serve::model::ModelName;
+use resnet_serve::predict::{self, OutputKind};
+use resnet_serve::weights::download::{Downloader, BASE_URL_ENV};
+use resnet_serve::weights::{convert, inspect, Checkpoint};
+
+#[derive(Parser)]
+#[command(name = "resnet-serve", version, about = "Inference server and tools for the semi-supervised ImageNet ResNet/ResNeXt models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify image files offline, as the model card's example does.
+    #[command(after_help = "Examples:\n  resnet-serve predict --model resnet50_swsl --weights semi_weakly_supervised_resnet50-16a12f1b.pth cat.jpg\n  resnet-serve predict --model resnet18_ssl --output probs --json a.png b.webp")]
+    Predict {
+        /// One of the twelve hub names, e.g. resnet50_swsl.
+        #[arg(long, default_value = "resnet50_swsl")]
+        model: ModelName,
+        /// Checkpoint file (legacy or zip .pth, or safetensors). Default: the model's
+        /// file in the weights cache, downloaded on first use.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "topk")]
+        output: OutputKind,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        top_k: u16,
+        /// Print JSON (one array, an object per image) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Download, convert and inspect checkpoints.
+    #[command(subcommand)]
+    Weights(WeightsCommand),
+}
+
+#[derive(Subcommand)]
+enum WeightsCommand {
+    /// Download a published checkpoint into the cache, verifying its sha256 prefix.
+    #[command(after_help = "Example:\n  resnet-serve weights download resnext101_32x8d_swsl --cache-dir /models")]
+    Download {
+        model: ModelName,
+        /// Default: $XDG_CACHE_HOME/resnet-serve (or ~/.cache/resnet-serve).
+        #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Where the files are served (a mirror).
+        #[arg(long, env = BASE_URL_ENV)]
+        base_url: Option<String>,
+    },
+    /// Rewrite any checkpoint as safetensors.
+    #[command(after_help = "Example:\n  resnet-serve weights convert semi_supervised_resnet18-d92f0530.pth resnet18_ssl.safetensors")]
+    Convert { input: PathBuf, output: PathBuf },
+    /// Show a checkpoint's format, tensors, parameters and architecture.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Our error messages already carry their causes; print a cause only when it
+            // adds something.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message = format!("{message}: {cause}");
+                }
+            }
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Predict {
+            model,
+            weights,
+            output,
+            top_k,
+            json,
+            batch_size,
+            cache_dir,
+            images,
+        } => {
+            let weights = match weights {
+                Some(w) => w,
+                None => Downloader::from_env(cache_dir, None).fetch(model)?,
+            };
+            let classifier = predict::load_model(model, &weights, &Device::Cpu)?;
+            let results = predict::predict(&classifier, &images, output, usize::from(top_k), batch_size)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", predict::render_text(&results));
+            }
+        }
+        Command::Weights(WeightsCommand::Download {
+            model,
+            cache_dir,
+            base_url,
+        }) => {
+            let path = Downloader::from_env(cache_dir, base_url).fetch(model)?;
+            println!("{}", path.display());
+        }
+        Command::Weights(WeightsCommand::Convert { input, output }) => {
+            let checkpoint = Checkpoint::open(&input)?;
+            let n = convert::to_safetensors(&checkpoint, &output)
+                .with_context(|| format!("converting {}", input.display()))?;
+            println!("wrote {n} tensors to {}", output.display());
+        }
+        Command::Weights(WeightsCommand::Inspect { file, json }) => {
+            let summary = inspect::summarize(&Checkpoint::open(&file)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Encoded bytes and raw frames to RGB8, as PIL's `Image.open(...).convert("RGB")`:
+//! grey is replicated, palettes are looked up, alpha is dropped (not composited), and
+//! 16-bit samples follow PIL's own rules (16-bit grey is clipped to 255 as PIL's `I;16`
+//! conversion does; 16-bit colour keeps the high byte as PIL's PNG decoder does).
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
+
+use super::PreprocessError;
+
+/// Bounds on what a client may make us decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded image accepted, in bytes.
+    pub max_encoded_bytes: usize,
+    /// Largest decoded image, in pixels, checked from the header before decoding.
+    pub max_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_encoded_bytes: 32 << 20,
+            // 40 megapixels: a 7680x5200 photo; PIL's own bomb warning starts near 89M.
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+impl Limits {
+    fn check_pixels(&self, width: u32, height: u32) -> Result<(), PreprocessError> {
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(PreprocessError::TooManyPixels {
+                width,
+                height,
+                pixels,
+                limit: self.max_pixels,
+            });
+        }
+        if pixels == 0 {
+            return Err(PreprocessError::Empty);
+        }
+        Ok(())
+    }
+}
+
+const ACCEPTED: [ImageFormat; 5] = [
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Bmp,
+    ImageFormat::Gif,
+];
+
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, PreprocessError> {
+    let r = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    match r.format() {
+        Some(f) if ACCEPTED.contains(&f) => Ok(r),
+        _ => Err(PreprocessError::UnknownFormat),
+    }
+}
+
+/// Decodes an encoded image to RGB8 after checking its size from the header alone.
+pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    if bytes.len() > limits.max_encoded_bytes {
+        return Err(PreprocessError::TooManyBytes {
+            size: bytes.len(),
+            limit: limits.max_encoded_bytes,
+        });
+    }
+    let (width, height) = reader(bytes)?
+        .into_dimensions()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    limits.check_pixels(width, height)?;
+    let mut r = reader(bytes)?;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(width);
+    decoder_limits.max_image_height = Some(height);
+    // Room for the decoded image at 16 bits x 4 channels, and the decoder's scratch.
+    decoder_limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (64 << 20));
+    r.limits(decoder_limits);
+    let img = r.decode().map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    Ok(to_rgb8_like_pil(img))
+}
+
+fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageLuma16(grey) => {
+            let (w, h) = grey.dimensions();
+            RgbImage::from_fn(w, h, |x, y| {
+                let v = grey.get_pixel(x, y)[0].min(255) as u8;
+                image::Rgb([v, v, v])
+            })
+        }
+        DynamicImage::ImageLumaA16(grey) => {
+            let (w, h) = grey.dimensions();
+            RgbImage::from_fn(w, h, |x, y| {
+                let v = (grey.get_pixel(x, y)[0] >> 8) as u8;
+                image::Rgb([v, v, v])
+            })
+        }
+        DynamicImage::ImageRgb16(rgb) => {
+            let (w, h) = rgb.dimensions();
+            RgbImage::from_fn(w, h, |x, y| {
+                let p = rgb.get_pixel(x, y).0;
+                image::Rgb([(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            })
+        }
+        DynamicImage::ImageRgba16(rgba) => {
+            let (w, h) = rgba.dimensions();
+            RgbImage::from_fn(w, h, |x, y| {
+                let p = rgba.get_pixel(x, y).0;
+                image::Rgb([(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            })
+        }
+        // 8-bit grey, grey+alpha, RGBA and palette (already expanded by the decoder):
+        // the crate's conversion replicates grey and drops alpha, as PIL does.
+        other => other.to_rgb8(),
+    }
+}
+
+/// Wraps a raw `height x width x 3` RGB8 frame after checking its size.
+pub fn raw_frame(width: u32, height: u32, rgb: &[u8], limits: &Limits) -> Result<RgbImage, PreprocessError> {
+    limits.check_pixels(width, height)?;
+    let expected = u64::from(width) * u64::from(height) * 3;
+    if rgb.len() as u64 != expected {
+        return Err(PreprocessError::FrameSize {
+            width,
+            height,
+            expected,
+            got: rgb.len(),
+        });
+    }
+    RgbImage::from_raw(width, height, rgb.to_vec()).ok_or(PreprocessError::FrameSize {
+        width,
+        height,
+        expected,
+        got: rgb.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PNG header (IHDR) claiming `w x h`, with no pixel data behind it.
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(b"IHDR");
+        ihdr.extend_from_slice(&w.to_be_bytes());
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let crc = crc32(&ihdr);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        out.extend_from_slice(&13u32.to_be_bytes());
+        out.extend_from_slice(&ihdr);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn pixel_bomb_is_refused_from_its_header() {
+        let bomb = png_header(100_000, 100_000);
+        let err = decode_rgb8(&bomb, &Limits::default()).expect_err("must refuse");
+        assert!(matches!(err, PreprocessError::TooManyPixels { pixels: 10_000_000_000, .. }), "{err}");
+    }
+
+    #[test]
+    fn byte_limit_and_garbage() {
+        let limits = Limits {
+            max_encoded_bytes: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode_rgb8(&[0u8; 11], &limits),
+            Err(PreprocessError::TooManyBytes { size: 11, limit: 10 })
+        ));
+        assert_eq!(decode_rgb8(b"not an image at all", &Limits::default()), Err(PreprocessError::UnknownFormat));
+        assert_eq!(decode_rgb8(&[], &Limits::default()), Err(PreprocessError::Empty));
+        // A real header with nothing behind it: a decode error, not a panic.
+        assert!(matches!(
+            decode_rgb8(&png_header(8, 8), &Limits::default()),
+            Err(PreprocessError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn raw_frames_are_checked() {
+        let l = Limits::default();
+        assert!(raw_frame(2, 2, &[0; 12], &l).is_ok());
+        assert!(matches!(raw_frame(2, 2, &[0; 11], &l), Err(PreprocessError::FrameSize { expected: 12, .. })));
+        assert_eq!(raw_frame(0, 5, &[], &l), Err(PreprocessError::Empty));
+    }
+
+    #[test]
+    fn sixteen_bit_follows_pil() {
+        let grey = image::ImageBuffer::from_fn(2, 1, |x, _| image::Luma([if x == 0 { 200u16 } else { 1000 }]));
+        let rgb = to_rgb8_like_pil(DynamicImage::ImageLuma16(grey));
+        assert_eq!(rgb.get_pixel(0, 0).0, [200, 200, 200]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [255, 255, 255]);
+        let colour = image::ImageBuffer::from_fn(1, 1, |_, _| image::Rgb([0x1234u16, 0xff00, 0x00ff]));
+        assert_eq!(to_rgb8_like_pil(DynamicImage::ImageRgb16(colour)).get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
+    }
+}

@@ -75,7 +75,13 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Preprocess
             limit: limits.max_encoded_bytes,
         });
     }
-    let (width, height) = reader(bytes)?
+    let r = reader(bytes)?;
+    if r.format() == Some(ImageFormat::Jpeg) {
+        if let Some(rgb) = decode_jpeg(bytes, limits)? {
+            return Ok(rgb);
+        }
+    }
+    let (width, height) = r
         .into_dimensions()
         .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     limits.check_pixels(width, height)?;
@@ -88,6 +94,28 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Preprocess
     r.limits(decoder_limits);
     let img = r.decode().map_err(|e| PreprocessError::Decode(e.to_string()))?;
     Ok(to_rgb8_like_pil(img))
+}
+
+/// JPEG through libjpeg-turbo's decoder with PIL's settings (accurate integer IDCT,
+/// fancy upsampling), so pixels match PIL's exactly. `None` for colour spaces libjpeg
+/// cannot turn into RGB (CMYK, YCCK), which the general decoder handles.
+fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
+    use mozjpeg::{ColorSpace, DctMethod, Decompress};
+    let err = |e: std::io::Error| PreprocessError::Decode(format!("JPEG: {e}"));
+    let mut d = Decompress::new_mem(bytes).map_err(err)?;
+    let (width, height) = (d.width() as u32, d.height() as u32);
+    limits.check_pixels(width, height)?;
+    if !matches!(d.color_space(), ColorSpace::JCS_GRAYSCALE | ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB) {
+        return Ok(None);
+    }
+    d.dct_method(DctMethod::IntegerSlow);
+    d.do_fancy_upsampling(true);
+    let mut started = d.rgb().map_err(err)?;
+    let pixels = started.read_scanlines::<u8>().map_err(err)?;
+    started.finish().map_err(err)?;
+    RgbImage::from_raw(width, height, pixels)
+        .map(Some)
+        .ok_or_else(|| PreprocessError::Decode("JPEG: image data ends early".into()))
 }
 
 fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {

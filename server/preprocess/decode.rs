@@ -100,6 +100,21 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Preprocess
 /// fancy upsampling), so pixels match PIL's exactly. `None` for colour spaces libjpeg
 /// cannot turn into RGB (CMYK, YCCK), which the general decoder handles.
 fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
+    // mozjpeg reports libjpeg's fatal errors by unwinding (without the panic hook) out
+    // of the C decoder; catch that here so a corrupt upload is an error, not a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_jpeg_inner(bytes, limits))).unwrap_or_else(
+        |payload| {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "corrupt data".into());
+            Err(PreprocessError::Decode(format!("JPEG: {msg}")))
+        },
+    )
+}
+
+fn decode_jpeg_inner(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
     use mozjpeg::{ColorSpace, DctMethod, Decompress};
     let err = |e: std::io::Error| PreprocessError::Decode(format!("JPEG: {e}"));
     let mut d = Decompress::new_mem(bytes).map_err(err)?;
@@ -179,7 +194,7 @@ pub fn raw_frame(width: u32, height: u32, rgb: &[u8], limits: &Limits) -> Result
 mod tests {
     use super::*;
 
-    /// A PNG header (IHDR) claiming `w x h`, with no pixel data behind it.
+    /// A PNG header (IHDR) claiming `w x h`, then an empty IDAT: no pixel data at all.
     fn png_header(w: u32, h: u32) -> Vec<u8> {
         let mut ihdr = Vec::new();
         ihdr.extend_from_slice(b"IHDR");
@@ -191,6 +206,9 @@ mod tests {
         out.extend_from_slice(&13u32.to_be_bytes());
         out.extend_from_slice(&ihdr);
         out.extend_from_slice(&crc.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(b"IDAT");
+        out.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
         out
     }
 
@@ -229,6 +247,20 @@ mod tests {
             decode_rgb8(&png_header(8, 8), &Limits::default()),
             Err(PreprocessError::Decode(_))
         ));
+    }
+
+    #[test]
+    fn corrupt_jpeg_is_an_error_not_a_crash() {
+        let mut jpeg = Vec::new();
+        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .expect("encode");
+        assert!(decode_rgb8(&jpeg, &Limits::default()).is_ok());
+        for cut in [4, 20, 100, 200] {
+            let err = decode_rgb8(&jpeg[..cut], &Limits::default());
+            assert!(matches!(err, Err(PreprocessError::Decode(_))), "cut {cut}: {err:?}");
+        }
     }
 
     #[test]

@@ -79,11 +79,17 @@ impl Downloader {
 
     /// The model's checkpoint in the cache, downloading it first if absent.
     pub fn fetch(&self, model: ModelName) -> Result<PathBuf, DownloadError> {
-        let dest = self.cached_path(model);
+        self.fetch_file(model.hub_file_name())
+    }
+
+    /// `file` (a name under the base URL) in the cache, downloading it first if absent.
+    /// A `-<hex>` hash prefix in the name is checked against the downloaded bytes.
+    pub fn fetch_file(&self, file: &str) -> Result<PathBuf, DownloadError> {
+        let dest = self.cache_dir.join(file);
         if dest.is_file() {
             return Ok(dest);
         }
-        self.download(model.hub_file_name(), &dest)?;
+        self.download(file, &dest)?;
         Ok(dest)
     }
 

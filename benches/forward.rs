@@ -11,14 +11,30 @@ use resnet_serve::model::{Architecture, Classifier, INPUT_SIZE};
 
 fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
-    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
-    for arch in [Architecture::Resnet18, Architecture::Resnet50, Architecture::Resnext50_32x4d] {
-        let model = match Classifier::load(arch, &SyntheticWeights::new(arch, 7), &Device::Cpu, DType::F32) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    for arch in [
+        Architecture::Resnet18,
+        Architecture::Resnet50,
+        Architecture::Resnext50_32x4d,
+    ] {
+        let model = match Classifier::load(
+            arch,
+            &SyntheticWeights::new(arch, 7),
+            &Device::Cpu,
+            DType::F32,
+        ) {
             Ok(m) => m,
             Err(e) => panic!("building {arch}: {e}"),
         };
         for batch in [1usize, 8, 32] {
-            let x = Tensor::from_vec(synthetic::input(7, batch, INPUT_SIZE), (batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu);
+            let x = Tensor::from_vec(
+                synthetic::input(7, batch, INPUT_SIZE),
+                (batch, 3, INPUT_SIZE, INPUT_SIZE),
+                &Device::Cpu,
+            );
             let Ok(x) = x else { panic!("input tensor") };
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_with_input(BenchmarkId::new(arch.as_str(), batch), &x, |b, x| {

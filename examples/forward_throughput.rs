@@ -17,8 +17,17 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: forward_throughput ARCH BATCH [SECONDS]"))?;
     let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1);
     let seconds: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
-    let model = Classifier::load(arch, &SyntheticWeights::new(arch, 7), &Device::Cpu, DType::F32)?;
-    let x = Tensor::from_vec(synthetic::input(7, batch, INPUT_SIZE), (batch, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
+    let model = Classifier::load(
+        arch,
+        &SyntheticWeights::new(arch, 7),
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let x = Tensor::from_vec(
+        synthetic::input(7, batch, INPUT_SIZE),
+        (batch, 3, INPUT_SIZE, INPUT_SIZE),
+        &Device::Cpu,
+    )?;
     model.forward(&x)?; // warm-up
     let budget = Duration::from_secs_f64(seconds);
     let start = Instant::now();

@@ -28,7 +28,11 @@ fn main() -> anyhow::Result<()> {
     let model = Classifier::load(arch, &ck, &Device::Cpu, DType::F32)?;
     drop(ck);
     let peak = status_kib("VmHWM:").unwrap_or(0);
-    let params: usize = resnet_serve::model::resnet::Layout::new(arch).expected_shapes().values().map(|s| s.iter().product::<usize>()).sum();
+    let params: usize = resnet_serve::model::resnet::Layout::new(arch)
+        .expected_shapes()
+        .values()
+        .map(|s| s.iter().product::<usize>())
+        .sum();
     let model_kib = (params * 4 / 1024) as u64;
     println!(
         "{{\"model\":\"{arch}\",\"format\":\"{format}\",\"f32_size_mib\":{:.1},\"baseline_rss_mib\":{:.1},\"peak_rss_mib\":{:.1},\"peak_over_model\":{:.3},\"peak_minus_baseline_over_model\":{:.3}}}",

@@ -17,13 +17,26 @@
 //! - [`preprocess`]: encoded images, raw RGB8 frames and float tensors to the normalised
 //!   3x224x224 input, matching PIL + torchvision.
 //! - [`labels`]: the ImageNet-1k class names, and logits to probabilities / top-k.
+//! - [`scheduler`]: per-model bounded queue, batcher task and device worker thread;
+//!   [`scheduler::policy`] holds the batching policy.
+//! - [`registry`]: the served models by name.
+//! - [`service`]: the `resnet_serve.v1.Classifier` gRPC service.
+//! - [`error`]: request errors and their single mapping to gRPC statuses.
+//! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`server`]: health, reflection, model loading, serving and graceful drain.
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 
+pub mod error;
 pub mod labels;
+pub mod metrics;
 pub mod model;
 pub mod predict;
 pub mod preprocess;
+pub mod registry;
+pub mod scheduler;
+pub mod server;
+pub mod service;
 pub mod weights;
 
 /// The generated `resnet_serve.v1` protocol types (server and client stubs).

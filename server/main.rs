@@ -1,4 +1,5 @@
-//! The `resnet-serve` binary: offline tools over the model core (`predict`, `weights`).
+//! The `resnet-serve` binary: the gRPC server (the default command) and offline tools
+//! over the model core (`predict`, `weights`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,22 +8,34 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+mod config;
+
 use resnet_serve::model::ModelName;
 use resnet_serve::predict::{self, OutputKind};
 use resnet_serve::weights::download::{Downloader, BASE_URL_ENV};
 use resnet_serve::weights::{convert, inspect, Checkpoint};
 
 #[derive(Parser)]
-#[command(name = "resnet-serve", version, about = "Inference server and tools for the semi-supervised ImageNet ResNet/ResNeXt models")]
+#[command(
+    name = "resnet-serve",
+    version,
+    about = "Inference server and tools for the semi-supervised ImageNet ResNet/ResNeXt models",
+    args_conflicts_with_subcommands = true,
+    after_help = "With no command, serves gRPC. Examples:\n  resnet-serve --model resnet50_swsl=/models/semi_weakly_supervised_resnet50-16a12f1b.pth\n  resnet-serve --model resnet18_ssl --model resnext101_32x8d_swsl --batch-sizes 1,4,16 --max-queue-delay-ms 2"
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: config::ServeArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Classify image files offline, as the model card's example does.
-    #[command(after_help = "Examples:\n  resnet-serve predict --model resnet50_swsl --weights semi_weakly_supervised_resnet50-16a12f1b.pth cat.jpg\n  resnet-serve predict --model resnet18_ssl --output probs --json a.png b.webp")]
+    #[command(
+        after_help = "Examples:\n  resnet-serve predict --model resnet50_swsl --weights semi_weakly_supervised_resnet50-16a12f1b.pth cat.jpg\n  resnet-serve predict --model resnet18_ssl --output probs --json a.png b.webp"
+    )]
     Predict {
         /// One of the twelve hub names, e.g. resnet50_swsl.
         #[arg(long, default_value = "resnet50_swsl")]
@@ -54,7 +67,9 @@ enum Command {
 #[derive(Subcommand)]
 enum WeightsCommand {
     /// Download a published checkpoint into the cache, verifying its sha256 prefix.
-    #[command(after_help = "Example:\n  resnet-serve weights download resnext101_32x8d_swsl --cache-dir /models")]
+    #[command(
+        after_help = "Example:\n  resnet-serve weights download resnext101_32x8d_swsl --cache-dir /models"
+    )]
     Download {
         model: ModelName,
         /// Default: $XDG_CACHE_HOME/resnet-serve (or ~/.cache/resnet-serve).
@@ -65,7 +80,9 @@ enum WeightsCommand {
         base_url: Option<String>,
     },
     /// Rewrite any checkpoint as safetensors.
-    #[command(after_help = "Example:\n  resnet-serve weights convert semi_supervised_resnet18-d92f0530.pth resnet18_ssl.safetensors")]
+    #[command(
+        after_help = "Example:\n  resnet-serve weights convert semi_supervised_resnet18-d92f0530.pth resnet18_ssl.safetensors"
+    )]
     Convert { input: PathBuf, output: PathBuf },
     /// Show a checkpoint's format, tensors, parameters and architecture.
     Inspect {
@@ -76,11 +93,23 @@ enum WeightsCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if cli.command.is_none() {
+            "info"
+        } else {
+            "warn"
+        })
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.serve.log_format == config::LogFormat::Json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our error messages already carry their causes; print a cause only when it
@@ -99,7 +128,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return config::serve(cli.serve);
+    };
+    match command {
         Command::Predict {
             model,
             weights,
@@ -115,7 +147,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => Downloader::from_env(cache_dir, None).fetch(model)?,
             };
             let classifier = predict::load_model(model, &weights, &Device::Cpu)?;
-            let results = predict::predict(&classifier, &images, output, usize::from(top_k), batch_size)?;
+            let results =
+                predict::predict(&classifier, &images, output, usize::from(top_k), batch_size)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {

@@ -57,9 +57,18 @@ pub enum Output {
 }
 
 /// Loads the model from `weights` on `device`.
-pub fn load_model(model: ModelName, weights: &Path, device: &Device) -> Result<Classifier, PredictError> {
+pub fn load_model(
+    model: ModelName,
+    weights: &Path,
+    device: &Device,
+) -> Result<Classifier, PredictError> {
     let checkpoint = Checkpoint::open(weights)?;
-    Ok(Classifier::load(model.architecture, &checkpoint, device, DType::F32)?)
+    Ok(Classifier::load(
+        model.architecture,
+        &checkpoint,
+        device,
+        DType::F32,
+    )?)
 }
 
 /// Classifies `images` in batches of at most `batch_size`.
@@ -79,10 +88,12 @@ pub fn predict(
                 path: path.clone(),
                 source,
             })?;
-            let input = pre.prepare(Input::Encoded(&bytes)).map_err(|source| PredictError::Image {
-                path: path.clone(),
-                source,
-            })?;
+            let input =
+                pre.prepare(Input::Encoded(&bytes))
+                    .map_err(|source| PredictError::Image {
+                        path: path.clone(),
+                        source,
+                    })?;
             pixels.extend_from_slice(&input);
         }
         let logits = classifier.classify(&pixels, chunk.len())?;
@@ -110,7 +121,13 @@ pub fn render_text(predictions: &[Prediction]) -> String {
         match &p.output {
             Output::Topk(top) => {
                 for (rank, c) in top.iter().enumerate() {
-                    s.push_str(&format!("  {}. {:.4}  {} ({})\n", rank + 1, c.score, c.label, c.index));
+                    s.push_str(&format!(
+                        "  {}. {:.4}  {} ({})\n",
+                        rank + 1,
+                        c.score,
+                        c.label,
+                        c.index
+                    ));
                 }
             }
             Output::Logits(v) | Output::Probs(v) => {

@@ -12,7 +12,12 @@ const FORMATS: [(&str, Format); 2] = [("legacy", Format::TorchLegacy), ("zip", F
 fn assert_matches_expected(ck: &Checkpoint) {
     let expected = common::reference("checkpoints/mixed_expected.safetensors");
     let names: Vec<&str> = ck.names().collect();
-    assert_eq!(names, expected.names().collect::<Vec<_>>(), "{}", ck.path().display());
+    assert_eq!(
+        names,
+        expected.names().collect::<Vec<_>>(),
+        "{}",
+        ck.path().display()
+    );
     for name in names {
         let want = expected.read_raw(name).expect("expected tensor");
         let got = ck.read_raw(name).expect("tensor reads");
@@ -25,7 +30,8 @@ fn assert_matches_expected(ck: &Checkpoint) {
 #[test]
 fn reads_torch_save_files_with_offsets_shared_storages_strides_and_dtypes() {
     for (suffix, format) in FORMATS {
-        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/mixed_{suffix}.pth"))).expect("opens");
+        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/mixed_{suffix}.pth")))
+            .expect("opens");
         assert_eq!(ck.format(), format);
         assert_matches_expected(&ck);
         // f32 conversion of a non-contiguous view: base.t()[1] == base[:, 1].
@@ -39,7 +45,8 @@ fn reads_torch_save_files_with_offsets_shared_storages_strides_and_dtypes() {
 fn nested_and_module_prefixed_state_dicts_load() {
     for (suffix, _) in FORMATS {
         for kind in ["nested", "module_prefix"] {
-            let ck = Checkpoint::open(common::fixture(&format!("checkpoints/{kind}_{suffix}.pth"))).expect("opens");
+            let ck = Checkpoint::open(common::fixture(&format!("checkpoints/{kind}_{suffix}.pth")))
+                .expect("opens");
             assert_matches_expected(&ck);
         }
     }
@@ -48,7 +55,8 @@ fn nested_and_module_prefixed_state_dicts_load() {
 #[test]
 fn a_pickle_naming_an_arbitrary_global_is_refused() {
     for (suffix, _) in FORMATS {
-        let err = Checkpoint::open(common::fixture(&format!("checkpoints/evil_{suffix}.pth"))).expect_err("refused");
+        let err = Checkpoint::open(common::fixture(&format!("checkpoints/evil_{suffix}.pth")))
+            .expect_err("refused");
         let text = err.to_string();
         assert!(matches!(err, WeightsError::Pickle { .. }), "{text}");
         assert!(text.contains("posix.system"), "{text}");
@@ -59,9 +67,19 @@ fn a_pickle_naming_an_arbitrary_global_is_refused() {
 fn truncated_and_corrupted_files_fail_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (suffix, _) in FORMATS {
-        let bytes = fs::read(common::fixture(&format!("checkpoints/mixed_{suffix}.pth"))).expect("fixture");
+        let bytes =
+            fs::read(common::fixture(&format!("checkpoints/mixed_{suffix}.pth"))).expect("fixture");
         // Cut at many points: inside the pickles, inside the data, one byte short.
-        for cut in [1, 2, 10, 40, 200, bytes.len() / 2, bytes.len() - 100, bytes.len() - 1] {
+        for cut in [
+            1,
+            2,
+            10,
+            40,
+            200,
+            bytes.len() / 2,
+            bytes.len() - 100,
+            bytes.len() - 1,
+        ] {
             let path = dir.path().join(format!("cut_{suffix}_{cut}.pth"));
             fs::write(&path, &bytes[..cut]).expect("write");
             // Opening may succeed only if the cut left every tensor intact; reading all
@@ -69,7 +87,10 @@ fn truncated_and_corrupted_files_fail_cleanly() {
             if let Ok(ck) = Checkpoint::open(&path) {
                 let names: Vec<String> = ck.names().map(str::to_string).collect();
                 let all_ok = names.iter().all(|n| ck.read_raw(n).is_ok());
-                assert!(!all_ok || cut == bytes.len(), "{suffix} cut at {cut} read fully");
+                assert!(
+                    !all_ok || cut == bytes.len(),
+                    "{suffix} cut at {cut} read fully"
+                );
             }
         }
     }
@@ -78,12 +99,17 @@ fn truncated_and_corrupted_files_fail_cleanly() {
     bytes[5] ^= 0xff;
     let path = dir.path().join("magic.pth");
     fs::write(&path, &bytes).expect("write");
-    let err = Checkpoint::open(&path).expect_err("wrong magic").to_string();
+    let err = Checkpoint::open(&path)
+        .expect_err("wrong magic")
+        .to_string();
     assert!(err.contains("magic"), "{err}");
     // Not a checkpoint at all.
     let path = dir.path().join("text.pth");
     fs::write(&path, b"hello, world").expect("write");
-    assert!(matches!(Checkpoint::open(&path), Err(WeightsError::UnknownFormat { .. })));
+    assert!(matches!(
+        Checkpoint::open(&path),
+        Err(WeightsError::UnknownFormat { .. })
+    ));
 }
 
 #[test]
@@ -91,26 +117,43 @@ fn format_is_detected_by_content_not_extension() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (suffix, format) in FORMATS {
         let path = dir.path().join(format!("weights_{suffix}.safetensors"));
-        fs::copy(common::fixture(&format!("checkpoints/mixed_{suffix}.pth")), &path).expect("copy");
-        assert_eq!(Checkpoint::open(&path).map(|c| c.format()).ok(), Some(format));
+        fs::copy(
+            common::fixture(&format!("checkpoints/mixed_{suffix}.pth")),
+            &path,
+        )
+        .expect("copy");
+        assert_eq!(
+            Checkpoint::open(&path).map(|c| c.format()).ok(),
+            Some(format)
+        );
     }
     let path = dir.path().join("really_safetensors.pth");
-    fs::copy(common::fixture("checkpoints/mixed_expected.safetensors"), &path).expect("copy");
-    assert_eq!(Checkpoint::open(&path).map(|c| c.format()).ok(), Some(Format::Safetensors));
+    fs::copy(
+        common::fixture("checkpoints/mixed_expected.safetensors"),
+        &path,
+    )
+    .expect("copy");
+    assert_eq!(
+        Checkpoint::open(&path).map(|c| c.format()).ok(),
+        Some(Format::Safetensors)
+    );
 }
 
 #[test]
 fn hub_hash_in_the_file_name_is_verified() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = common::fixture("checkpoints/mixed_legacy.pth");
-    let sha = resnet_serve::weights::hub::sha256_hex(fs::File::open(&src).expect("open")).expect("hash");
+    let sha =
+        resnet_serve::weights::hub::sha256_hex(fs::File::open(&src).expect("open")).expect("hash");
     let good = dir.path().join(format!("model-{}.pth", &sha[..8]));
     fs::copy(&src, &good).expect("copy");
     assert!(Checkpoint::open(&good).is_ok());
     let bad = dir.path().join("model-0123abcd.pth");
     fs::copy(&src, &bad).expect("copy");
     match Checkpoint::open(&bad) {
-        Err(WeightsError::HashMismatch { expected, actual, .. }) => {
+        Err(WeightsError::HashMismatch {
+            expected, actual, ..
+        }) => {
             assert_eq!(expected, "0123abcd");
             assert_eq!(actual, sha);
         }
@@ -122,7 +165,8 @@ fn hub_hash_in_the_file_name_is_verified() {
 fn converts_every_format_to_safetensors() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (suffix, _) in FORMATS {
-        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/nested_{suffix}.pth"))).expect("opens");
+        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/nested_{suffix}.pth")))
+            .expect("opens");
         let out = dir.path().join(format!("{suffix}.safetensors"));
         assert_eq!(convert::to_safetensors(&ck, &out).expect("converts"), 11);
         let back = Checkpoint::open(&out).expect("reads back");

@@ -21,11 +21,17 @@ fn write_synthetic_resnet18(path: &Path) {
         .map(|n| {
             let shape = source.shape(&n).expect("shape");
             let data = source.read_f32(&n).expect("data");
-            (n, shape, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+            (
+                n,
+                shape,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
         })
         .collect();
     let views = tensors.iter().map(|(n, shape, bytes)| {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).expect("view");
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .expect("view");
         (n.clone(), view)
     });
     safetensors::serialize_to_file(views, None, path).expect("write");
@@ -38,37 +44,67 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
     write_synthetic_resnet18(&weights);
     let images = ["rocket.jpg", "camera_gray.png", "chelsea_rgba.png"];
     let out = bin()
-        .args(["predict", "--model", "resnet18_swsl", "--output", "logits", "--json", "--weights"])
+        .args([
+            "predict",
+            "--model",
+            "resnet18_swsl",
+            "--output",
+            "logits",
+            "--json",
+            "--weights",
+        ])
         .arg(&weights)
         .args(images.map(|i| common::fixture(&format!("images/{i}"))))
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let reference = common::reference("preprocess.safetensors");
     for (i, name) in images.iter().enumerate() {
         let entry = &json[i];
-        assert!(entry["file"].as_str().is_some_and(|f| f.ends_with(name)), "{entry}");
+        assert!(
+            entry["file"].as_str().is_some_and(|f| f.ends_with(name)),
+            "{entry}"
+        );
         let got: Vec<f32> = entry["logits"]
             .as_array()
             .expect("logits")
             .iter()
             .map(|v| v.as_f64().expect("number") as f32)
             .collect();
-        let want = reference.read_f32(&format!("{name}.logits")).expect("reference");
+        let want = reference
+            .read_f32(&format!("{name}.logits"))
+            .expect("reference");
         assert!(common::relative_error(&got, &want) <= 1e-3, "{name}");
     }
 
     // Top-k text output names ImageNet labels.
     let out = bin()
-        .args(["predict", "--model", "resnet18_swsl", "--top-k", "3", "--weights"])
+        .args([
+            "predict",
+            "--model",
+            "resnet18_swsl",
+            "--top-k",
+            "3",
+            "--weights",
+        ])
         .arg(&weights)
         .arg(common::fixture("images/rocket.jpg"))
         .output()
         .expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert_eq!(text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 3, "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        3,
+        "{text}"
+    );
 }
 
 #[test]
@@ -84,7 +120,10 @@ fn predict_refuses_weights_of_another_architecture() {
         .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not match resnet50") && err.contains("missing key"), "{err}");
+    assert!(
+        err.contains("does not match resnet50") && err.contains("missing key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -92,22 +131,49 @@ fn weights_inspect_and_convert_work_on_all_three_formats() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("r18.safetensors");
     write_synthetic_resnet18(&st);
-    let out = bin().args(["weights", "inspect", "--json"]).arg(&st).output().expect("runs");
+    let out = bin()
+        .args(["weights", "inspect", "--json"])
+        .arg(&st)
+        .output()
+        .expect("runs");
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json["architecture"], "resnet18");
     assert_eq!(json["parameters"], 11_689_512);
     assert_eq!(json["format"], "safetensors");
 
-    for (file, format) in [("mixed_legacy.pth", "torch legacy"), ("mixed_zip.pth", "torch zip")] {
+    for (file, format) in [
+        ("mixed_legacy.pth", "torch legacy"),
+        ("mixed_zip.pth", "torch zip"),
+    ] {
         let src = common::fixture(&format!("checkpoints/{file}"));
-        let out = bin().args(["weights", "inspect"]).arg(&src).output().expect("runs");
+        let out = bin()
+            .args(["weights", "inspect"])
+            .arg(&src)
+            .output()
+            .expect("runs");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains(format) && text.contains("tensors:      11"), "{text}");
+        assert!(
+            out.status.success() && text.contains(format) && text.contains("tensors:      11"),
+            "{text}"
+        );
         let dest = dir.path().join(format!("{file}.safetensors"));
-        let out = bin().args(["weights", "convert"]).arg(&src).arg(&dest).output().expect("runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let out = bin().args(["weights", "inspect"]).arg(&dest).output().expect("runs");
+        let out = bin()
+            .args(["weights", "convert"])
+            .arg(&src)
+            .arg(&dest)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = bin()
+            .args(["weights", "inspect"])
+            .arg(&dest)
+            .output()
+            .expect("runs");
         assert!(String::from_utf8_lossy(&out.stdout).contains("format:       safetensors"));
     }
 }
@@ -127,5 +193,9 @@ fn bad_image_files_are_reported_by_name() {
         .output()
         .expect("runs");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("broken.jpg"), "status {:?}: {err}", out.status);
+    assert!(
+        !out.status.success() && err.contains("broken.jpg"),
+        "status {:?}: {err}",
+        out.status
+    );
 }

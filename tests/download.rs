@@ -52,12 +52,20 @@ fn handle(mut stream: TcpStream, body: &[u8], mode: Mode, request_no: usize) {
         }
     }
     if path.contains("missing") {
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         return;
     }
     let rest = &body[start.min(body.len())..];
-    let status = if start > 0 { "206 Partial Content" } else { "200 OK" };
-    let head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", rest.len());
+    let status = if start > 0 {
+        "206 Partial Content"
+    } else {
+        "200 OK"
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        rest.len()
+    );
     let _ = stream.write_all(head.as_bytes());
     let cut = match mode {
         Mode::DropFirstAfter(n) if request_no == 0 => n.min(rest.len()),
@@ -67,7 +75,9 @@ fn handle(mut stream: TcpStream, body: &[u8], mode: Mode, request_no: usize) {
 }
 
 fn payload() -> Vec<u8> {
-    (0..300_000u32).flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes()).collect()
+    (0..300_000u32)
+        .flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes())
+        .collect()
 }
 
 fn named(body: &[u8]) -> String {
@@ -105,7 +115,10 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     let name = named(&body);
     let first = d.fetch_file(&name).expect_err("connection dropped");
     assert!(first.to_string().contains("run again to resume"), "{first}");
-    assert!(!cache.path().join(&name).exists(), "no partial file under the final name");
+    assert!(
+        !cache.path().join(&name).exists(),
+        "no partial file under the final name"
+    );
     let path = d.fetch_file(&name).expect("resumes");
     assert_eq!(std::fs::read(path).expect("cached"), body);
     assert_eq!(hits.load(Ordering::SeqCst), 2);
@@ -128,18 +141,30 @@ fn a_corrupt_download_is_refused_and_not_cached() {
 #[test]
 fn offline_and_http_errors_are_clear() {
     // A port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let cache = tempfile::tempdir().expect("tempdir");
     let err = downloader(&format!("http://127.0.0.1:{port}"), cache.path())
         .fetch_file("x-0123abcd.pth")
         .expect_err("offline");
     let text = err.to_string();
     assert!(matches!(err, DownloadError::Unreachable { .. }), "{text}");
-    assert!(text.contains("offline") && text.contains("x-0123abcd.pth"), "{text}");
+    assert!(
+        text.contains("offline") && text.contains("x-0123abcd.pth"),
+        "{text}"
+    );
 
     let (url, _) = serve(Vec::new(), Mode::Serve);
-    let err = downloader(&url, cache.path()).fetch_file("missing-0123abcd.pth").expect_err("404");
-    assert!(matches!(err, DownloadError::Http { status: 404, .. }), "{err}");
+    let err = downloader(&url, cache.path())
+        .fetch_file("missing-0123abcd.pth")
+        .expect_err("404");
+    assert!(
+        matches!(err, DownloadError::Http { status: 404, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -147,12 +172,22 @@ fn the_cli_reports_a_corrupt_download() {
     let (url, _) = serve(payload(), Mode::Serve);
     let cache = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
-        .args(["weights", "download", "resnet50_swsl", "--base-url", &url, "--cache-dir"])
+        .args([
+            "weights",
+            "download",
+            "resnet50_swsl",
+            "--base-url",
+            &url,
+            "--cache-dir",
+        ])
         .arg(cache.path())
         .output()
         .expect("runs");
     assert!(!out.status.success());
     let mut stderr = String::new();
-    out.stderr.as_slice().read_to_string(&mut stderr).expect("utf8");
+    out.stderr
+        .as_slice()
+        .read_to_string(&mut stderr)
+        .expect("utf8");
     assert!(stderr.contains("does not start with 16a12f1b"), "{stderr}");
 }

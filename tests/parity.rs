@@ -23,20 +23,39 @@ fn input_of(arch: Architecture) -> (usize, usize) {
 
 fn check(arch: Architecture) {
     let reference = common::reference("arch_parity.safetensors");
-    let want = reference.read_f32(&format!("{arch}.logits")).expect("reference logits");
-    let model = Classifier::load(arch, &SyntheticWeights::new(arch, SEED), &Device::Cpu, DType::F32).expect("builds");
+    let want = reference
+        .read_f32(&format!("{arch}.logits"))
+        .expect("reference logits");
+    let model = Classifier::load(
+        arch,
+        &SyntheticWeights::new(arch, SEED),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .expect("builds");
     let (batch, size) = input_of(arch);
-    let x = Tensor::from_vec(synthetic::input(SEED, batch, size), (batch, 3, size, size), &Device::Cpu).expect("input");
+    let x = Tensor::from_vec(
+        synthetic::input(SEED, batch, size),
+        (batch, 3, size, size),
+        &Device::Cpu,
+    )
+    .expect("input");
     let got: Vec<f32> = model
         .forward(&x)
         .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
         .expect("forward");
     // Realistic activations: logits neither collapsed nor exploding.
     let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!((0.5..50.0).contains(&spread), "{arch}: reference logits max |.| = {spread}");
+    assert!(
+        (0.5..50.0).contains(&spread),
+        "{arch}: reference logits max |.| = {spread}"
+    );
     let err = common::relative_error(&got, &want);
     println!("{arch}: max|d|/max|ref| = {err:.2e}");
-    assert!(err <= TOLERANCE, "{arch}: relative error {err:.3e} > {TOLERANCE:e}");
+    assert!(
+        err <= TOLERANCE,
+        "{arch}: relative error {err:.3e} > {TOLERANCE:e}"
+    );
 }
 
 #[test]
@@ -79,13 +98,21 @@ fn all_twelve_hub_names_map_onto_the_checked_architectures() {
 #[test]
 fn a_batch_equals_its_images_run_alone() {
     let arch = Architecture::Resnet18;
-    let model = Classifier::load(arch, &SyntheticWeights::new(arch, SEED), &Device::Cpu, DType::F32).expect("builds");
+    let model = Classifier::load(
+        arch,
+        &SyntheticWeights::new(arch, SEED),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .expect("builds");
     let n = 3;
     let pixels = synthetic::input(SEED + 1, n, 224);
     let batched = model.classify(&pixels, n).expect("batch");
     let per = pixels.len() / n;
     for i in 0..n {
-        let alone = model.classify(&pixels[i * per..(i + 1) * per], 1).expect("single");
+        let alone = model
+            .classify(&pixels[i * per..(i + 1) * per], 1)
+            .expect("single");
         let err = common::relative_error(&batched[i], &alone[0]);
         assert!(err <= 1e-5, "image {i}: batch vs alone {err:.3e}");
     }
@@ -95,15 +122,26 @@ fn a_batch_equals_its_images_run_alone() {
 fn strict_loading_names_the_bad_key_and_both_shapes() {
     // resnet50's weights offered as resnext50_32x4d: same keys, different shapes.
     let wrong = SyntheticWeights::new(Architecture::Resnet50, SEED);
-    let err = Classifier::load(Architecture::Resnext50_32x4d, &wrong, &Device::Cpu, DType::F32)
-        .expect_err("must refuse")
-        .to_string();
-    assert!(err.contains("'layer1.0.bn1.bias' has shape [64], expected [128]"), "{err}");
+    let err = Classifier::load(
+        Architecture::Resnext50_32x4d,
+        &wrong,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .expect_err("must refuse")
+    .to_string();
+    assert!(
+        err.contains("'layer1.0.bn1.bias' has shape [64], expected [128]"),
+        "{err}"
+    );
     assert!(err.contains("and 168 more"), "{err}");
     // resnet18 offered as resnet50: keys missing and unexpected.
     let wrong = SyntheticWeights::new(Architecture::Resnet18, SEED);
     let err = Classifier::load(Architecture::Resnet50, &wrong, &Device::Cpu, DType::F32)
         .expect_err("must refuse")
         .to_string();
-    assert!(err.contains("missing key 'layer1.0.conv3.weight' (expected shape [256, 64, 1, 1])"), "{err}");
+    assert!(
+        err.contains("missing key 'layer1.0.conv3.weight' (expected shape [256, 64, 1, 1])"),
+        "{err}"
+    );
 }

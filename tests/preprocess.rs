@@ -37,13 +37,24 @@ fn crops_match_pil_within_one_level() {
     let reference = common::reference("preprocess.safetensors");
     let mut worst = 0u8;
     for name in IMAGES {
-        let want = reference.read_raw(&format!("{name}.crop")).expect("reference crop").1;
+        let want = reference
+            .read_raw(&format!("{name}.crop"))
+            .expect("reference crop")
+            .1;
         let rgb = decode::decode_rgb8(&image_bytes(name), &Default::default()).expect("decodes");
         let got = resize::resize_and_crop(&rgb).expect("resizes").into_raw();
         assert_eq!(got.len(), want.len(), "{name}");
-        let max = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
         let off = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        println!("{name}: max |d| = {max}, {off} of {} values differ", want.len());
+        println!(
+            "{name}: max |d| = {max}, {off} of {} values differ",
+            want.len()
+        );
         assert!(max <= 1, "{name}: max per-pixel difference {max} > 1");
         worst = worst.max(max);
     }
@@ -54,13 +65,28 @@ fn crops_match_pil_within_one_level() {
 fn same_top5_as_torchvision_end_to_end() {
     let reference = common::reference("preprocess.safetensors");
     let arch = Architecture::Resnet18;
-    let model = Classifier::load(arch, &SyntheticWeights::new(arch, 7), &Device::Cpu, DType::F32).expect("builds");
+    let model = Classifier::load(
+        arch,
+        &SyntheticWeights::new(arch, 7),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .expect("builds");
     let pre = Preprocessor::default();
     for name in IMAGES {
-        let want = reference.read_f32(&format!("{name}.logits")).expect("reference logits");
-        let input = pre.prepare(Input::Encoded(&image_bytes(name))).expect("preprocesses");
+        let want = reference
+            .read_f32(&format!("{name}.logits"))
+            .expect("reference logits");
+        let input = pre
+            .prepare(Input::Encoded(&image_bytes(name)))
+            .expect("preprocesses");
         let got = model.classify(&input, 1).expect("forward").remove(0);
-        let top = |v: &[f32]| -> Vec<usize> { resnet_serve::labels::top_k(v, 5).iter().map(|s| s.index).collect() };
+        let top = |v: &[f32]| -> Vec<usize> {
+            resnet_serve::labels::top_k(v, 5)
+                .iter()
+                .map(|s| s.index)
+                .collect()
+        };
         assert_eq!(top(&got), top(&want), "{name}: top-5");
         let err = common::relative_error(&got, &want);
         println!("{name}: logits max|d|/max|ref| = {err:.2e}");
@@ -81,5 +107,8 @@ fn raw_frames_take_the_same_path_as_decoded_images() {
             rgb: rgb.as_raw(),
         })
         .expect("frame");
-    assert_eq!(from_frame, pre.prepare(Input::Encoded(&bytes)).expect("encoded"));
+    assert_eq!(
+        from_frame,
+        pre.prepare(Input::Encoded(&bytes)).expect("encoded")
+    );
 }

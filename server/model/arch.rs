@@ -165,9 +165,7 @@ impl ModelName {
             (SemiSupervised, Resnext50_32x4d) => "semi_supervised_resnext50_32x4-ddb3e555.pth",
             (SemiSupervised, Resnext101_32x4d) => "semi_supervised_resnext101_32x4-dc43570a.pth",
             (SemiSupervised, Resnext101_32x8d) => "semi_supervised_resnext101_32x8-2cfe2f8b.pth",
-            (SemiSupervised, Resnext101_32x16d) => {
-                "semi_supervised_resnext101_32x16-15fffa57.pth"
-            }
+            (SemiSupervised, Resnext101_32x16d) => "semi_supervised_resnext101_32x16-15fffa57.pth",
             (SemiWeaklySupervised, Resnet18) => "semi_weakly_supervised_resnet18-118f1556.pth",
             (SemiWeaklySupervised, Resnet50) => "semi_weakly_supervised_resnet50-16a12f1b.pth",
             (SemiWeaklySupervised, Resnext50_32x4d) => {
@@ -217,15 +215,22 @@ mod tests {
         assert!(names.contains(&"resnext101_32x16d_ssl".to_string()));
         assert!(names.contains(&"resnet18_swsl".to_string()));
         for n in &names {
-            assert_eq!(&n.parse::<ModelName>().map(|m| m.to_string()).ok(), &Some(n.clone()));
+            assert_eq!(
+                &n.parse::<ModelName>().map(|m| m.to_string()).ok(),
+                &Some(n.clone())
+            );
         }
-        let err = "resnet34_ssl".parse::<ModelName>().err().map(|e| e.to_string());
+        let err = "resnet34_ssl"
+            .parse::<ModelName>()
+            .err()
+            .map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("resnet34_ssl") && e.contains("resnet50_swsl")));
     }
 
     #[test]
     fn hub_file_names_are_distinct_and_match_training() {
-        let files: std::collections::HashSet<_> = ModelName::all().map(|m| m.hub_file_name()).collect();
+        let files: std::collections::HashSet<_> =
+            ModelName::all().map(|m| m.hub_file_name()).collect();
         assert_eq!(files.len(), 12);
         for m in ModelName::all() {
             let weak = m.hub_file_name().starts_with("semi_weakly");

@@ -44,13 +44,19 @@ mod tests {
         };
         let conv = |w: &[f32], c: usize| w[2 * c] * x[0] + w[2 * c + 1] * x[1];
         let expected: Vec<f32> = (0..2)
-            .map(|c| (conv(&w, c) - bn.mean[c]) / (bn.var[c] + EPS).sqrt() * bn.gamma[c] + bn.beta[c])
+            .map(|c| {
+                (conv(&w, c) - bn.mean[c]) / (bn.var[c] + EPS).sqrt() * bn.gamma[c] + bn.beta[c]
+            })
             .collect();
         let mut folded = w;
         let bias = fold(&mut folded, &bn);
         for c in 0..2 {
             let got = conv(&folded, c) + bias[c];
-            assert!((got - expected[c]).abs() < 1e-6, "channel {c}: {got} vs {}", expected[c]);
+            assert!(
+                (got - expected[c]).abs() < 1e-6,
+                "channel {c}: {got} vs {}",
+                expected[c]
+            );
         }
     }
 }

@@ -84,7 +84,13 @@ pub struct Linear(candle_nn::Linear);
 
 impl Linear {
     /// `weight` is `[out, in]` row-major, as PyTorch stores it.
-    pub fn new(weight: Vec<f32>, bias: Vec<f32>, shape: [usize; 2], device: &Device, dtype: DType) -> Result<Self> {
+    pub fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        shape: [usize; 2],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let w = Tensor::from_vec(weight, shape.to_vec(), device)?.to_dtype(dtype)?;
         let b = Tensor::from_vec(bias, shape[0], device)?.to_dtype(dtype)?;
         Ok(Linear(candle_nn::Linear::new(w, Some(b))))

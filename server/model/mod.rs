@@ -30,7 +30,10 @@ pub const INPUT_SIZE: usize = 224;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("state dict does not match {arch}: {problems}")]
-    Mismatch { arch: Architecture, problems: String },
+    Mismatch {
+        arch: Architecture,
+        problems: String,
+    },
     #[error("reading parameter '{name}': {source}")]
     Read {
         name: String,
@@ -96,7 +99,12 @@ impl Classifier {
     pub fn classify(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         let expected = n * 3 * INPUT_SIZE * INPUT_SIZE;
         if n == 0 || pixels.len() != expected {
-            return Err(ModelError::BadInput(vec![pixels.len() / (3 * INPUT_SIZE * INPUT_SIZE), 3, INPUT_SIZE, INPUT_SIZE]));
+            return Err(ModelError::BadInput(vec![
+                pixels.len() / (3 * INPUT_SIZE * INPUT_SIZE),
+                3,
+                INPUT_SIZE,
+                INPUT_SIZE,
+            ]));
         }
         let input = Tensor::from_slice(pixels, (n, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
         Ok(self.forward(&input)?.to_vec2::<f32>()?)

@@ -28,7 +28,12 @@ pub struct ConvBn {
 
 impl ConvBn {
     fn weight_shape(&self) -> Vec<usize> {
-        vec![self.out_ch, self.in_ch / self.groups, self.kernel, self.kernel]
+        vec![
+            self.out_ch,
+            self.in_ch / self.groups,
+            self.kernel,
+            self.kernel,
+        ]
     }
 }
 
@@ -62,7 +67,12 @@ impl Layout {
         let expansion = arch.block().expansion();
         let mut blocks = Vec::new();
         let mut inplanes = 64;
-        for (stage, (&count, planes)) in arch.layers().iter().zip([64usize, 128, 256, 512]).enumerate() {
+        for (stage, (&count, planes)) in arch
+            .layers()
+            .iter()
+            .zip([64usize, 128, 256, 512])
+            .enumerate()
+        {
             let stage_stride = if stage == 0 { 1 } else { 2 };
             for i in 0..count {
                 let p = format!("layer{}.{i}", stage + 1);
@@ -70,20 +80,68 @@ impl Layout {
                 let out = planes * expansion;
                 let convs = match arch.block() {
                     Block::Basic => vec![
-                        cb(format!("{p}.conv1"), format!("{p}.bn1"), inplanes, planes, 3, stride, 1),
-                        cb(format!("{p}.conv2"), format!("{p}.bn2"), planes, planes, 3, 1, 1),
+                        cb(
+                            format!("{p}.conv1"),
+                            format!("{p}.bn1"),
+                            inplanes,
+                            planes,
+                            3,
+                            stride,
+                            1,
+                        ),
+                        cb(
+                            format!("{p}.conv2"),
+                            format!("{p}.bn2"),
+                            planes,
+                            planes,
+                            3,
+                            1,
+                            1,
+                        ),
                     ],
                     Block::Bottleneck => {
                         let width = planes * arch.width_per_group() / 64 * arch.groups();
                         vec![
-                            cb(format!("{p}.conv1"), format!("{p}.bn1"), inplanes, width, 1, 1, 1),
-                            cb(format!("{p}.conv2"), format!("{p}.bn2"), width, width, 3, stride, arch.groups()),
-                            cb(format!("{p}.conv3"), format!("{p}.bn3"), width, out, 1, 1, 1),
+                            cb(
+                                format!("{p}.conv1"),
+                                format!("{p}.bn1"),
+                                inplanes,
+                                width,
+                                1,
+                                1,
+                                1,
+                            ),
+                            cb(
+                                format!("{p}.conv2"),
+                                format!("{p}.bn2"),
+                                width,
+                                width,
+                                3,
+                                stride,
+                                arch.groups(),
+                            ),
+                            cb(
+                                format!("{p}.conv3"),
+                                format!("{p}.bn3"),
+                                width,
+                                out,
+                                1,
+                                1,
+                                1,
+                            ),
                         ]
                     }
                 };
                 let downsample = (i == 0 && (stride != 1 || inplanes != out)).then(|| {
-                    cb(format!("{p}.downsample.0"), format!("{p}.downsample.1"), inplanes, out, 1, stride, 1)
+                    cb(
+                        format!("{p}.downsample.0"),
+                        format!("{p}.downsample.1"),
+                        inplanes,
+                        out,
+                        1,
+                        stride,
+                        1,
+                    )
                 });
                 blocks.push(BlockLayout { convs, downsample });
                 inplanes = out;
@@ -97,8 +155,11 @@ impl Layout {
     }
 
     fn conv_bns(&self) -> impl Iterator<Item = &ConvBn> {
-        std::iter::once(&self.stem)
-            .chain(self.blocks.iter().flat_map(|b| b.convs.iter().chain(b.downsample.as_ref())))
+        std::iter::once(&self.stem).chain(
+            self.blocks
+                .iter()
+                .flat_map(|b| b.convs.iter().chain(b.downsample.as_ref())),
+        )
     }
 
     /// Every state-dict key the network needs, with its shape (`num_batches_tracked`,
@@ -118,7 +179,11 @@ impl Layout {
 }
 
 /// Compares a source's keys and shapes with the layout's; lists every difference.
-fn check_strict(arch: Architecture, layout: &Layout, source: &dyn ParamSource) -> Result<(), ModelError> {
+fn check_strict(
+    arch: Architecture,
+    layout: &Layout,
+    source: &dyn ParamSource,
+) -> Result<(), ModelError> {
     let expected = layout.expected_shapes();
     let mut problems = Vec::new();
     for (name, shape) in &expected {
@@ -144,7 +209,10 @@ fn check_strict(arch: Architecture, layout: &Layout, source: &dyn ParamSource) -
     if total > 8 {
         text.push_str(&format!("; and {} more", total - 8));
     }
-    Err(ModelError::Mismatch { arch, problems: text })
+    Err(ModelError::Mismatch {
+        arch,
+        problems: text,
+    })
 }
 
 fn read(source: &dyn ParamSource, name: &str) -> Result<Vec<f32>, ModelError> {
@@ -157,7 +225,12 @@ fn read(source: &dyn ParamSource, name: &str) -> Result<Vec<f32>, ModelError> {
 fn fold(source: &dyn ParamSource, c: &ConvBn) -> Result<FoldedConv, ModelError> {
     let mut weight = read(source, &format!("{}.weight", c.conv))?;
     let p = |t: &str| read(source, &format!("{}.{t}", c.bn));
-    let (gamma, beta, mean, var) = (p("weight")?, p("bias")?, p("running_mean")?, p("running_var")?);
+    let (gamma, beta, mean, var) = (
+        p("weight")?,
+        p("bias")?,
+        p("running_mean")?,
+        p("running_var")?,
+    );
     let bias = batchnorm::fold(
         &mut weight,
         &BatchNorm {
@@ -202,7 +275,9 @@ impl ResNet {
     ) -> Result<ResNet, ModelError> {
         let layout = Layout::new(arch);
         check_strict(arch, &layout, source)?;
-        let conv = |c: &ConvBn| -> Result<Conv, ModelError> { Ok(Conv::new(fold(source, c)?, device, dtype)?) };
+        let conv = |c: &ConvBn| -> Result<Conv, ModelError> {
+            Ok(Conv::new(fold(source, c)?, device, dtype)?)
+        };
         let stem = conv(&layout.stem)?;
         let mut blocks = Vec::with_capacity(layout.blocks.len());
         for b in &layout.blocks {
@@ -228,7 +303,10 @@ impl ResNet {
                 Some(d) => d.forward(&x, false)?,
                 None => x.clone(),
             };
-            let (last, rest) = b.convs.split_last().ok_or_else(|| candle_core::Error::Msg("empty block".into()))?;
+            let (last, rest) = b
+                .convs
+                .split_last()
+                .ok_or_else(|| candle_core::Error::Msg("empty block".into()))?;
             let mut y = x;
             for c in rest {
                 y = c.forward(&y, true)?;
@@ -271,7 +349,10 @@ mod tests {
         assert_eq!(shapes["fc.weight"], vec![1000, 2048]);
         assert!(!shapes.contains_key("layer1.1.downsample.0.weight"));
         let r18 = Layout::new(Architecture::Resnet18).expected_shapes();
-        assert!(!r18.contains_key("layer1.0.downsample.0.weight"), "resnet18's layer1 keeps its shape");
+        assert!(
+            !r18.contains_key("layer1.0.downsample.0.weight"),
+            "resnet18's layer1 keeps its shape"
+        );
         assert_eq!(r18["layer2.0.downsample.0.weight"], vec![128, 64, 1, 1]);
     }
 

@@ -14,8 +14,9 @@ use super::resnet::Layout;
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 fn fnv1a64(text: &str) -> u64 {
-    text.bytes()
-        .fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3))
+    text.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -84,9 +85,17 @@ impl ParamSource for SyntheticWeights {
     }
 
     fn read_f32(&self, name: &str) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
-        let shape = self.shapes.get(name).ok_or_else(|| format!("no synthetic tensor '{name}'"))?;
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| format!("no synthetic tensor '{name}'"))?;
         let (lo, hi) = range(name, shape);
-        Ok(uniform(&format!("{}/{name}", self.seed), shape.iter().product(), lo, hi))
+        Ok(uniform(
+            &format!("{}/{name}", self.seed),
+            shape.iter().product(),
+            lo,
+            hi,
+        ))
     }
 }
 
@@ -105,6 +114,9 @@ mod tests {
         // uniform("k", 4, 0.0, 1.0).
         assert_eq!(fnv1a64("abc"), 0xe71fa2190541574b);
         let v = uniform("k", 4, 0.0, 1.0);
-        assert_eq!(v, vec![0.087_015_65, 0.511_284_8, 0.926_120_04, 0.060_517_836]);
+        assert_eq!(
+            v,
+            vec![0.087_015_65, 0.511_284_8, 0.926_120_04, 0.060_517_836]
+        );
     }
 }

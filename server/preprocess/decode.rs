@@ -92,7 +92,9 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Preprocess
     // Room for the decoded image at 16 bits x 4 channels, and the decoder's scratch.
     decoder_limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (64 << 20));
     r.limits(decoder_limits);
-    let img = r.decode().map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    let img = r
+        .decode()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     Ok(to_rgb8_like_pil(img))
 }
 
@@ -102,16 +104,17 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Preprocess
 fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
     // mozjpeg reports libjpeg's fatal errors by unwinding (without the panic hook) out
     // of the C decoder; catch that here so a corrupt upload is an error, not a crash.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_jpeg_inner(bytes, limits))).unwrap_or_else(
-        |payload| {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "corrupt data".into());
-            Err(PreprocessError::Decode(format!("JPEG: {msg}")))
-        },
-    )
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_jpeg_inner(bytes, limits)
+    }))
+    .unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "corrupt data".into());
+        Err(PreprocessError::Decode(format!("JPEG: {msg}")))
+    })
 }
 
 fn decode_jpeg_inner(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
@@ -120,7 +123,10 @@ fn decode_jpeg_inner(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, 
     let mut d = Decompress::new_mem(bytes).map_err(err)?;
     let (width, height) = (d.width() as u32, d.height() as u32);
     limits.check_pixels(width, height)?;
-    if !matches!(d.color_space(), ColorSpace::JCS_GRAYSCALE | ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB) {
+    if !matches!(
+        d.color_space(),
+        ColorSpace::JCS_GRAYSCALE | ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB
+    ) {
         return Ok(None);
     }
     d.dct_method(DctMethod::IntegerSlow);
@@ -171,7 +177,12 @@ fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
 }
 
 /// Wraps a raw `height x width x 3` RGB8 frame after checking its size.
-pub fn raw_frame(width: u32, height: u32, rgb: &[u8], limits: &Limits) -> Result<RgbImage, PreprocessError> {
+pub fn raw_frame(
+    width: u32,
+    height: u32,
+    rgb: &[u8],
+    limits: &Limits,
+) -> Result<RgbImage, PreprocessError> {
     limits.check_pixels(width, height)?;
     let expected = u64::from(width) * u64::from(height) * 3;
     if rgb.len() as u64 != expected {
@@ -217,7 +228,11 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -227,7 +242,16 @@ mod tests {
     fn pixel_bomb_is_refused_from_its_header() {
         let bomb = png_header(100_000, 100_000);
         let err = decode_rgb8(&bomb, &Limits::default()).expect_err("must refuse");
-        assert!(matches!(err, PreprocessError::TooManyPixels { pixels: 10_000_000_000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PreprocessError::TooManyPixels {
+                    pixels: 10_000_000_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -238,10 +262,19 @@ mod tests {
         };
         assert!(matches!(
             decode_rgb8(&[0u8; 11], &limits),
-            Err(PreprocessError::TooManyBytes { size: 11, limit: 10 })
+            Err(PreprocessError::TooManyBytes {
+                size: 11,
+                limit: 10
+            })
         ));
-        assert_eq!(decode_rgb8(b"not an image at all", &Limits::default()), Err(PreprocessError::UnknownFormat));
-        assert_eq!(decode_rgb8(&[], &Limits::default()), Err(PreprocessError::Empty));
+        assert_eq!(
+            decode_rgb8(b"not an image at all", &Limits::default()),
+            Err(PreprocessError::UnknownFormat)
+        );
+        assert_eq!(
+            decode_rgb8(&[], &Limits::default()),
+            Err(PreprocessError::Empty)
+        );
         // A real header with nothing behind it: a decode error, not a panic.
         assert!(matches!(
             decode_rgb8(&png_header(8, 8), &Limits::default()),
@@ -252,14 +285,18 @@ mod tests {
     #[test]
     fn corrupt_jpeg_is_an_error_not_a_crash() {
         let mut jpeg = Vec::new();
-        let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
         image::DynamicImage::ImageRgb8(img)
             .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
             .expect("encode");
         assert!(decode_rgb8(&jpeg, &Limits::default()).is_ok());
         for cut in [4, 20, 100, 200] {
             let err = decode_rgb8(&jpeg[..cut], &Limits::default());
-            assert!(matches!(err, Err(PreprocessError::Decode(_))), "cut {cut}: {err:?}");
+            assert!(
+                matches!(err, Err(PreprocessError::Decode(_))),
+                "cut {cut}: {err:?}"
+            );
         }
     }
 
@@ -267,17 +304,28 @@ mod tests {
     fn raw_frames_are_checked() {
         let l = Limits::default();
         assert!(raw_frame(2, 2, &[0; 12], &l).is_ok());
-        assert!(matches!(raw_frame(2, 2, &[0; 11], &l), Err(PreprocessError::FrameSize { expected: 12, .. })));
+        assert!(matches!(
+            raw_frame(2, 2, &[0; 11], &l),
+            Err(PreprocessError::FrameSize { expected: 12, .. })
+        ));
         assert_eq!(raw_frame(0, 5, &[], &l), Err(PreprocessError::Empty));
     }
 
     #[test]
     fn sixteen_bit_follows_pil() {
-        let grey = image::ImageBuffer::from_fn(2, 1, |x, _| image::Luma([if x == 0 { 200u16 } else { 1000 }]));
+        let grey = image::ImageBuffer::from_fn(2, 1, |x, _| {
+            image::Luma([if x == 0 { 200u16 } else { 1000 }])
+        });
         let rgb = to_rgb8_like_pil(DynamicImage::ImageLuma16(grey));
         assert_eq!(rgb.get_pixel(0, 0).0, [200, 200, 200]);
         assert_eq!(rgb.get_pixel(1, 0).0, [255, 255, 255]);
-        let colour = image::ImageBuffer::from_fn(1, 1, |_, _| image::Rgb([0x1234u16, 0xff00, 0x00ff]));
-        assert_eq!(to_rgb8_like_pil(DynamicImage::ImageRgb16(colour)).get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
+        let colour =
+            image::ImageBuffer::from_fn(1, 1, |_, _| image::Rgb([0x1234u16, 0xff00, 0x00ff]));
+        assert_eq!(
+            to_rgb8_like_pil(DynamicImage::ImageRgb16(colour))
+                .get_pixel(0, 0)
+                .0,
+            [0x12, 0xff, 0x00]
+        );
     }
 }

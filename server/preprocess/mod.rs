@@ -50,7 +50,9 @@ pub enum PreprocessError {
         expected: u64,
         got: usize,
     },
-    #[error("float tensor must be 3x224x224 little-endian f32 ({expected} bytes), got {got} bytes")]
+    #[error(
+        "float tensor must be 3x224x224 little-endian f32 ({expected} bytes), got {got} bytes"
+    )]
     TensorSize { expected: usize, got: usize },
     #[error("cannot resize image: {0}")]
     Resize(String),
@@ -64,7 +66,11 @@ pub enum Input<'a> {
     /// JPEG, PNG, WebP, BMP or GIF (first frame) bytes.
     Encoded(&'a [u8]),
     /// Row-major `height x width x 3` RGB8.
-    Raw { width: u32, height: u32, rgb: &'a [u8] },
+    Raw {
+        width: u32,
+        height: u32,
+        rgb: &'a [u8],
+    },
     /// A ready `3 x 224 x 224` f32 tensor, little-endian, already normalised.
     Tensor(&'a [u8]),
 }
@@ -133,10 +139,18 @@ mod tests {
     #[test]
     fn tensor_input_is_validated() {
         let p = Preprocessor::default();
-        let mut bytes: Vec<u8> = (0..INPUT_LEN).flat_map(|i| (i as f32 * 1e-6).to_le_bytes()).collect();
-        assert_eq!(p.prepare(Input::Tensor(&bytes)).map(|v| v[10]), Ok(10.0 * 1e-6));
+        let mut bytes: Vec<u8> = (0..INPUT_LEN)
+            .flat_map(|i| (i as f32 * 1e-6).to_le_bytes())
+            .collect();
+        assert_eq!(
+            p.prepare(Input::Tensor(&bytes)).map(|v| v[10]),
+            Ok(10.0 * 1e-6)
+        );
         bytes[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert_eq!(p.prepare(Input::Tensor(&bytes)), Err(PreprocessError::NonFinite(10)));
+        assert_eq!(
+            p.prepare(Input::Tensor(&bytes)),
+            Err(PreprocessError::NonFinite(10))
+        );
         assert!(matches!(
             p.prepare(Input::Tensor(&bytes[4..])),
             Err(PreprocessError::TensorSize { .. })
@@ -145,7 +159,9 @@ mod tests {
 
     #[test]
     fn normalise_matches_to_tensor_then_normalize() {
-        let crop = image::RgbImage::from_fn(224, 224, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 255]));
+        let crop = image::RgbImage::from_fn(224, 224, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 255])
+        });
         let t = normalise(&crop);
         let plane = 224 * 224;
         assert!((t[5] - (5.0 / 255.0 - MEAN[0]) / STD[0]).abs() < 1e-6);

@@ -15,7 +15,11 @@ use crate::model::INPUT_SIZE;
 /// `Resize(size)`'s output for a `width x height` image: the short side becomes `size`,
 /// the long side `int(size * long / short)`.
 pub fn resized_dims(width: u32, height: u32, size: u32) -> (u32, u32) {
-    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
     let new_long = (f64::from(size) * f64::from(long) / f64::from(short)) as u32;
     if width <= height {
         (size, new_long)
@@ -28,7 +32,11 @@ pub fn resized_dims(width: u32, height: u32, size: u32) -> (u32, u32) {
 fn round_half_even(x: f64) -> u32 {
     let floor = x.floor();
     let diff = x - floor;
-    let r = if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) { floor + 1.0 } else { floor };
+    let r = if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) {
+        floor + 1.0
+    } else {
+        floor
+    };
     r as u32
 }
 
@@ -53,7 +61,12 @@ pub fn resize_short_side(img: &RgbImage, size: u32) -> Result<RgbImage, Preproce
     if (w, h) == img.dimensions() {
         return Ok(img.clone());
     }
-    let src = Image::from_vec_u8(img.width(), img.height(), img.as_raw().clone(), PixelType::U8x3);
+    let src = Image::from_vec_u8(
+        img.width(),
+        img.height(),
+        img.as_raw().clone(),
+        PixelType::U8x3,
+    );
     let mut dst = Image::new(w, h, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     let fail = |e: String| PreprocessError::Resize(e);
@@ -61,7 +74,8 @@ pub fn resize_short_side(img: &RgbImage, size: u32) -> Result<RgbImage, Preproce
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| fail(e.to_string()))?;
-    RgbImage::from_raw(w, h, dst.into_vec()).ok_or_else(|| fail("resized buffer has the wrong size".into()))
+    RgbImage::from_raw(w, h, dst.into_vec())
+        .ok_or_else(|| fail("resized buffer has the wrong size".into()))
 }
 
 #[cfg(test)]

@@ -38,7 +38,9 @@ pub fn to_safetensors(checkpoint: &Checkpoint, out: &Path) -> Result<usize, Weig
         .map(|(name, dtype, shape, bytes)| {
             safetensors::tensor::TensorView::new(safetensors_dtype(*dtype), shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| WeightsError::malformed(checkpoint.path(), format!("tensor '{name}': {e}")))
+                .map_err(|e| {
+                    WeightsError::malformed(checkpoint.path(), format!("tensor '{name}': {e}"))
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let metadata: HashMap<String, String> =

@@ -143,7 +143,10 @@ impl Downloader {
                     n => hasher.update(&buf[..n]),
                 }
             }
-            OpenOptions::new().append(true).open(&part).map_err(io(&part))?
+            OpenOptions::new()
+                .append(true)
+                .open(&part)
+                .map_err(io(&part))?
         } else {
             File::create(&part).map_err(io(&part))?
         };
@@ -154,21 +157,28 @@ impl Downloader {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_message(file.to_string());
         bar.set_position(start);
         let mut body = response.into_body().into_reader();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = body.read(&mut buf).map_err(|e| DownloadError::Unreachable {
-                url: url.clone(),
-                reason: format!("connection lost after {} bytes ({e}); run again to resume", bar.position()),
-                file: file.to_string(),
-                cache: self.cache_dir.clone(),
-            })?;
+            let n = body
+                .read(&mut buf)
+                .map_err(|e| DownloadError::Unreachable {
+                    url: url.clone(),
+                    reason: format!(
+                        "connection lost after {} bytes ({e}); run again to resume",
+                        bar.position()
+                    ),
+                    file: file.to_string(),
+                    cache: self.cache_dir.clone(),
+                })?;
             if n == 0 {
                 break;
             }
@@ -183,7 +193,11 @@ impl Downloader {
             if !actual.starts_with(&expected) {
                 // A corrupt partial file would poison every resume: start over next time.
                 let _ = fs::remove_file(&part);
-                return Err(DownloadError::HashMismatch { url, expected, actual });
+                return Err(DownloadError::HashMismatch {
+                    url,
+                    expected,
+                    actual,
+                });
             }
         }
         fs::rename(&part, dest).map_err(io(dest))?;

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use super::WeightsError;
 
 /// Where the twelve published checkpoints are served.
-pub const DEFAULT_BASE_URL: &str = "https://dl.fbaipublicfiles.com/semiweaksupervision/model_files/";
+pub const DEFAULT_BASE_URL: &str =
+    "https://dl.fbaipublicfiles.com/semiweaksupervision/model_files/";
 
 /// The hash prefix in a file name like `semi_supervised_resnet18-d92f0530.pth`: at least
 /// eight lowercase hex digits between the last `-` and the next `.`.
@@ -18,7 +19,10 @@ pub fn expected_hash_prefix(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
     let after = &name[name.rfind('-')? + 1..];
     let hex = &after[..after.find('.')?];
-    let ok = (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = (8..=64).contains(&hex.len())
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     ok.then(|| hex.to_string())
 }
 
@@ -60,12 +64,22 @@ mod tests {
     #[test]
     fn prefix_parsing_follows_torch_hub_names() {
         let p = |s: &str| expected_hash_prefix(Path::new(s));
-        assert_eq!(p("/c/semi_supervised_resnet18-d92f0530.pth").as_deref(), Some("d92f0530"));
-        assert_eq!(p("semi_weakly_supervised_resnext101_32x16-f3559a9c.pth").as_deref(), Some("f3559a9c"));
+        assert_eq!(
+            p("/c/semi_supervised_resnet18-d92f0530.pth").as_deref(),
+            Some("d92f0530")
+        );
+        assert_eq!(
+            p("semi_weakly_supervised_resnext101_32x16-f3559a9c.pth").as_deref(),
+            Some("f3559a9c")
+        );
         assert_eq!(p("resnet50.pth"), None);
         assert_eq!(p("my-model.pth"), None);
         assert_eq!(p("ckpt-1234.pth"), None, "too short to be a hash");
-        assert_eq!(p("ckpt-DEADBEEF.pth"), None, "torch.hub's hashes are lowercase");
+        assert_eq!(
+            p("ckpt-DEADBEEF.pth"),
+            None,
+            "torch.hub's hashes are lowercase"
+        );
     }
 
     #[test]

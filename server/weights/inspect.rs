@@ -26,14 +26,19 @@ pub fn summarize(checkpoint: &Checkpoint) -> Summary {
     let mut parameters = 0;
     let mut dtypes = BTreeMap::new();
     for name in checkpoint.names() {
-        let Some(info) = checkpoint.info(name) else { continue };
+        let Some(info) = checkpoint.info(name) else {
+            continue;
+        };
         *dtypes.entry(info.dtype.to_string()).or_insert(0) += 1;
-        let buffer = name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked");
+        let buffer = name.ends_with("running_mean")
+            || name.ends_with("running_var")
+            || name.ends_with("num_batches_tracked");
         if !buffer {
             parameters += info.numel();
         }
     }
-    let architecture = Architecture::detect(|k| checkpoint.info(k).map(|i| i.shape)).map(|a| a.to_string());
+    let architecture =
+        Architecture::detect(|k| checkpoint.info(k).map(|i| i.shape)).map(|a| a.to_string());
     Summary {
         file: checkpoint.path().display().to_string(),
         format: checkpoint.format().to_string(),
@@ -50,8 +55,18 @@ impl std::fmt::Display for Summary {
         writeln!(f, "format:       {}", self.format)?;
         writeln!(f, "tensors:      {}", self.tensors)?;
         writeln!(f, "parameters:   {}", self.parameters)?;
-        let dtypes: Vec<String> = self.dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
+        let dtypes: Vec<String> = self
+            .dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} x{n}"))
+            .collect();
         writeln!(f, "dtypes:       {}", dtypes.join(", "))?;
-        write!(f, "architecture: {}", self.architecture.as_deref().unwrap_or("not one of the six ResNet/ResNeXt layouts"))
+        write!(
+            f,
+            "architecture: {}",
+            self.architecture
+                .as_deref()
+                .unwrap_or("not one of the six ResNet/ResNeXt layouts")
+        )
     }
 }

@@ -46,7 +46,9 @@ pub enum WeightsError {
         #[source]
         source: pickle::PickleError,
     },
-    #[error("{path}: no tensors found (looked at the top level and under 'state_dict' and 'model')")]
+    #[error(
+        "{path}: no tensors found (looked at the top level and under 'state_dict' and 'model')"
+    )]
     NoStateDict { path: PathBuf },
     #[error("no tensor named '{0}' in the checkpoint")]
     MissingTensor(String),
@@ -293,7 +295,10 @@ impl Checkpoint {
     /// One tensor, contiguous (row-major), converted to f32.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, WeightsError> {
         let (dtype, raw) = self.read_raw(name)?;
-        Ok(raw.chunks_exact(dtype.size()).map(|c| dtype.to_f32(c)).collect())
+        Ok(raw
+            .chunks_exact(dtype.size())
+            .map(|c| dtype.to_f32(c))
+            .collect())
     }
 
     /// One tensor, contiguous (row-major), in its stored dtype, as little-endian bytes.
@@ -309,7 +314,12 @@ impl Checkpoint {
             return Ok((storage.dtype, Vec::new()));
         }
         // The span of storage elements this view touches.
-        let last: usize = e.shape.iter().zip(&e.strides).map(|(&d, &s)| (d - 1) * s).sum();
+        let last: usize = e
+            .shape
+            .iter()
+            .zip(&e.strides)
+            .map(|(&d, &s)| (d - 1) * s)
+            .sum();
         let span = last + 1;
         let bytes = self.storage_bytes(storage, e.offset * size, span * size)?;
         let contiguous = e.strides == contiguous_strides(&e.shape);
@@ -333,8 +343,14 @@ impl Checkpoint {
     }
 
     /// Reads `len` bytes at `start` within a storage, checking they exist.
-    fn storage_bytes(&self, storage: &Storage, start: usize, len: usize) -> Result<Vec<u8>, WeightsError> {
-        let too_short = || WeightsError::malformed(&self.path, "a tensor reaches past the end of its storage");
+    fn storage_bytes(
+        &self,
+        storage: &Storage,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, WeightsError> {
+        let too_short =
+            || WeightsError::malformed(&self.path, "a tensor reaches past the end of its storage");
         let end = start.checked_add(len).ok_or_else(too_short)?;
         match &storage.bytes {
             Bytes::File { offset, len: total } => {
@@ -422,13 +438,19 @@ mod tests {
         let all = normalise_names(vec![("module.a".into(), e()), ("module.b".into(), e())]);
         assert_eq!(all.keys().cloned().collect::<Vec<_>>(), vec!["a", "b"]);
         let some = normalise_names(vec![("module.a".into(), e()), ("b".into(), e())]);
-        assert_eq!(some.keys().cloned().collect::<Vec<_>>(), vec!["b", "module.a"]);
+        assert_eq!(
+            some.keys().cloned().collect::<Vec<_>>(),
+            vec!["b", "module.a"]
+        );
     }
 
     #[test]
     fn dtype_conversion() {
         assert_eq!(DType::F16.to_f32(&f16::from_f32(1.5).to_le_bytes()), 1.5);
-        assert_eq!(DType::BF16.to_f32(&bf16::from_f32(-2.0).to_le_bytes()), -2.0);
+        assert_eq!(
+            DType::BF16.to_f32(&bf16::from_f32(-2.0).to_le_bytes()),
+            -2.0
+        );
         assert_eq!(DType::I64.to_f32(&(-7i64).to_le_bytes()), -7.0);
         assert_eq!(DType::I8.to_f32(&[0xff]), -1.0);
     }

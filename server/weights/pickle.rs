@@ -153,7 +153,8 @@ impl Unpickler<'_> {
     }
 
     fn len_u64(&mut self) -> Result<usize, PickleError> {
-        usize::try_from(u64::from_le_bytes(self.le()?)).map_err(|_| PickleError::Truncated(self.data.len()))
+        usize::try_from(u64::from_le_bytes(self.le()?))
+            .map_err(|_| PickleError::Truncated(self.data.len()))
     }
 
     fn line(&mut self) -> Result<String, PickleError> {
@@ -175,7 +176,9 @@ impl Unpickler<'_> {
     }
 
     fn pop(&mut self) -> Result<Value, PickleError> {
-        self.stack.pop().ok_or_else(|| self.malformed("stack underflow"))
+        self.stack
+            .pop()
+            .ok_or_else(|| self.malformed("stack underflow"))
     }
 
     fn top(&mut self) -> Result<&mut Value, PickleError> {
@@ -313,7 +316,8 @@ impl Unpickler<'_> {
                     self.memo.insert(i, v);
                 }
                 0x94 => {
-                    let i = u32::try_from(self.memo.len()).map_err(|_| self.malformed("memo overflow"))?;
+                    let i = u32::try_from(self.memo.len())
+                        .map_err(|_| self.malformed("memo overflow"))?;
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
@@ -420,12 +424,16 @@ impl Unpickler<'_> {
                         let d = Value::Dict(Rc::default());
                         if let Some(items) = args.first() {
                             // OrderedDict([(k, v), ...])
-                            let pairs = items.as_seq().ok_or_else(|| self.malformed("OrderedDict argument"))?;
+                            let pairs = items
+                                .as_seq()
+                                .ok_or_else(|| self.malformed("OrderedDict argument"))?;
                             let mut flat = Vec::with_capacity(pairs.len() * 2);
                             for p in pairs {
                                 match p.as_seq().as_deref() {
                                     Some([k, v]) => flat.extend([k.clone(), v.clone()]),
-                                    _ => return Err(self.malformed("OrderedDict item is not a pair")),
+                                    _ => {
+                                        return Err(self.malformed("OrderedDict item is not a pair"))
+                                    }
                                 }
                             }
                             self.set_items(&d, flat)?;
@@ -494,7 +502,9 @@ mod tests {
         let data = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G@\x04\x00\x00\x00\x00\x00\x00X\x01\x00\x00\x00xq\x04eX\x01\x00\x00\x00cq\x05\x88N\x86q\x06u.";
         let (v, used) = load(data, &allow_all).expect("valid pickle");
         assert_eq!(used, data.len());
-        let Value::Dict(d) = v else { panic!("not a dict") };
+        let Value::Dict(d) = v else {
+            panic!("not a dict")
+        };
         let d = d.borrow();
         assert_eq!(d.len(), 3);
         assert_eq!(d[0].0.as_str(), Some("a"));
@@ -502,7 +512,9 @@ mod tests {
         let list = d[1].1.as_seq().expect("list");
         assert!(matches!(list[0], Value::Float(f) if f == 2.5));
         assert_eq!(list[1].as_str(), Some("x"));
-        assert!(matches!(&d[2].1, Value::Tuple(t) if matches!(t[..], [Value::Bool(true), Value::None])));
+        assert!(
+            matches!(&d[2].1, Value::Tuple(t) if matches!(t[..], [Value::Bool(true), Value::None]))
+        );
     }
 
     #[test]
@@ -510,7 +522,9 @@ mod tests {
         // pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2): torch's legacy magic number.
         let magic = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.";
         let (v, _) = load(magic, &allow_all).expect("valid");
-        assert!(matches!(v, Value::BigInt(ref b) if b == &[0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]));
+        assert!(
+            matches!(v, Value::BigInt(ref b) if b == &[0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19])
+        );
         // pickle.dumps(-300) is BININT; pickle.dumps(-(1 << 40)) a negative LONG1.
         let (v, _) = load(b"\x80\x02J\xd4\xfe\xff\xff.", &allow_all).expect("valid");
         assert_eq!(v.as_int(), Some(-300));
@@ -529,7 +543,10 @@ mod tests {
     #[test]
     fn truncated_and_unknown_opcodes_fail_cleanly() {
         let data = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01";
-        assert!(matches!(load(data, &allow_all), Err(PickleError::Truncated(_))));
+        assert!(matches!(
+            load(data, &allow_all),
+            Err(PickleError::Truncated(_))
+        ));
         assert!(matches!(
             load(b"\x80\x02\xff.", &allow_all),
             Err(PickleError::UnsupportedOpcode { op: 0xff, pos: 2 })

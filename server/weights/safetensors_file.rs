@@ -9,7 +9,9 @@ use super::{Builder, Bytes, DType, Entry, Storage, WeightsError};
 
 /// An 8-byte little-endian header length followed by a JSON object.
 pub(super) fn looks_like(head: &[u8]) -> bool {
-    head.len() >= 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().unwrap_or([0xff; 8])) < (100 << 20)
+    head.len() >= 9
+        && head[8] == b'{'
+        && u64::from_le_bytes(head[..8].try_into().unwrap_or([0xff; 8])) < (100 << 20)
 }
 
 fn dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -29,7 +31,11 @@ fn dtype(d: safetensors::Dtype) -> Option<DType> {
     })
 }
 
-pub(super) fn read(path: &Path, file: &File, builder: &mut Builder) -> Result<memmap2::Mmap, WeightsError> {
+pub(super) fn read(
+    path: &Path,
+    file: &File,
+    builder: &mut Builder,
+) -> Result<memmap2::Mmap, WeightsError> {
     // SAFETY: the map is read-only; a writer truncating the file underneath us is the
     // same hazard every mmap-based loader (safetensors' own included) accepts.
     let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| WeightsError::io(path, e))?;
@@ -39,8 +45,12 @@ pub(super) fn read(path: &Path, file: &File, builder: &mut Builder) -> Result<me
     let mut tensors: Vec<_> = metadata.tensors().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, info) in tensors {
-        let dt = dtype(info.dtype)
-            .ok_or_else(|| WeightsError::malformed(path, format!("tensor '{name}': dtype {:?} is not supported", info.dtype)))?;
+        let dt = dtype(info.dtype).ok_or_else(|| {
+            WeightsError::malformed(
+                path,
+                format!("tensor '{name}': dtype {:?} is not supported", info.dtype),
+            )
+        })?;
         let (start, end) = info.data_offsets;
         builder.storages.push(Storage {
             dtype: dt,
@@ -72,6 +82,8 @@ pub(super) fn release(map: &memmap2::Mmap, range: Range<usize>) {
         // SAFETY: the map is a read-only, shared file mapping: dropped pages are read back
         // from the file on the next access, so no content can change or be lost. Advice
         // only: a failure changes nothing but memory use.
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }

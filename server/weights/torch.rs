@@ -66,20 +66,33 @@ struct PickledTensor {
 }
 
 /// Reads a legacy `torch.save` stream's index.
-pub(super) fn read_legacy(path: &Path, file: &File, builder: &mut Builder) -> Result<(), WeightsError> {
-    let file_len = file.metadata().map_err(|e| WeightsError::io(path, e))?.len();
+pub(super) fn read_legacy(
+    path: &Path,
+    file: &File,
+    builder: &mut Builder,
+) -> Result<(), WeightsError> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| WeightsError::io(path, e))?
+        .len();
     // The pickles sit at the front and are small next to the storages: read a window
     // and widen it only if they do not fit.
     let mut window = 1u64 << 20;
     let (root, keys, data_start) = loop {
         let n = window.min(file_len) as usize;
         let mut buf = vec![0u8; n];
-        file.read_exact_at(&mut buf, 0).map_err(|e| WeightsError::io(path, e))?;
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|e| WeightsError::io(path, e))?;
         match legacy_header(&buf) {
             Ok(found) => break found,
-            Err(LegacyError::Pickle(PickleError::Truncated(_))) if (n as u64) < file_len => window *= 8,
+            Err(LegacyError::Pickle(PickleError::Truncated(_))) if (n as u64) < file_len => {
+                window *= 8
+            }
             Err(LegacyError::Pickle(PickleError::Truncated(_))) => {
-                return Err(WeightsError::malformed(path, "file ends inside its pickled header (truncated?)"))
+                return Err(WeightsError::malformed(
+                    path,
+                    "file ends inside its pickled header (truncated?)",
+                ))
             }
             Err(LegacyError::Pickle(source)) => {
                 return Err(WeightsError::Pickle {
@@ -96,12 +109,19 @@ pub(super) fn read_legacy(path: &Path, file: &File, builder: &mut Builder) -> Re
     let mut pos = data_start as u64;
     for key in &keys {
         let mut count = [0u8; 8];
-        file.read_exact_at(&mut count, pos)
-            .map_err(|_| WeightsError::malformed(path, format!("file ends before storage '{key}' (truncated?)")))?;
+        file.read_exact_at(&mut count, pos).map_err(|_| {
+            WeightsError::malformed(
+                path,
+                format!("file ends before storage '{key}' (truncated?)"),
+            )
+        })?;
         let numel = u64::from_le_bytes(count);
-        let dtype = *dtypes
-            .get(key.as_str())
-            .ok_or_else(|| WeightsError::malformed(path, format!("storage '{key}' is listed but no tensor uses it")))?;
+        let dtype = *dtypes.get(key.as_str()).ok_or_else(|| {
+            WeightsError::malformed(
+                path,
+                format!("storage '{key}' is listed but no tensor uses it"),
+            )
+        })?;
         let len = numel
             .checked_mul(dtype.size() as u64)
             .ok_or_else(|| WeightsError::malformed(path, "storage size overflows"))?;
@@ -133,7 +153,9 @@ impl From<PickleError> for LegacyError {
 fn legacy_header(buf: &[u8]) -> Result<(Value, Vec<String>, usize), LegacyError> {
     let (magic, mut pos) = pickle::load(buf, &no_globals)?;
     if !matches!(&magic, Value::BigInt(b) if b[..] == LEGACY_MAGIC) {
-        return Err(LegacyError::Format("wrong magic number: not a torch.save file".into()));
+        return Err(LegacyError::Format(
+            "wrong magic number: not a torch.save file".into(),
+        ));
     }
     let (protocol, n) = pickle::load(&buf[pos..], &no_globals)?;
     pos += n;
@@ -150,7 +172,9 @@ fn legacy_header(buf: &[u8]) -> Result<(Value, Vec<String>, usize), LegacyError>
             .iter()
             .any(|(k, v)| k.as_str() == Some("little_endian") && matches!(v, Value::Bool(false)));
         if big_endian {
-            return Err(LegacyError::Format("big-endian checkpoints are not supported".into()));
+            return Err(LegacyError::Format(
+                "big-endian checkpoints are not supported".into(),
+            ));
         }
     }
     let (object, n) = pickle::load(&buf[pos..], &allowed_global)?;
@@ -159,22 +183,36 @@ fn legacy_header(buf: &[u8]) -> Result<(Value, Vec<String>, usize), LegacyError>
     pos += n;
     let keys = keys
         .as_seq()
-        .and_then(|items| items.iter().map(|k| k.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .and_then(|items| {
+            items
+                .iter()
+                .map(|k| k.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        })
         .ok_or_else(|| LegacyError::Format("storage key list is not a list of strings".into()))?;
     Ok((object, keys, pos))
 }
 
 /// Reads a zip `torch.save` file's index.
-pub(super) fn read_zip(path: &Path, file: &File, builder: &mut Builder) -> Result<(), WeightsError> {
+pub(super) fn read_zip(
+    path: &Path,
+    file: &File,
+    builder: &mut Builder,
+) -> Result<(), WeightsError> {
     let reader = file.try_clone().map_err(|e| WeightsError::io(path, e))?;
-    let mut archive =
-        zip::ZipArchive::new(reader).map_err(|e| WeightsError::malformed(path, format!("bad zip archive: {e}")))?;
+    let mut archive = zip::ZipArchive::new(reader)
+        .map_err(|e| WeightsError::malformed(path, format!("bad zip archive: {e}")))?;
     let pkl = archive
         .file_names()
         .filter_map(Result::ok)
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .map(|n| n.to_string())
-        .ok_or_else(|| WeightsError::malformed(path, "zip archive has no <dir>/data.pkl: not a torch.save file"))?;
+        .ok_or_else(|| {
+            WeightsError::malformed(
+                path,
+                "zip archive has no <dir>/data.pkl: not a torch.save file",
+            )
+        })?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     if let Ok(mut order) = archive.by_name(&format!("{prefix}byteorder")) {
         let mut s = String::new();
@@ -182,7 +220,10 @@ pub(super) fn read_zip(path: &Path, file: &File, builder: &mut Builder) -> Resul
             .read_to_string(&mut s)
             .map_err(|e| WeightsError::malformed(path, format!("byteorder: {e}")))?;
         if s.trim() != "little" {
-            return Err(WeightsError::malformed(path, format!("byte order '{}' is not supported", s.trim())));
+            return Err(WeightsError::malformed(
+                path,
+                format!("byte order '{}' is not supported", s.trim()),
+            ));
         }
     }
     let mut data = Vec::new();
@@ -190,10 +231,11 @@ pub(super) fn read_zip(path: &Path, file: &File, builder: &mut Builder) -> Resul
         .by_name(&pkl)
         .and_then(|mut f| f.read_to_end(&mut data).map_err(Into::into))
         .map_err(|e| WeightsError::malformed(path, format!("reading {pkl}: {e}")))?;
-    let (root, _) = pickle::load(&data, &allowed_global).map_err(|source| WeightsError::Pickle {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (root, _) =
+        pickle::load(&data, &allowed_global).map_err(|source| WeightsError::Pickle {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let tensors = collect_tensors(path, &root)?;
     let mut located = HashMap::new();
     for t in &tensors {
@@ -205,7 +247,10 @@ pub(super) fn read_zip(path: &Path, file: &File, builder: &mut Builder) -> Resul
             .by_name(&member)
             .map_err(|e| WeightsError::malformed(path, format!("storage {member}: {e}")))?;
         let bytes = match (f.compression(), f.data_start()) {
-            (zip::CompressionMethod::Stored, Some(offset)) => Bytes::File { offset, len: f.size() },
+            (zip::CompressionMethod::Stored, Some(offset)) => Bytes::File {
+                offset,
+                len: f.size(),
+            },
             _ => {
                 let mut buf = Vec::new();
                 f.read_to_end(&mut buf)
@@ -230,9 +275,9 @@ fn add_tensors(
         let storage = match index.get(&t.key) {
             Some(&i) => i,
             None => {
-                let bytes = located
-                    .remove(&t.key)
-                    .ok_or_else(|| WeightsError::malformed(path, format!("storage '{}' has no data", t.key)))?;
+                let bytes = located.remove(&t.key).ok_or_else(|| {
+                    WeightsError::malformed(path, format!("storage '{}' has no data", t.key))
+                })?;
                 let available = match &bytes {
                     Bytes::File { len, .. } => *len as usize,
                     Bytes::Mapped { len, .. } => *len,
@@ -241,22 +286,39 @@ fn add_tensors(
                 if available < t.numel * t.dtype.size() {
                     return Err(WeightsError::malformed(
                         path,
-                        format!("storage '{}' holds {available} bytes, fewer than its {} elements", t.key, t.numel),
+                        format!(
+                            "storage '{}' holds {available} bytes, fewer than its {} elements",
+                            t.key, t.numel
+                        ),
                     ));
                 }
-                builder.storages.push(Storage { dtype: t.dtype, bytes });
+                builder.storages.push(Storage {
+                    dtype: t.dtype,
+                    bytes,
+                });
                 index.insert(t.key.clone(), builder.storages.len() - 1);
                 builder.storages.len() - 1
             }
         };
         if builder.storages[storage].dtype != t.dtype {
-            return Err(WeightsError::malformed(path, format!("storage '{}' used with two dtypes", t.key)));
+            return Err(WeightsError::malformed(
+                path,
+                format!("storage '{}' used with two dtypes", t.key),
+            ));
         }
-        let span = t.shape.iter().zip(&t.strides).map(|(&d, &s)| d.saturating_sub(1) * s).sum::<usize>();
+        let span = t
+            .shape
+            .iter()
+            .zip(&t.strides)
+            .map(|(&d, &s)| d.saturating_sub(1) * s)
+            .sum::<usize>();
         if t.shape.iter().all(|&d| d > 0) && t.offset + span >= t.numel {
             return Err(WeightsError::malformed(
                 path,
-                format!("tensor '{}' reaches past its storage of {} elements", t.name, t.numel),
+                format!(
+                    "tensor '{}' reaches past its storage of {} elements",
+                    t.name, t.numel
+                ),
             ));
         }
         builder.entries.push((
@@ -320,7 +382,9 @@ fn usize_seq(v: &Value) -> Option<Vec<usize>> {
 /// Interprets one `_rebuild_tensor*` call; `None` for a value that is not a tensor.
 fn tensor(path: &Path, name: &str, v: &Value) -> Result<Option<PickledTensor>, WeightsError> {
     let bad = |what: &str| WeightsError::malformed(path, format!("tensor '{name}': {what}"));
-    let Value::Call(g, args) = v else { return Ok(None) };
+    let Value::Call(g, args) = v else {
+        return Ok(None);
+    };
     if g.module != "torch._utils" {
         return Ok(None);
     }
@@ -334,7 +398,9 @@ fn tensor(path: &Path, name: &str, v: &Value) -> Result<Option<PickledTensor>, W
     let Value::PersistentId(pid) = storage else {
         return Err(bad("storage is not a persistent reference"));
     };
-    let pid = pid.as_seq().ok_or_else(|| bad("storage reference is not a tuple"))?;
+    let pid = pid
+        .as_seq()
+        .ok_or_else(|| bad("storage reference is not a tuple"))?;
     let [tag, class, key, _location, numel, rest @ ..] = &pid[..] else {
         return Err(bad("storage reference has too few fields"));
     };
@@ -344,8 +410,12 @@ fn tensor(path: &Path, name: &str, v: &Value) -> Result<Option<PickledTensor>, W
     let Value::Global(class) = class else {
         return Err(bad("storage type is not a class"));
     };
-    let dtype = storage_dtype(&class.name).ok_or_else(|| bad(&format!("unsupported storage {class}")))?;
-    let key = key.as_str().ok_or_else(|| bad("storage key is not a string"))?.to_string();
+    let dtype =
+        storage_dtype(&class.name).ok_or_else(|| bad(&format!("unsupported storage {class}")))?;
+    let key = key
+        .as_str()
+        .ok_or_else(|| bad("storage key is not a string"))?
+        .to_string();
     let numel = numel
         .as_int()
         .and_then(|n| usize::try_from(n).ok())

@@ -22,6 +22,9 @@ pub fn reference(rel: &str) -> Checkpoint {
 pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }

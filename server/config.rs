@@ -1,0 +1,226 @@
+//! `resnet-serve` (serve): flags with environment fallbacks, an optional TOML file, and
+//! turning them into a running server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use serde::Deserialize;
+
+use resnet_serve::model::{Classifier, ModelName};
+use resnet_serve::preprocess::Limits;
+use resnet_serve::scheduler::{Backend, BatchPolicy};
+use resnet_serve::server::{self, ModelLoader, ServeOptions};
+use resnet_serve::weights::download::Downloader;
+use resnet_serve::weights::Checkpoint;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Serving flags. Each also reads `RESNET_SERVE_<NAME>` and, below that, the same key
+/// in the `--config` TOML file (e.g. `batch_sizes = [1, 4, 16]`).
+#[derive(Debug, Clone, clap::Args, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (flags and environment win over it).
+    #[arg(long, env = "RESNET_SERVE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// gRPC address [default: 0.0.0.0:50051].
+    #[arg(long, env = "RESNET_SERVE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus /metrics address [default: 0.0.0.0:9090].
+    #[arg(long, env = "RESNET_SERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A model to serve, NAME or NAME=PATH (repeatable). A bare name comes from the
+    /// weights cache, downloaded on first use [default: resnet50_swsl].
+    #[arg(long = "model", env = "RESNET_SERVE_MODELS", value_delimiter = ',')]
+    #[serde(rename = "models")]
+    pub models: Vec<String>,
+    /// The model for requests that name none [default: the first --model].
+    #[arg(long, env = "RESNET_SERVE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Allowed fixed batch sizes [default: 1,2,4,8,16,32].
+    #[arg(long, env = "RESNET_SERVE_BATCH_SIZES", value_delimiter = ',')]
+    pub batch_sizes: Vec<usize>,
+    /// How long the first queued image waits for others before its batch runs [default: 5].
+    #[arg(long, env = "RESNET_SERVE_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: Option<u64>,
+    /// Images that may wait per model before requests are refused (RESOURCE_EXHAUSTED) [default: 256].
+    #[arg(long, env = "RESNET_SERVE_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Largest gRPC message, in MiB [default: 64].
+    #[arg(long, env = "RESNET_SERVE_MAX_MESSAGE_MIB")]
+    pub max_message_mib: Option<usize>,
+    /// Most images in one Classify request [default: 256].
+    #[arg(long, env = "RESNET_SERVE_MAX_IMAGES_PER_REQUEST")]
+    pub max_images_per_request: Option<usize>,
+    /// Largest encoded image, in MiB [default: 32].
+    #[arg(long, env = "RESNET_SERVE_MAX_IMAGE_MIB")]
+    pub max_image_mib: Option<usize>,
+    /// Largest decoded image, in megapixels [default: 40].
+    #[arg(long, env = "RESNET_SERVE_MAX_IMAGE_MEGAPIXELS")]
+    pub max_image_megapixels: Option<u64>,
+    /// Images decoded at once [default: the number of CPUs].
+    #[arg(long, env = "RESNET_SERVE_PREPROCESS_THREADS")]
+    pub preprocess_threads: Option<usize>,
+    /// Seconds queued and in-flight requests get to finish after SIGTERM [default: 30].
+    #[arg(long, env = "RESNET_SERVE_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
+    /// Weights cache directory [default: $XDG_CACHE_HOME/resnet-serve].
+    #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(
+        long,
+        env = "RESNET_SERVE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    #[serde(skip)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Fills what the command line and environment left unset from the TOML file.
+    fn merged(self) -> anyhow::Result<ServeArgs> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: ServeArgs =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(ServeArgs {
+            config: self.config.clone(),
+            listen: self.listen.or(file.listen),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            models: if self.models.is_empty() {
+                file.models
+            } else {
+                self.models
+            },
+            default_model: self.default_model.or(file.default_model),
+            batch_sizes: if self.batch_sizes.is_empty() {
+                file.batch_sizes
+            } else {
+                self.batch_sizes
+            },
+            max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms),
+            queue_capacity: self.queue_capacity.or(file.queue_capacity),
+            max_message_mib: self.max_message_mib.or(file.max_message_mib),
+            max_images_per_request: self.max_images_per_request.or(file.max_images_per_request),
+            max_image_mib: self.max_image_mib.or(file.max_image_mib),
+            max_image_megapixels: self.max_image_megapixels.or(file.max_image_megapixels),
+            preprocess_threads: self.preprocess_threads.or(file.preprocess_threads),
+            drain_timeout_s: self.drain_timeout_s.or(file.drain_timeout_s),
+            cache_dir: self.cache_dir.or(file.cache_dir),
+            log_format: self.log_format,
+        })
+    }
+}
+
+/// `NAME` or `NAME=PATH`.
+fn parse_model(spec: &str) -> anyhow::Result<(ModelName, Option<PathBuf>)> {
+    let (name, path) = match spec.split_once('=') {
+        Some((n, p)) => (n, Some(PathBuf::from(p))),
+        None => (spec, None),
+    };
+    Ok((name.trim().parse()?, path))
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let args = args.merged()?;
+    let defaults = ServeOptions::default();
+    let policy = BatchPolicy::new(
+        if args.batch_sizes.is_empty() {
+            &[1, 2, 4, 8, 16, 32]
+        } else {
+            &args.batch_sizes
+        },
+        Duration::from_millis(args.max_queue_delay_ms.unwrap_or(5)),
+        args.queue_capacity.unwrap_or(256),
+    )?;
+    let limits = Limits {
+        max_encoded_bytes: args
+            .max_image_mib
+            .map_or(Limits::default().max_encoded_bytes, |m| m << 20),
+        max_pixels: args
+            .max_image_megapixels
+            .map_or(Limits::default().max_pixels, |m| m * 1_000_000),
+    };
+    let specs: Vec<String> = if args.models.is_empty() {
+        vec!["resnet50_swsl".into()]
+    } else {
+        args.models.clone()
+    };
+    let models = specs
+        .iter()
+        .map(|s| parse_model(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = ServeOptions {
+        policy,
+        limits,
+        max_message_bytes: args
+            .max_message_mib
+            .map_or(defaults.max_message_bytes, |m| m << 20),
+        max_images_per_request: args
+            .max_images_per_request
+            .unwrap_or(defaults.max_images_per_request),
+        preprocess_threads: args
+            .preprocess_threads
+            .unwrap_or(defaults.preprocess_threads),
+        drain_timeout: args
+            .drain_timeout_s
+            .map_or(defaults.drain_timeout, Duration::from_secs),
+        default_model: args.default_model.clone(),
+    };
+    let cache = Downloader::from_env(args.cache_dir.clone(), None);
+    let loader: ModelLoader = Box::new(move || {
+        let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+        for (name, path) in models {
+            let path = match path {
+                Some(p) => p,
+                None => cache.fetch(name).map_err(|e| e.to_string())?,
+            };
+            let checkpoint = Checkpoint::open(&path).map_err(|e| e.to_string())?;
+            let model = Classifier::load(name.architecture, &checkpoint, &Device::Cpu, DType::F32)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            out.push((name.to_string(), Arc::new(model)));
+        }
+        Ok(out)
+    });
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)));
+    let metrics_listen = args
+        .metrics_listen
+        .unwrap_or_else(resnet_serve::metrics::default_addr);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let metrics = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("binding metrics on {metrics_listen}"))?;
+        tracing::info!(%listen, %metrics_listen, "listening; loading models");
+        server::run(
+            options,
+            loader,
+            listener,
+            Some(metrics),
+            server::shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}

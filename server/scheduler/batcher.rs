@@ -1,0 +1,171 @@
+//! The batcher task: forms batches from a model's queue by [`BatchPolicy`] and hands
+//! them to the worker, one formed while the previous computes.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use super::policy::BatchPolicy;
+use super::Job;
+use crate::metrics::ModelMetrics;
+
+/// Jobs for one forward pass. The worker drops any that died while it was busy and
+/// then runs the smallest allowed size that holds the rest.
+pub struct Batch {
+    pub jobs: Vec<Job>,
+}
+
+/// Waits for a first live job, then gathers more until the largest allowed batch is
+/// full or the first job has waited `max_queue_delay` since it was queued. Dead jobs
+/// are dropped on arrival. `None` once the queue is closed and empty.
+pub async fn form_batch(rx: &mut mpsc::Receiver<Job>, policy: &BatchPolicy) -> Option<Vec<Job>> {
+    let first = loop {
+        let job = rx.recv().await?;
+        if !job.is_dead(Instant::now()) {
+            break job;
+        }
+    };
+    let dispatch_at = first.enqueued + policy.max_queue_delay;
+    let mut jobs = vec![first];
+    while jobs.len() < policy.max_batch() {
+        tokio::select! {
+            // Jobs already waiting are taken before the timer is looked at.
+            biased;
+            job = rx.recv() => match job {
+                Some(job) if !job.is_dead(Instant::now()) => jobs.push(job),
+                Some(_) => {}
+                None => break,
+            },
+            () = sleep_until(dispatch_at) => break,
+        }
+    }
+    Some(jobs)
+}
+
+pub async fn batcher_task(
+    mut rx: mpsc::Receiver<Job>,
+    policy: BatchPolicy,
+    to_worker: mpsc::Sender<Batch>,
+    metrics: Arc<ModelMetrics>,
+) {
+    while let Some(mut jobs) = form_batch(&mut rx, &policy).await {
+        let now = Instant::now();
+        jobs.retain(|j| !j.is_dead(now));
+        if jobs.is_empty() {
+            continue;
+        }
+        for j in &jobs {
+            metrics
+                .queue_seconds
+                .observe((now - j.enqueued).as_secs_f64());
+        }
+        metrics.queue_depth.set(rx.len() as i64);
+        if let Err(mpsc::error::SendError(batch)) = to_worker.send(Batch { jobs }).await {
+            // The worker is gone for good: answer rather than drop silently.
+            for j in batch.jobs {
+                let _ = j
+                    .respond
+                    .send(Err(super::ScheduleError::Stopped("worker".into())));
+            }
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::scheduler::ScheduleError;
+
+    type Reply = oneshot::Receiver<Result<Vec<f32>, ScheduleError>>;
+
+    fn job(deadline: Option<Instant>) -> (Job, Reply) {
+        let (respond, rx) = oneshot::channel();
+        let job = Job {
+            input: vec![],
+            enqueued: Instant::now(),
+            deadline,
+            respond,
+        };
+        (job, rx)
+    }
+
+    fn policy(delay_ms: u64) -> BatchPolicy {
+        BatchPolicy::new(&[1, 2, 4], Duration::from_millis(delay_ms), 16).expect("policy")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_the_delay_from_the_first_arrival_then_dispatches_what_came() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut replies = Vec::new();
+        let start = Instant::now();
+        let (j, r) = job(None);
+        tx.send(j).await.ok();
+        replies.push(r);
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let (j, r) = job(None);
+            tx.send(j).await.ok();
+            // Arrives after the first job's 10 ms are up: belongs to the next batch.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (j2, r2) = job(None);
+            tx.send(j2).await.ok();
+            (r, r2, tx)
+        });
+        let batch = form_batch(&mut rx, &policy(10)).await.expect("batch");
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            Instant::now() - start,
+            Duration::from_millis(10),
+            "dispatched at the first job's delay"
+        );
+        let (_r, _r2, _tx) = sender.await.expect("sender");
+        let next = form_batch(&mut rx, &policy(10)).await.expect("batch");
+        assert_eq!(next.len(), 1);
+        drop(replies);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut replies = Vec::new();
+        for _ in 0..6 {
+            let (j, r) = job(None);
+            tx.send(j).await.ok();
+            replies.push(r);
+        }
+        let start = Instant::now();
+        let batch = form_batch(&mut rx, &policy(1000)).await.expect("batch");
+        assert_eq!(batch.len(), 4, "the largest allowed size");
+        assert_eq!(Instant::now(), start, "no waiting when full");
+        let rest = form_batch(&mut rx, &policy(1000)).await.expect("batch");
+        assert_eq!(rest.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_and_expired_jobs_are_skipped() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let (gone, r) = job(None);
+        drop(r); // the client went away
+        tx.send(gone).await.ok();
+        let (late, _r_late) = job(Some(Instant::now()));
+        tx.send(late).await.ok();
+        let (live, _r_live) = job(None);
+        tx.send(live).await.ok();
+        let batch = form_batch(&mut rx, &policy(5)).await.expect("batch");
+        assert_eq!(batch.len(), 1);
+        assert!(!batch[0].respond.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_queue_ends_the_task() {
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        drop(tx);
+        assert!(form_batch(&mut rx, &policy(5)).await.is_none());
+    }
+}

@@ -1,0 +1,163 @@
+//! Per-model scheduling: a bounded queue, a batcher task that forms fixed-size batches
+//! ([`policy`] decides when and how big), and a device worker on its own OS thread.
+//!
+//! ```text
+//! handler ── Job per image ──► mpsc (bounded) ──► batcher_task ──► mpsc(1) ──► worker thread
+//!    ▲                                                                          │
+//!    └───────────────────────── oneshot per job ◄────── split batch ◄───────────┘
+//! ```
+//! The `mpsc(1)` between batcher and worker lets one batch be formed while the previous
+//! one computes. A job whose caller has gone (its oneshot closed: cancelled, timed out,
+//! or the rest of its request refused) is skipped when batches form and again right
+//! before compute.
+
+pub mod batcher;
+pub mod policy;
+pub mod worker;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+pub use policy::BatchPolicy;
+pub use worker::{Backend, BackendInfo};
+
+use crate::metrics::ModelMetrics;
+
+/// Why a scheduled image got no logits.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("model '{model}' is overloaded: its queue of {capacity} images is full; retry later")]
+    QueueFull { model: String, capacity: usize },
+    #[error("deadline exceeded while queued for model '{0}'")]
+    DeadlineExceeded(String),
+    #[error("model '{model}' failed on this batch: {message}")]
+    Compute { model: String, message: String },
+    #[error("model '{0}' is shutting down")]
+    Stopped(String),
+}
+
+/// One image waiting for compute.
+pub struct Job {
+    pub input: Vec<f32>,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    pub respond: oneshot::Sender<Result<Vec<f32>, ScheduleError>>,
+}
+
+impl Job {
+    /// Its caller is gone or its deadline has passed: computing it would be wasted.
+    pub fn is_dead(&self, now: Instant) -> bool {
+        self.respond.is_closed() || self.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+/// A cheap, cloneable handle on one model's queue.
+#[derive(Clone)]
+pub struct ModelHandle {
+    name: Arc<str>,
+    info: BackendInfo,
+    policy: BatchPolicy,
+    tx: mpsc::Sender<Job>,
+    metrics: Arc<ModelMetrics>,
+}
+
+impl ModelHandle {
+    /// Starts the batcher task (on the current runtime) and the worker thread.
+    pub fn spawn(
+        name: &str,
+        backend: Arc<dyn Backend>,
+        policy: BatchPolicy,
+        metrics: Arc<ModelMetrics>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(policy.queue_capacity);
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let info = backend.info();
+        worker::spawn(name, backend, policy.clone(), batch_rx, metrics.clone());
+        tokio::spawn(batcher::batcher_task(
+            rx,
+            policy.clone(),
+            batch_tx,
+            metrics.clone(),
+        ));
+        ModelHandle {
+            name: Arc::from(name),
+            info,
+            policy,
+            tx,
+            metrics,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
+    /// Images waiting in the queue now.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Logits for each input, in order. Each image is its own job, so a request larger
+    /// than the largest batch spreads over several batches. Refuses at once, without
+    /// queueing anything, when the queue cannot take every image.
+    pub async fn classify(
+        &self,
+        inputs: Vec<Vec<f32>>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Vec<f32>>, ScheduleError> {
+        let full = || ScheduleError::QueueFull {
+            model: self.name.to_string(),
+            capacity: self.policy.queue_capacity,
+        };
+        // Reserve every slot first, so a request is queued whole or not at all.
+        let permits = match self.tx.try_reserve_many(inputs.len()) {
+            Ok(p) => p,
+            Err(mpsc::error::TrySendError::Full(())) => return Err(full()),
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err(ScheduleError::Stopped(self.name.to_string()))
+            }
+        };
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(inputs.len());
+        for (permit, input) in permits.zip(inputs) {
+            let (respond, rx) = oneshot::channel();
+            permit.send(Job {
+                input,
+                enqueued: now,
+                deadline,
+                respond,
+            });
+            receivers.push(rx);
+        }
+        self.metrics.images_queued.inc_by(receivers.len() as u64);
+        self.metrics.queue_depth.set(self.queue_depth() as i64);
+        let gather = async {
+            let mut out = Vec::with_capacity(receivers.len());
+            for rx in receivers {
+                out.push(
+                    rx.await
+                        .map_err(|_| ScheduleError::Stopped(self.name.to_string()))??,
+                );
+            }
+            Ok(out)
+        };
+        match deadline {
+            // A timer, not the running batch, decides: dropping the receivers here
+            // marks the jobs dead so they are never computed.
+            Some(d) => tokio::time::timeout_at(d, gather)
+                .await
+                .unwrap_or_else(|_| Err(ScheduleError::DeadlineExceeded(self.name.to_string()))),
+            None => gather.await,
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Putting it together: health and reflection, the classifier service, the metrics
+//! endpoint, model loading, and a graceful drain on shutdown.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::metrics::Metrics;
+use crate::preprocess::{Limits, Preprocessor};
+use crate::proto::classifier_server::ClassifierServer;
+use crate::registry::Registry;
+use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
+use crate::service::{ClassifierService, State};
+
+/// Everything about serving that is not a model.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub policy: BatchPolicy,
+    pub limits: Limits,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    pub max_images_per_request: usize,
+    pub preprocess_threads: usize,
+    /// How long queued and in-flight requests get to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// The default model's name; the first loaded otherwise.
+    pub default_model: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            policy: BatchPolicy::default(),
+            limits: Limits::default(),
+            max_message_bytes: 64 << 20,
+            max_images_per_request: 256,
+            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            drain_timeout: Duration::from_secs(30),
+            default_model: None,
+        }
+    }
+}
+
+/// Loads the models (on a blocking thread, while health says NOT_SERVING).
+pub type ModelLoader = Box<dyn FnOnce() -> Result<Vec<(String, Arc<dyn Backend>)>, String> + Send>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("loading models: {0}")]
+    Load(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves on `listener` (and metrics on `metrics_listener`) until `shutdown` resolves,
+/// then drains: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish
+/// within `drain_timeout`.
+pub async fn run(
+    options: ServeOptions,
+    loader: ModelLoader,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let metrics = Metrics::new();
+    let registry = Registry::new();
+    let state = Arc::new(State::new(
+        registry.clone(),
+        Preprocessor::new(options.limits),
+        metrics.clone(),
+        options.preprocess_threads,
+        options.max_images_per_request,
+    ));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RunError::Load(format!("reflection: {e}")))?;
+    let classifier = tonic::service::interceptor::InterceptedService::new(
+        ClassifierServer::new(ClassifierService {
+            state: state.clone(),
+        })
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes),
+        crate::service::stamp_deadline,
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(classifier)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(metrics.clone(), l, async {
+            let _ = metrics_stop_rx.await;
+        }))
+    });
+
+    let loaded = tokio::task::spawn_blocking(loader)
+        .await
+        .map_err(|e| RunError::Load(e.to_string()))?
+        .map_err(RunError::Load)?;
+    for (name, backend) in loaded {
+        tracing::info!(model = %name, "serving");
+        registry.insert(ModelHandle::spawn(
+            &name,
+            backend,
+            options.policy.clone(),
+            metrics.for_model(&name),
+        ));
+    }
+    if let Some(d) = &options.default_model {
+        if registry.get(d).is_none() {
+            return Err(RunError::Load(format!(
+                "default model '{d}' is not among the loaded models"
+            )));
+        }
+        registry.set_default(d);
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+    tracing::info!("ready");
+
+    shutdown.await;
+    tracing::info!(in_flight = state.in_flight.count(), "draining");
+    state.draining.store(true, Ordering::SeqCst);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ClassifierServer<ClassifierService>>()
+        .await;
+    if tokio::time::timeout(options.drain_timeout, state.in_flight.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = state.in_flight.count(),
+            "drain deadline passed; closing anyway"
+        );
+    }
+    let _ = stop_tx.send(());
+    let _ = metrics_stop_tx.send(());
+    grpc.await.map_err(|e| RunError::Load(e.to_string()))??;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,510 @@
+//! The `resnet_serve.v1.Classifier` gRPC service: request validation, parallel
+//! preprocessing, submission to the model's scheduler, and output formatting.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::error::ServeError;
+use crate::labels;
+use crate::metrics::Metrics;
+use crate::model::{INPUT_SIZE, NUM_CLASSES};
+use crate::preprocess::{Input, Preprocessor};
+use crate::proto::{self, classifier_server::Classifier, image, stream_result, OutputKind};
+use crate::registry::Registry;
+use crate::scheduler::ModelHandle;
+
+/// Counts requests in flight so a drain knows when it is done.
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+    gauge: prometheus::IntGauge,
+}
+
+/// Held for the life of one request.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        InFlight {
+            count: AtomicUsize::new(0),
+            idle: Notify::new(),
+            gauge,
+        }
+    }
+
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.gauge.inc();
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once nothing is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.gauge.dec();
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct State {
+    pub registry: Registry,
+    pub preprocessor: Preprocessor,
+    pub metrics: Metrics,
+    pub draining: AtomicBool,
+    pub in_flight: Arc<InFlight>,
+    /// Bounds how many images decode at once on the blocking pool.
+    pub preprocess_slots: Semaphore,
+    pub max_images_per_request: usize,
+    /// Frames a stream may have in flight before the server stops reading it.
+    pub stream_window: usize,
+    next_id: AtomicU64,
+}
+
+impl State {
+    pub fn new(
+        registry: Registry,
+        preprocessor: Preprocessor,
+        metrics: Metrics,
+        preprocess_threads: usize,
+        max_images_per_request: usize,
+    ) -> Self {
+        let in_flight = Arc::new(InFlight::new(metrics.in_flight.clone()));
+        State {
+            in_flight,
+            registry,
+            preprocessor,
+            metrics,
+            draining: AtomicBool::new(false),
+            preprocess_slots: Semaphore::new(preprocess_threads.max(1)),
+            max_images_per_request,
+            stream_window: 64,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn model(&self, name: &str) -> Result<ModelHandle, ServeError> {
+        self.registry
+            .get(name)
+            .ok_or_else(|| ServeError::UnknownModel {
+                name: if name.is_empty() {
+                    "(default)".into()
+                } else {
+                    name.to_string()
+                },
+                available: self.registry.names().join(", "),
+            })
+    }
+
+    fn request_id(&self, given: &str) -> String {
+        if given.is_empty() {
+            format!("req-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
+        } else {
+            given.to_string()
+        }
+    }
+
+    /// Decodes one image on the blocking pool.
+    async fn prepare(
+        self: &Arc<Self>,
+        index: usize,
+        image: proto::Image,
+    ) -> Result<Vec<f32>, ServeError> {
+        let _slot = self
+            .preprocess_slots
+            .acquire()
+            .await
+            .map_err(|_| ServeError::Internal("preprocessing pool closed".into()))?;
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let input = match &image.kind {
+                Some(image::Kind::Encoded(e)) => Input::Encoded(&e.data),
+                Some(image::Kind::Raw(r)) => Input::Raw {
+                    width: r.width,
+                    height: r.height,
+                    rgb: &r.rgb,
+                },
+                Some(image::Kind::Tensor(t)) => Input::Tensor(&t.data),
+                None => {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "image {index}: no data (set encoded, raw or tensor)"
+                    )))
+                }
+            };
+            state
+                .preprocessor
+                .prepare(input)
+                .map_err(|source| ServeError::Image { index, source })
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
+    }
+
+    /// Preprocesses all images in parallel, keeping their order.
+    async fn prepare_all(
+        self: &Arc<Self>,
+        images: Vec<proto::Image>,
+    ) -> Result<Vec<Vec<f32>>, ServeError> {
+        let tasks: Vec<_> = images
+            .into_iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let st = self.clone();
+                tokio::spawn(async move { st.prepare(i, img).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.map_err(|e| ServeError::Internal(e.to_string()))??);
+        }
+        Ok(out)
+    }
+
+    async fn classify(
+        self: &Arc<Self>,
+        req: proto::ClassifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<proto::ClassifyResponse, ServeError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining);
+        }
+        let model = self.model(&req.model)?;
+        if req.images.is_empty() {
+            return Err(ServeError::InvalidArgument(
+                "a request needs at least one image".into(),
+            ));
+        }
+        if req.images.len() > self.max_images_per_request {
+            return Err(ServeError::InvalidArgument(format!(
+                "{} images in one request; the limit is {}",
+                req.images.len(),
+                self.max_images_per_request
+            )));
+        }
+        let output = OutputFormat::from_spec(req.output.as_ref())?;
+        let inputs = self.prepare_all(req.images).await?;
+        let logits = model.classify(inputs, deadline).await?;
+        Ok(proto::ClassifyResponse {
+            model: model.name().to_string(),
+            request_id: req.request_id,
+            results: logits.into_iter().map(|l| output.format(l)).collect(),
+        })
+    }
+
+    async fn classify_frame(
+        self: Arc<Self>,
+        model: String,
+        frame: proto::StreamFrame,
+    ) -> proto::StreamResult {
+        let frame_id = frame.frame_id;
+        let started = Instant::now();
+        let outcome = async {
+            let handle = self.model(&model)?;
+            let output = OutputFormat::from_spec(frame.output.as_ref())?;
+            let image = frame
+                .image
+                .ok_or_else(|| ServeError::InvalidArgument("frame has no image".into()))?;
+            let input = self.prepare(0, image).await?;
+            let mut logits = handle.classify(vec![input], None).await?;
+            Ok::<_, ServeError>((handle.name().to_string(), output.format(logits.remove(0))))
+        }
+        .await;
+        let (label, code) = match &outcome {
+            Ok((name, _)) => (name.clone(), tonic::Code::Ok),
+            Err(e) => (model.clone(), e.code()),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[label.as_str(), "ClassifyStream", code_name(code)])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[label.as_str(), "ClassifyStream"])
+            .observe(started.elapsed().as_secs_f64());
+        proto::StreamResult {
+            frame_id,
+            outcome: Some(match outcome {
+                Ok((_, c)) => stream_result::Outcome::Result(c),
+                Err(e) => stream_result::Outcome::Error(proto::FrameError {
+                    code: e.code() as i32,
+                    message: e.to_string(),
+                }),
+            }),
+        }
+    }
+}
+
+/// The deadline a request's `grpc-timeout` sets, stamped by [`stamp_deadline`].
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
+
+/// Interceptor: runs as the request's headers arrive (before its body is decoded), so
+/// the deadline counts from the same instant as tonic's own timer. It is set a little
+/// ahead of the client's, so our DEADLINE_EXCEEDED is sent before the transport gives
+/// up on the call with CANCELLED.
+#[allow(clippy::result_large_err)]
+pub fn stamp_deadline(mut req: Request<()>) -> Result<Request<()>, Status> {
+    if let Some(d) = grpc_timeout(&req) {
+        let margin = (d / 20).min(Duration::from_millis(5));
+        req.extensions_mut()
+            .insert(Deadline(Instant::now() + d.saturating_sub(margin)));
+    }
+    Ok(req)
+}
+
+fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
+    req.extensions().get::<Deadline>().map(|d| d.0)
+}
+
+/// The `grpc-timeout` header as a duration.
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(timeout)
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        InvalidArgument => "INVALID_ARGUMENT",
+        NotFound => "NOT_FOUND",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Unavailable => "UNAVAILABLE",
+        Internal => "INTERNAL",
+        Cancelled => "CANCELLED",
+        _ => "OTHER",
+    }
+}
+
+/// What a request asked to get back per image.
+#[derive(Debug, Clone, Copy)]
+enum OutputFormat {
+    Logits,
+    Probabilities,
+    TopK(usize),
+}
+
+impl OutputFormat {
+    fn from_spec(spec: Option<&proto::OutputSpec>) -> Result<Self, ServeError> {
+        let Some(spec) = spec else {
+            return Ok(OutputFormat::TopK(5));
+        };
+        let kind = OutputKind::try_from(spec.kind).map_err(|_| {
+            ServeError::InvalidArgument(format!("unknown output kind {}", spec.kind))
+        })?;
+        Ok(match kind {
+            OutputKind::Logits => OutputFormat::Logits,
+            OutputKind::Probabilities => OutputFormat::Probabilities,
+            OutputKind::Unspecified | OutputKind::TopK => {
+                let k = if spec.top_k == 0 {
+                    5
+                } else {
+                    spec.top_k as usize
+                };
+                if k > NUM_CLASSES {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "top_k {k} is more than the {NUM_CLASSES} classes"
+                    )));
+                }
+                OutputFormat::TopK(k)
+            }
+        })
+    }
+
+    fn format(self, logits: Vec<f32>) -> proto::Classification {
+        match self {
+            OutputFormat::Logits => proto::Classification {
+                values: logits,
+                top: vec![],
+            },
+            OutputFormat::Probabilities => proto::Classification {
+                values: labels::softmax(&logits),
+                top: vec![],
+            },
+            OutputFormat::TopK(k) => proto::Classification {
+                values: vec![],
+                top: labels::top_k(&labels::softmax(&logits), k)
+                    .into_iter()
+                    .map(|s| proto::Class {
+                        index: s.index as u32,
+                        label: s.label.to_string(),
+                        score: s.score,
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+fn model_info(h: &ModelHandle) -> proto::ModelInfo {
+    let info = h.info();
+    proto::ModelInfo {
+        name: h.name().to_string(),
+        architecture: info.architecture.clone(),
+        input_shape: vec![3, INPUT_SIZE as u32, INPUT_SIZE as u32],
+        num_classes: NUM_CLASSES as u32,
+        allowed_batch_sizes: h
+            .policy()
+            .allowed_sizes()
+            .iter()
+            .map(|&s| s as u32)
+            .collect(),
+        device: info.device.clone(),
+        dtype: info.dtype.clone(),
+        ready: true,
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct ClassifierService {
+    pub state: Arc<State>,
+}
+
+#[tonic::async_trait]
+impl Classifier for ClassifierService {
+    async fn classify(
+        &self,
+        request: Request<proto::ClassifyRequest>,
+    ) -> Result<Response<proto::ClassifyResponse>, Status> {
+        let _guard = self.state.in_flight.enter();
+        let deadline = deadline_of(&request);
+        let mut req = request.into_inner();
+        req.request_id = self.state.request_id(&req.request_id);
+        let model_label = if req.model.is_empty() {
+            self.state.registry.default_name().unwrap_or_default()
+        } else {
+            req.model.clone()
+        };
+        let span = tracing::info_span!("classify", request_id = %req.request_id, model = %model_label, images = req.images.len());
+        let started = Instant::now();
+        let result = self
+            .state
+            .classify(req, deadline)
+            .instrument(span.clone())
+            .await;
+        let code = result
+            .as_ref()
+            .map_or_else(ServeError::code, |_| tonic::Code::Ok);
+        self.state
+            .metrics
+            .requests
+            .with_label_values(&[model_label.as_str(), "Classify", code_name(code)])
+            .inc();
+        self.state
+            .metrics
+            .request_seconds
+            .with_label_values(&[model_label.as_str(), "Classify"])
+            .observe(started.elapsed().as_secs_f64());
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
+            Err(e) => tracing::info!(code = code_name(code), "{e}"),
+        });
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    type ClassifyStreamStream = ReceiverStream<Result<proto::StreamResult, Status>>;
+
+    async fn classify_stream(
+        &self,
+        request: Request<Streaming<proto::StreamFrame>>,
+    ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining.into());
+        }
+        let guard = self.state.in_flight.enter();
+        let mut inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::channel(16);
+        // Bounded: once this many frames are in flight the reader stops reading, and
+        // HTTP/2 flow control slows the producer.
+        let (pending_tx, mut pending_rx) =
+            mpsc::channel::<tokio::task::JoinHandle<proto::StreamResult>>(self.state.stream_window);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut model = String::new();
+            loop {
+                match inbound.message().await {
+                    Ok(Some(frame)) => {
+                        if !frame.model.is_empty() {
+                            model.clone_from(&frame.model);
+                        }
+                        let task = tokio::spawn(state.clone().classify_frame(model.clone(), frame));
+                        if pending_tx.send(task).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!("stream ended by the client: {status}");
+                        break;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let _guard = guard;
+            while let Some(task) = pending_rx.recv().await {
+                let result = task
+                    .await
+                    .map_err(|e| Status::internal(format!("frame task failed: {e}")));
+                if out_tx.send(result).await.is_err() {
+                    break; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<proto::ListModelsRequest>,
+    ) -> Result<Response<proto::ListModelsResponse>, Status> {
+        Ok(Response::new(proto::ListModelsResponse {
+            models: self.state.registry.all().iter().map(model_info).collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<proto::GetModelRequest>,
+    ) -> Result<Response<proto::ModelInfo>, Status> {
+        let h = self.state.model(&request.into_inner().name)?;
+        Ok(Response::new(model_info(&h)))
+    }
+}

@@ -1,0 +1,840 @@
+//! The gRPC server end to end: a real server on 127.0.0.1:0 serving the synthetic
+//! resnet18, called through the generated client of the `resnet-client` crate.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use resnet_client::proto::classifier_client::ClassifierClient;
+use resnet_client::proto::{
+    image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
+    ListModelsRequest, OutputKind, OutputSpec, RawFrame, StreamFrame,
+};
+use resnet_serve::model::synthetic::{self, SyntheticWeights};
+use resnet_serve::model::{Architecture, Classifier, ModelError};
+use resnet_serve::preprocess::{Input, Preprocessor, INPUT_LEN};
+use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
+use resnet_serve::server::{self, RunError, ServeOptions};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MODEL: &str = "resnet18_swsl";
+
+fn model() -> Arc<Classifier> {
+    static MODEL: OnceLock<Arc<Classifier>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let arch = Architecture::Resnet18;
+            Arc::new(
+                Classifier::load(
+                    arch,
+                    &SyntheticWeights::new(arch, 7),
+                    &Device::Cpu,
+                    DType::F32,
+                )
+                .expect("model"),
+            )
+        })
+        .clone()
+}
+
+/// Waits for `cond` to hold, checking between yields; fails the test after 30 s
+/// rather than hanging it.
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+struct TestServer {
+    addr: String,
+    metrics_addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl TestServer {
+    async fn start(options: ServeOptions, backend: Arc<dyn Backend>) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        let metrics_addr = format!("{}", metrics.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let loader: server::ModelLoader = Box::new(move || Ok(vec![(MODEL.to_string(), backend)]));
+        let task = tokio::spawn(server::run(
+            options,
+            loader,
+            listener,
+            Some(metrics),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let s = TestServer {
+            addr,
+            metrics_addr,
+            stop: Some(stop),
+            task,
+        };
+        s.wait_serving().await;
+        s
+    }
+
+    async fn client(&self) -> ClassifierClient<Channel> {
+        ClassifierClient::connect(self.addr.clone())
+            .await
+            .expect("connect")
+    }
+
+    async fn health(&self) -> i32 {
+        let channel = Channel::from_shared(self.addr.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "resnet_serve.v1.Classifier".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+    }
+
+    async fn wait_serving(&self) {
+        // The listener is bound before the server starts, so connecting succeeds at
+        // once; health then reports SERVING (1) once models are loaded.
+        let channel = Channel::from_shared(self.addr.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut watch = h
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "resnet_serve.v1.Classifier".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while let Some(Ok(status)) = watch.message().await.transpose() {
+            if status.status == 1 {
+                return;
+            }
+        }
+        panic!("server never became SERVING");
+    }
+
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr)
+            .await
+            .expect("metrics connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    /// The value of one sample line, e.g. `resnet_serve_batches_total{model="m"}`.
+    async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.expect("join").expect("clean shutdown");
+    }
+}
+
+fn options(sizes: &[usize], delay_ms: u64, capacity: usize) -> ServeOptions {
+    ServeOptions {
+        policy: BatchPolicy::new(sizes, Duration::from_millis(delay_ms), capacity).expect("policy"),
+        preprocess_threads: 2,
+        drain_timeout: Duration::from_secs(20),
+        ..ServeOptions::default()
+    }
+}
+
+fn encoded(name: &str) -> Image {
+    let data = std::fs::read(common::fixture(&format!("images/{name}"))).expect("fixture");
+    Image {
+        kind: Some(image::Kind::Encoded(EncodedImage { data })),
+    }
+}
+
+fn tensor_image(seed: u64) -> (Image, Vec<f32>) {
+    let values = synthetic::input(seed, 1, 224);
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    (
+        Image {
+            kind: Some(image::Kind::Tensor(FloatTensor { data })),
+        },
+        values,
+    )
+}
+
+fn logits_request(images: Vec<Image>) -> ClassifyRequest {
+    ClassifyRequest {
+        model: String::new(),
+        images,
+        output: Some(OutputSpec {
+            kind: OutputKind::Logits as i32,
+            top_k: 0,
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// In-process logits of one preprocessed input, alone in a batch of one.
+fn alone(input: &[f32]) -> Vec<f32> {
+    model().classify(input, 1).expect("forward").remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_returns_what_the_model_computes_for_every_input_kind() {
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let mut client = server.client().await;
+    let pre = Preprocessor::default();
+    let png = std::fs::read(common::fixture("images/coffee.png")).expect("fixture");
+    let rgb =
+        resnet_serve::preprocess::decode::decode_rgb8(&png, &Default::default()).expect("decode");
+    let (tensor, values) = tensor_image(11);
+    let images = vec![
+        encoded("coffee.png"),
+        Image {
+            kind: Some(image::Kind::Raw(RawFrame {
+                width: rgb.width(),
+                height: rgb.height(),
+                rgb: rgb.as_raw().clone(),
+            })),
+        },
+        tensor,
+    ];
+    let mut req = logits_request(images);
+    req.request_id = "my-id".into();
+    let resp = client.classify(req).await.expect("classify").into_inner();
+    assert_eq!(resp.model, MODEL);
+    assert_eq!(resp.request_id, "my-id");
+    let png_input = pre.prepare(Input::Encoded(&png)).expect("pre");
+    let want = [alone(&png_input), alone(&png_input), alone(&values)];
+    for (i, (got, want)) in resp.results.iter().zip(&want).enumerate() {
+        let err = common::relative_error(&got.values, want);
+        assert!(err <= 1e-5, "image {i}: {err:e}");
+    }
+
+    // Top-k and probabilities.
+    let mut req = logits_request(vec![encoded("rocket.jpg")]);
+    req.output = Some(OutputSpec {
+        kind: OutputKind::TopK as i32,
+        top_k: 3,
+    });
+    let top = client
+        .classify(req)
+        .await
+        .expect("topk")
+        .into_inner()
+        .results
+        .remove(0)
+        .top;
+    assert_eq!(top.len(), 3);
+    assert!(top[0].score >= top[1].score && !top[0].label.is_empty());
+    let mut req = logits_request(vec![encoded("rocket.jpg")]);
+    req.output = Some(OutputSpec {
+        kind: OutputKind::Probabilities as i32,
+        top_k: 0,
+    });
+    let probs = client
+        .classify(req)
+        .await
+        .expect("probs")
+        .into_inner()
+        .results
+        .remove(0)
+        .values;
+    assert_eq!(probs.len(), 1000);
+    assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_coalesce_into_batches_with_unchanged_results() {
+    // A generous delay: eight requests sent together must share batches.
+    let server = TestServer::start(options(&[1, 2, 4, 8], 200, 64), model()).await;
+    let mut tasks = Vec::new();
+    for seed in 0..8u64 {
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let (img, values) = tensor_image(100 + seed);
+            let got = client
+                .classify(logits_request(vec![img]))
+                .await
+                .expect("classify")
+                .into_inner();
+            (got.results[0].values.clone(), values)
+        }));
+    }
+    for t in tasks {
+        let (got, input) = t.await.expect("task");
+        let err = common::relative_error(&got, &alone(&input));
+        assert!(err <= 1e-5, "batched result differs from alone: {err:e}");
+    }
+    let batches = server.metric("resnet_serve_batches_total{").await;
+    let slots = server.metric("resnet_serve_batch_slots_total{").await;
+    let padded = server.metric("resnet_serve_padded_slots_total{").await;
+    assert!(
+        batches < 8.0,
+        "8 concurrent requests ran in {batches} batches"
+    );
+    assert_eq!(slots - padded, 8.0, "every image computed exactly once");
+    let text = server.metrics().await;
+    assert!(
+        text.contains("resnet_serve_batch_size_bucket"),
+        "batch size histogram exported"
+    );
+    assert!(text.contains("resnet_serve_queue_duration_seconds_bucket"));
+    assert!(text.contains("resnet_serve_compute_duration_seconds_bucket"));
+    assert!(
+        text.contains(
+            "resnet_serve_requests_total{code=\"OK\",model=\"resnet18_swsl\",rpc=\"Classify\"} 8"
+        ),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_largest_batch_is_split_and_reassembled_in_order() {
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let mut client = server.client().await;
+    let (images, inputs): (Vec<_>, Vec<_>) = (0..11u64).map(|s| tensor_image(200 + s)).unzip();
+    let resp = client
+        .classify(logits_request(images))
+        .await
+        .expect("classify")
+        .into_inner();
+    assert_eq!(resp.results.len(), 11);
+    for (i, (r, input)) in resp.results.iter().zip(&inputs).enumerate() {
+        assert!(
+            common::relative_error(&r.values, &alone(input)) <= 1e-5,
+            "image {i} out of order or wrong"
+        );
+    }
+    assert!(server.metric("resnet_serve_batches_total{").await >= 3.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_answers_in_order_with_per_frame_errors() {
+    let server = TestServer::start(options(&[1, 2, 4], 2, 64), model()).await;
+    let mut client = server.client().await;
+    let mut frames = Vec::new();
+    let mut inputs = Vec::new();
+    for i in 0..12u64 {
+        let image = if i % 5 == 3 {
+            inputs.push(None);
+            Image {
+                kind: Some(image::Kind::Encoded(EncodedImage {
+                    data: b"definitely not an image".to_vec(),
+                })),
+            }
+        } else {
+            let (img, values) = tensor_image(300 + i);
+            inputs.push(Some(values));
+            img
+        };
+        frames.push(StreamFrame {
+            frame_id: 1000 + i,
+            model: if i == 0 { MODEL.into() } else { String::new() },
+            image: Some(image),
+            output: Some(OutputSpec {
+                kind: OutputKind::Logits as i32,
+                top_k: 0,
+            }),
+        });
+    }
+    let mut responses = client
+        .classify_stream(tokio_stream::iter(frames))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut n = 0;
+    while let Some(r) = responses.message().await.expect("message") {
+        let i = n;
+        assert_eq!(
+            r.frame_id,
+            1000 + i as u64,
+            "responses come back in send order"
+        );
+        match (&r.outcome, &inputs[i]) {
+            (Some(stream_result::Outcome::Result(c)), Some(input)) => {
+                assert!(
+                    common::relative_error(&c.values, &alone(input)) <= 1e-5,
+                    "frame {i}"
+                );
+            }
+            (Some(stream_result::Outcome::Error(e)), None) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert!(
+                    e.message.contains("unrecognised image format"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("frame {i}: unexpected {other:?}"),
+        }
+        n += 1;
+    }
+    assert_eq!(n, 12);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_resource_exhausted_at_once() {
+    let server = TestServer::start(options(&[1, 2, 4], 1, 4), model()).await;
+    let mut client = server.client().await;
+    // More images than the queue holds: refused whole, immediately.
+    let images = (0..5u64).map(|s| tensor_image(s).0).collect();
+    let err = client
+        .classify(logits_request(images))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains("queue of 4 images is full"),
+        "{}",
+        err.message()
+    );
+    // A flood: some are refused, none hang or fail otherwise, and the server recovers.
+    let mut tasks = Vec::new();
+    for s in 0..12u64 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let images = vec![tensor_image(s).0, tensor_image(s + 50).0];
+            c.classify(logits_request(images))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.code())
+        }));
+    }
+    let mut ok = 0;
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => ok += 1,
+            Err(Code::ResourceExhausted) => exhausted += 1,
+            Err(other) => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(ok + exhausted, 12);
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+    assert!(client
+        .classify(logits_request(vec![tensor_image(1).0]))
+        .await
+        .is_ok());
+    server.stop().await;
+}
+
+/// Wraps the real model and holds each forward pass until released, so tests can keep
+/// the worker busy for as long as they need.
+struct Gated {
+    inner: Arc<Classifier>,
+    open: AtomicBool,
+    entered: tokio::sync::Notify,
+}
+
+impl Backend for Gated {
+    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.entered.notify_one();
+        while !self.open.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Backend::forward(self.inner.as_ref(), pixels, n)
+    }
+
+    fn info(&self) -> BackendInfo {
+        Backend::info(self.inner.as_ref())
+    }
+}
+
+fn gated() -> Arc<Gated> {
+    Arc::new(Gated {
+        inner: model(),
+        open: AtomicBool::new(false),
+        entered: tokio::sync::Notify::new(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_is_answered_on_time_and_the_request_never_computed() {
+    let gate = gated();
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), gate.clone()).await;
+    let mut busy = server.client().await;
+    let first =
+        tokio::spawn(async move { busy.classify(logits_request(vec![tensor_image(1).0])).await });
+    gate.entered.notified().await; // the worker is now inside the first batch
+    let mut client = server.client().await;
+    let mut req = tonic::Request::new(logits_request(vec![tensor_image(2).0, tensor_image(3).0]));
+    req.set_timeout(Duration::from_millis(150));
+    let started = std::time::Instant::now();
+    let err = client.classify(req).await.expect_err("deadline");
+    let waited = started.elapsed();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "answered by a timer, after {waited:?}"
+    );
+    gate.open.store(true, Ordering::SeqCst);
+    first.await.expect("task").expect("first request completes");
+    // Only the first request's image was ever computed.
+    let slots = server.metric("resnet_serve_batch_slots_total{").await;
+    let padded = server.metric("resnet_serve_padded_slots_total{").await;
+    assert_eq!(slots - padded, 1.0);
+    assert_eq!(
+        server
+            .metric("resnet_serve_requests_total{code=\"DEADLINE_EXCEEDED\"")
+            .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_is_not_computed() {
+    let gate = gated();
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), gate.clone()).await;
+    let mut busy = server.client().await;
+    let first =
+        tokio::spawn(async move { busy.classify(logits_request(vec![tensor_image(1).0])).await });
+    gate.entered.notified().await;
+    let mut client = server.client().await;
+    let doomed = tokio::spawn(async move {
+        client
+            .classify(logits_request(
+                (0..3u64).map(|s| tensor_image(s + 10).0).collect(),
+            ))
+            .await
+    });
+    // Let it reach the queue, then the client goes away.
+    eventually("the doomed request is queued", || async {
+        server.metric("resnet_serve_images_queued_total{").await >= 4.0
+    })
+    .await;
+    doomed.abort();
+    let _ = doomed.await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // the RST reaches the server
+    gate.open.store(true, Ordering::SeqCst);
+    first.await.expect("task").expect("first completes");
+    // The server still answers, and the cancelled images were skipped.
+    let mut c = server.client().await;
+    c.classify(logits_request(vec![tensor_image(5).0]))
+        .await
+        .expect("after cancel");
+    let slots = server.metric("resnet_serve_batch_slots_total{").await;
+    let padded = server.metric("resnet_serve_padded_slots_total{").await;
+    assert_eq!(
+        slots - padded,
+        2.0,
+        "only the two live requests were computed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
+    let gate = gated();
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), gate.clone()).await;
+    let mut tasks = Vec::new();
+    for s in 0..6u64 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.classify(logits_request(vec![tensor_image(s).0])).await
+        }));
+    }
+    gate.entered.notified().await;
+    // All six are inside the server before the shutdown signal.
+    eventually("all six requests are in flight", || async {
+        server.metric("resnet_serve_requests_in_flight").await >= 6.0
+    })
+    .await;
+    let mut late = server.client().await;
+    let TestServer {
+        addr,
+        metrics_addr,
+        mut stop,
+        task,
+    } = server;
+    if let Some(s) = stop.take() {
+        let _ = s.send(());
+    }
+    // Draining: health goes NOT_SERVING and new requests are refused.
+    let probe = TestServer {
+        addr: addr.clone(),
+        metrics_addr,
+        stop: None,
+        task: tokio::spawn(async { Ok(()) }),
+    };
+    eventually("health leaves SERVING", || async {
+        probe.health().await != 1
+    })
+    .await;
+    assert_eq!(probe.health().await, 2, "NOT_SERVING while draining");
+    let err = late
+        .classify(logits_request(vec![tensor_image(9).0]))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable);
+    gate.open.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await
+            .expect("task")
+            .expect("every in-flight request is answered");
+    }
+    task.await.expect("join").expect("clean shutdown");
+}
+
+/// The real model, except that its first forward pass panics.
+struct PanicOnce {
+    inner: Arc<Classifier>,
+    panicked: AtomicBool,
+}
+
+impl Backend for PanicOnce {
+    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        if !self.panicked.swap(true, Ordering::SeqCst) {
+            panic!("injected fault");
+        }
+        Backend::forward(self.inner.as_ref(), pixels, n)
+    }
+
+    fn info(&self) -> BackendInfo {
+        Backend::info(self.inner.as_ref())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_panic_fails_its_batch_and_the_worker_is_restarted() {
+    let backend = Arc::new(PanicOnce {
+        inner: model(),
+        panicked: AtomicBool::new(false),
+    });
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), backend).await;
+    let mut client = server.client().await;
+    let err = client
+        .classify(logits_request(vec![tensor_image(1).0]))
+        .await
+        .expect_err("panics");
+    assert_eq!(err.code(), Code::Internal);
+    assert!(
+        err.message().contains("injected fault"),
+        "{}",
+        err.message()
+    );
+    let (img, input) = tensor_image(2);
+    let ok = client
+        .classify(logits_request(vec![img]))
+        .await
+        .expect("served after restart")
+        .into_inner();
+    assert!(common::relative_error(&ok.results[0].values, &alone(&input)) <= 1e-5);
+    assert_eq!(
+        server.metric("resnet_serve_worker_restarts_total{").await,
+        1.0
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let mut client = server.client().await;
+    let tensor_bytes = |v: Vec<f32>| Image {
+        kind: Some(image::Kind::Tensor(FloatTensor {
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })),
+    };
+    let mut nan = vec![0.5f32; INPUT_LEN];
+    nan[7] = f32::NAN;
+    let cases: Vec<(&str, ClassifyRequest, Code, &str)> = vec![
+        (
+            "unknown model",
+            ClassifyRequest {
+                model: "resnet34_ssl".into(),
+                ..logits_request(vec![tensor_image(1).0])
+            },
+            Code::NotFound,
+            "resnet34_ssl",
+        ),
+        (
+            "no images",
+            logits_request(vec![]),
+            Code::InvalidArgument,
+            "at least one image",
+        ),
+        (
+            "garbage bytes",
+            logits_request(vec![tensor_image(1).0, encoded_bytes(b"GIF89a-not-really")]),
+            Code::InvalidArgument,
+            "image 1:",
+        ),
+        (
+            "short tensor",
+            logits_request(vec![tensor_bytes(vec![0.0; 10])]),
+            Code::InvalidArgument,
+            "3x224x224",
+        ),
+        (
+            "NaN tensor",
+            logits_request(vec![tensor_bytes(nan)]),
+            Code::InvalidArgument,
+            "NaN",
+        ),
+        (
+            "bad raw frame",
+            logits_request(vec![Image {
+                kind: Some(image::Kind::Raw(RawFrame {
+                    width: 10,
+                    height: 10,
+                    rgb: vec![0; 299],
+                })),
+            }]),
+            Code::InvalidArgument,
+            "needs 300 RGB8 bytes",
+        ),
+        (
+            "empty image",
+            logits_request(vec![Image { kind: None }]),
+            Code::InvalidArgument,
+            "no data",
+        ),
+        (
+            "k too large",
+            ClassifyRequest {
+                output: Some(OutputSpec {
+                    kind: OutputKind::TopK as i32,
+                    top_k: 1001,
+                }),
+                ..logits_request(vec![tensor_image(1).0])
+            },
+            Code::InvalidArgument,
+            "top_k",
+        ),
+        (
+            "unknown output kind",
+            ClassifyRequest {
+                output: Some(OutputSpec { kind: 42, top_k: 0 }),
+                ..logits_request(vec![tensor_image(1).0])
+            },
+            Code::InvalidArgument,
+            "output kind",
+        ),
+    ];
+    for (what, req, code, needle) in cases {
+        let err = client.classify(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err}");
+        assert!(err.message().contains(needle), "{what}: {}", err.message());
+        // Still serving.
+        client
+            .classify(logits_request(vec![tensor_image(3).0]))
+            .await
+            .expect("still serving");
+    }
+    let err = client
+        .get_model(GetModelRequest {
+            name: "nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+fn encoded_bytes(data: &[u8]) -> Image {
+    Image {
+        kind: Some(image::Kind::Encoded(EncodedImage {
+            data: data.to_vec(),
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed_and_health_and_reflection_answer() {
+    let server = TestServer::start(options(&[1, 4, 16], 1, 64), model()).await;
+    let mut client = server.client().await;
+    let models = client
+        .list_models(ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    let m = &models[0];
+    assert_eq!(
+        (m.name.as_str(), m.architecture.as_str()),
+        (MODEL, "resnet18")
+    );
+    assert_eq!(m.input_shape, vec![3, 224, 224]);
+    assert_eq!(m.num_classes, 1000);
+    assert_eq!(m.allowed_batch_sizes, vec![1, 4, 16]);
+    assert_eq!(
+        (m.device.as_str(), m.dtype.as_str(), m.ready),
+        ("cpu", "f32", true)
+    );
+    let one = client
+        .get_model(GetModelRequest {
+            name: String::new(),
+        })
+        .await
+        .expect("default")
+        .into_inner();
+    assert_eq!(one.name, MODEL);
+    assert_eq!(server.health().await, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_with_a_clear_message() {
+    let options = ServeOptions {
+        max_message_bytes: 1 << 20,
+        ..options(&[1, 2, 4], 1, 64)
+    };
+    let server = TestServer::start(options, model()).await;
+    let mut client = server.client().await;
+    let err = client
+        .classify(logits_request(vec![encoded_bytes(&vec![0u8; 2 << 20])]))
+        .await
+        .expect_err("too large");
+    // tonic's codec answers OUT_OF_RANGE for a message over the limit.
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    assert!(
+        err.message().contains("the limit is: 1048576 bytes"),
+        "{}",
+        err.message()
+    );
+    client
+        .classify(logits_request(vec![tensor_image(1).0]))
+        .await
+        .expect("still serving");
+    server.stop().await;
+}

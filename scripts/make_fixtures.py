@@ -232,6 +232,9 @@ def source_images() -> dict[str, bytes]:
     out["wide_small.png"] = enc(wide, "PNG")
     tiny = chelsea.resize((97, 150), Image.BILINEAR)  # upscaled by Resize(256)
     out["tiny_up.png"] = enc(tiny, "PNG")
+    # 16-bit grey (PIL mode I;16): PIL's convert("RGB") clips at 255 rather than scaling.
+    grey16 = Image.fromarray((np.asarray(camera, dtype=np.uint16) * 2).astype(np.uint16))
+    out["camera_gray16.png"] = enc(grey16, "PNG")
     return out
 
 

@@ -224,3 +224,58 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn flags_win_over_the_toml_file_which_fills_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(
+            &file,
+            "models = [\"resnet18_ssl=/m/r18.pth\"]\nbatch_sizes = [1, 4]\nmax_queue_delay_ms = 9\nqueue_capacity = 64\n",
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--max-queue-delay-ms",
+            "2",
+        ])
+        .expect("parses");
+        let merged = cli.serve.merged().expect("merges");
+        assert_eq!(merged.models, vec!["resnet18_ssl=/m/r18.pth"]);
+        assert_eq!(merged.batch_sizes, vec![1, 4]);
+        assert_eq!(merged.max_queue_delay_ms, Some(2), "the flag wins");
+        assert_eq!(merged.queue_capacity, Some(64));
+    }
+
+    #[test]
+    fn unknown_toml_keys_and_bad_models_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(&file, "batch_size = [1]\n").expect("write");
+        let cli =
+            Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
+        let err = cli.serve.merged().expect_err("unknown key").to_string();
+        assert!(err.contains("serve.toml"), "{err}");
+        assert!(parse_model("resnet34_ssl").is_err());
+        let (name, path) = parse_model("resnet50_swsl=/a/b=c.pth").expect("parses");
+        assert_eq!(name.to_string(), "resnet50_swsl");
+        assert_eq!(path, Some(PathBuf::from("/a/b=c.pth")));
+        let cli = Cli::try_parse_from(["x", "--model", "resnet18_ssl,resnet50_swsl=/x.pth"])
+            .expect("parses");
+        assert_eq!(cli.serve.models.len(), 2);
+    }
+}

@@ -71,13 +71,19 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let metrics = Metrics::new();
     let registry = Registry::new();
-    let state = Arc::new(State::new(
+    let mut state = State::new(
         registry.clone(),
         Preprocessor::new(options.limits),
         metrics.clone(),
         options.preprocess_threads,
         options.max_images_per_request,
-    ));
+    );
+    // Two batches' worth of frames per stream keeps the device fed without letting one
+    // stream fill its model's queue by itself.
+    state.stream_window = (2 * options.policy.max_batch())
+        .min(options.policy.queue_capacity)
+        .max(1);
+    let state = Arc::new(state);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)

@@ -11,7 +11,8 @@ use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
 use resnet_serve::preprocess::{decode, resize, Input, Preprocessor};
 
-const IMAGES: [&str; 14] = [
+const IMAGES: [&str; 15] = [
+    "camera_gray16.png",
     "rocket.jpg",
     "chelsea_q90.jpg",
     "coffee_444.jpg",

@@ -19,6 +19,7 @@ use resnet_serve::preprocess::{Input, Preprocessor, INPUT_LEN};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
 use resnet_serve::server::{self, RunError, ServeOptions};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -407,6 +408,91 @@ async fn stream_answers_in_order_with_per_frame_errors() {
         n += 1;
     }
     assert_eq!(n, 12);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_producer_is_slowed_not_buffered() {
+    let gate = gated();
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), gate.clone()).await;
+    let mut client = server.client().await;
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let frames = tokio_stream::iter(0..80u64).map(move |i| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        StreamFrame {
+            frame_id: i,
+            model: String::new(),
+            image: Some(tensor_image(i).0),
+            output: None,
+        }
+    });
+    let mut responses = client
+        .classify_stream(frames)
+        .await
+        .expect("stream")
+        .into_inner();
+    gate.entered.notified().await;
+    // The worker is held: the server must stop reading after a bounded window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read_while_blocked = pulled.load(Ordering::SeqCst);
+    assert!(
+        read_while_blocked < 30,
+        "{read_while_blocked} of 80 frames pulled while the model was blocked"
+    );
+    gate.open.store(true, Ordering::SeqCst);
+    let mut n = 0u64;
+    while let Some(r) = responses.message().await.expect("message") {
+        assert_eq!(r.frame_id, n);
+        assert!(
+            matches!(r.outcome, Some(stream_result::Outcome::Result(_))),
+            "frame {n}: {r:?}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 80);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let server = TestServer::start(options(&[1], 1, 8), model()).await;
+    let channel = Channel::from_shared(server.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = resp
+        .message()
+        .await
+        .expect("message")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"resnet_serve.v1.Classifier".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
     server.stop().await;
 }
 

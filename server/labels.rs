@@ -36,6 +36,16 @@ pub struct Scored {
 }
 
 /// The `k` best classes, best first; ties go to the lower index, as `torch.topk` on CPU.
+///
+/// ```
+/// use resnet_serve::labels::{softmax, top_k};
+/// let mut logits = vec![0.0f32; 1000];
+/// logits[281] = 5.0; // tabby
+/// logits[285] = 4.0; // Egyptian cat
+/// let top = top_k(&softmax(&logits), 2);
+/// assert_eq!((top[0].index, top[0].label), (281, "tabby"));
+/// assert_eq!(top[1].label, "Egyptian cat");
+/// ```
 pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));

@@ -1,7 +1,253 @@
-//! Client for resnet-serve's `resnet_serve.v1` gRPC API, generated from `proto/`.
+//! Client for resnet-serve's `resnet_serve.v1` gRPC API.
+//!
+//! [`proto`] holds the stubs generated from the workspace's `proto/` (client side only;
+//! nothing here depends on Candle). [`Client`] adds what a service calling us needs:
+//! several endpoints balanced, connect and per-call timeouts, optional TLS, and retries
+//! with backoff for UNAVAILABLE only (a draining or restarting replica), never for
+//! errors a retry cannot fix.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use resnet_client::{Client, ClientConfig, Output};
+//!
+//! let client = Client::connect(ClientConfig::new(["http://127.0.0.1:50051"])).await?;
+//! let jpeg = std::fs::read("cat.jpg")?;
+//! let response = client
+//!     .classify("resnet50_swsl", vec![resnet_client::encoded(jpeg)], Output::TopK(5))
+//!     .await?;
+//! for class in &response.results[0].top {
+//!     println!("{:.3} {}", class.score, class.label);
+//! }
+//! # Ok(()) }
+//! ```
 
-/// The generated protocol types and the `Classifier` client stub.
+pub mod load;
+pub mod metrics;
+pub mod video;
+
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("resnet_serve.v1");
+}
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+use proto::classifier_client::ClassifierClient;
+use proto::{image, ClassifyRequest, ClassifyResponse, OutputKind, OutputSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoint given")]
+    NoEndpoints,
+    #[error("bad endpoint '{endpoint}': {source}")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+}
+
+/// How to reach the server(s) and how patient to be.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port` or `https://host:port`; requests are balanced over all.
+    pub endpoints: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Deadline of each call (sent as `grpc-timeout`); `None` waits as long as it takes.
+    pub timeout: Option<Duration>,
+    /// TLS for `https://` endpoints (the webpki roots unless configured otherwise).
+    pub tls: Option<ClientTlsConfig>,
+    /// Extra attempts after an UNAVAILABLE answer.
+    pub retries: u32,
+    /// First backoff; doubles each retry.
+    pub backoff: Duration,
+    /// Largest message received (logits of a large batch).
+    pub max_message_bytes: usize,
+}
+
+impl ClientConfig {
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: None,
+            tls: None,
+            retries: 3,
+            backoff: Duration::from_millis(50),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What to get back per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Logits,
+    Probabilities,
+    TopK(u32),
+}
+
+impl Output {
+    pub fn spec(self) -> OutputSpec {
+        match self {
+            Output::Logits => OutputSpec {
+                kind: OutputKind::Logits as i32,
+                top_k: 0,
+            },
+            Output::Probabilities => OutputSpec {
+                kind: OutputKind::Probabilities as i32,
+                top_k: 0,
+            },
+            Output::TopK(k) => OutputSpec {
+                kind: OutputKind::TopK as i32,
+                top_k: k,
+            },
+        }
+    }
+}
+
+/// An encoded image (JPEG, PNG, WebP, BMP, GIF).
+pub fn encoded(data: Vec<u8>) -> proto::Image {
+    proto::Image {
+        kind: Some(image::Kind::Encoded(proto::EncodedImage { data })),
+    }
+}
+
+/// A raw RGB8 frame, `height x width x 3`.
+pub fn raw(width: u32, height: u32, rgb: Vec<u8>) -> proto::Image {
+    proto::Image {
+        kind: Some(image::Kind::Raw(proto::RawFrame { width, height, rgb })),
+    }
+}
+
+/// A ready, normalised `3 x 224 x 224` tensor.
+pub fn tensor(values: &[f32]) -> proto::Image {
+    proto::Image {
+        kind: Some(image::Kind::Tensor(proto::FloatTensor {
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })),
+    }
+}
+
+/// A connected client; cheap to clone (clones share the connections).
+#[derive(Clone)]
+pub struct Client {
+    stub: ClassifierClient<Channel>,
+    config: ClientConfig,
+}
+
+impl Client {
+    /// Connects to every endpoint (balanced when there are several).
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for url in &config.endpoints {
+            let mut e = Endpoint::from_shared(url.clone())
+                .map_err(|source| ClientError::Endpoint {
+                    endpoint: url.clone(),
+                    source,
+                })?
+                .connect_timeout(config.connect_timeout)
+                .tcp_nodelay(true);
+            if url.starts_with("https://") {
+                let tls = config
+                    .tls
+                    .clone()
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_webpki_roots());
+                e = e.tls_config(tls).map_err(|source| ClientError::Endpoint {
+                    endpoint: url.clone(),
+                    source,
+                })?;
+            }
+            endpoints.push(e);
+        }
+        let channel = match endpoints.len() {
+            0 => return Err(ClientError::NoEndpoints),
+            1 => endpoints
+                .remove(0)
+                .connect()
+                .await
+                .map_err(ClientError::Connect)?,
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
+        let stub = ClassifierClient::new(channel)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        Ok(Client { stub, config })
+    }
+
+    /// The generated stub, for calls this layer does not wrap.
+    pub fn stub(&self) -> ClassifierClient<Channel> {
+        self.stub.clone()
+    }
+
+    /// A request carrying the configured deadline.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(t) = self.config.timeout {
+            r.set_timeout(t);
+        }
+        r
+    }
+
+    /// Classifies `images` with `model` (empty: the server's default).
+    pub async fn classify(
+        &self,
+        model: &str,
+        images: Vec<proto::Image>,
+        output: Output,
+    ) -> Result<ClassifyResponse, Status> {
+        self.classify_request(ClassifyRequest {
+            model: model.to_string(),
+            images,
+            output: Some(output.spec()),
+            request_id: String::new(),
+        })
+        .await
+    }
+
+    /// Sends a request, retrying with exponential backoff while the server answers
+    /// UNAVAILABLE.
+    pub async fn classify_request(
+        &self,
+        request: ClassifyRequest,
+    ) -> Result<ClassifyResponse, Status> {
+        let mut backoff = self.config.backoff;
+        let mut attempt = 0;
+        loop {
+            let mut stub = self.stub.clone();
+            match stub.classify(self.request(request.clone())).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == Code::Unavailable && attempt < self.config.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// Opens a `ClassifyStream`: frames go out as `frames` yields them; results come
+    /// back in the same order.
+    pub async fn classify_stream(
+        &self,
+        frames: impl tokio_stream::Stream<Item = proto::StreamFrame> + Send + 'static,
+    ) -> Result<tonic::Streaming<proto::StreamResult>, Status> {
+        let mut stub = self.stub.clone();
+        Ok(stub.classify_stream(frames).await?.into_inner())
+    }
+
+    pub async fn list_models(&self) -> Result<Vec<proto::ModelInfo>, Status> {
+        let mut stub = self.stub.clone();
+        Ok(stub
+            .list_models(proto::ListModelsRequest {})
+            .await?
+            .into_inner()
+            .models)
+    }
 }

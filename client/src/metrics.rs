@@ -1,0 +1,150 @@
+//! Reads the server's batching statistics from its Prometheus endpoint, so a load
+//! report can say how the server batched what it was sent.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Counters summed over every model the server runs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BatchStats {
+    pub batches: f64,
+    /// Batch slots run, padding included.
+    pub slots: f64,
+    pub padded_slots: f64,
+    pub mean_batch_size: f64,
+    /// Mean real (non-padding) images per batch.
+    pub mean_live_per_batch: f64,
+    /// Batches run at each size (`le` bucket -> count, not cumulative).
+    pub batch_sizes: BTreeMap<u32, f64>,
+}
+
+impl BatchStats {
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &BatchStats) -> BatchStats {
+        let batches = self.batches - before.batches;
+        let slots = self.slots - before.slots;
+        let padded = self.padded_slots - before.padded_slots;
+        let batch_sizes = self
+            .batch_sizes
+            .iter()
+            .map(|(k, v)| (*k, v - before.batch_sizes.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        BatchStats {
+            batches,
+            slots,
+            padded_slots: padded,
+            mean_batch_size: if batches > 0.0 { slots / batches } else { 0.0 },
+            mean_live_per_batch: if batches > 0.0 {
+                (slots - padded) / batches
+            } else {
+                0.0
+            },
+            batch_sizes,
+        }
+    }
+
+    /// Parses the counters out of Prometheus text.
+    pub fn parse(text: &str) -> BatchStats {
+        let mut s = BatchStats::default();
+        let mut cumulative: BTreeMap<u32, f64> = BTreeMap::new();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if name.starts_with("resnet_serve_batches_total") {
+                s.batches += value;
+            } else if name.starts_with("resnet_serve_batch_slots_total") {
+                s.slots += value;
+            } else if name.starts_with("resnet_serve_padded_slots_total") {
+                s.padded_slots += value;
+            } else if name.starts_with("resnet_serve_batch_size_bucket") {
+                let le = name.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                if let Some(Ok(le)) = le.map(|l| l.parse::<f64>()) {
+                    *cumulative.entry(le as u32).or_insert(0.0) += value;
+                }
+            }
+        }
+        let mut previous = 0.0;
+        for (le, c) in cumulative {
+            s.batch_sizes.insert(le, c - previous);
+            previous = c;
+        }
+        s.mean_batch_size = if s.batches > 0.0 {
+            s.slots / s.batches
+        } else {
+            0.0
+        };
+        s.mean_live_per_batch = if s.batches > 0.0 {
+            (s.slots - s.padded_slots) / s.batches
+        } else {
+            0.0
+        };
+        s
+    }
+}
+
+impl std::fmt::Display for BatchStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "server: {:.0} batches, mean size {:.2} ({:.2} real images, {:.1}% padding)",
+            self.batches,
+            self.mean_batch_size,
+            self.mean_live_per_batch,
+            if self.slots > 0.0 {
+                100.0 * self.padded_slots / self.slots
+            } else {
+                0.0
+            }
+        )?;
+        let sizes: Vec<String> = self
+            .batch_sizes
+            .iter()
+            .map(|(k, v)| format!("{k}: {v:.0}"))
+            .collect();
+        writeln!(f, "server batch sizes: {}", sizes.join(", "))
+    }
+}
+
+/// GETs `/metrics` from `addr` (`host:port`) and parses the batching counters.
+pub async fn scrape(addr: &str) -> std::io::Result<BatchStats> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    Ok(BatchStats::parse(&text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_counters_and_de_cumulates_buckets() {
+        let text = "# TYPE x counter\n\
+resnet_serve_batches_total{model=\"a\"} 10\n\
+resnet_serve_batch_slots_total{model=\"a\"} 24\n\
+resnet_serve_padded_slots_total{model=\"a\"} 4\n\
+resnet_serve_batch_size_bucket{model=\"a\",le=\"1\"} 2\n\
+resnet_serve_batch_size_bucket{model=\"a\",le=\"2\"} 6\n\
+resnet_serve_batch_size_bucket{model=\"a\",le=\"4\"} 10\n\
+resnet_serve_batch_size_bucket{model=\"a\",le=\"+Inf\"} 10\n";
+        let s = BatchStats::parse(text);
+        assert_eq!((s.batches, s.slots, s.padded_slots), (10.0, 24.0, 4.0));
+        assert_eq!(s.batch_sizes.get(&1), Some(&2.0));
+        assert_eq!(s.batch_sizes.get(&2), Some(&4.0));
+        assert_eq!(s.batch_sizes.get(&4), Some(&4.0));
+        assert!((s.mean_live_per_batch - 2.0).abs() < 1e-9);
+        let d = s.since(&BatchStats::default());
+        assert_eq!(d.batches, 10.0);
+    }
+}

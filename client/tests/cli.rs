@@ -1,0 +1,366 @@
+//! `resnet-client` against a real server on 127.0.0.1 serving the synthetic resnet18.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use resnet_serve::model::synthetic::SyntheticWeights;
+use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::predict::{self, OutputKind};
+use resnet_serve::scheduler::{Backend, BatchPolicy};
+use resnet_serve::server::{self, ServeOptions};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/images")
+        .join(name)
+}
+
+fn model() -> Arc<Classifier> {
+    let arch = Architecture::Resnet18;
+    Arc::new(
+        Classifier::load(
+            arch,
+            &SyntheticWeights::new(arch, 7),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .expect("model"),
+    )
+}
+
+/// A server on its own runtime thread, so the blocking CLI runs can call it.
+struct Server {
+    grpc: String,
+    metrics: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(model: Arc<Classifier>) -> Server {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let addrs = (
+                    grpc.local_addr().expect("addr"),
+                    metrics.local_addr().expect("addr"),
+                );
+                let options = ServeOptions {
+                    policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 256)
+                        .expect("policy"),
+                    preprocess_threads: 2,
+                    ..ServeOptions::default()
+                };
+                let backend: Arc<dyn Backend> = model;
+                let loader: server::ModelLoader =
+                    Box::new(move || Ok(vec![("resnet18_swsl".to_string(), backend)]));
+                ready_tx.send(addrs).expect("ready");
+                server::run(options, loader, grpc, Some(metrics), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server runs");
+            });
+        });
+        let (grpc, metrics) = ready_rx.recv().expect("addresses");
+        Server {
+            grpc: format!("http://{grpc}"),
+            metrics: metrics.to_string(),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn client(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_resnet-client"));
+        c.args(["--endpoint", &self.grpc]);
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn classify_prints_what_predict_computes() {
+    let model = model();
+    let server = Server::start(model.clone());
+    let files = [
+        fixture("rocket.jpg"),
+        fixture("coffee.png"),
+        fixture("camera_gray.png"),
+    ];
+    let out = server
+        .client()
+        .args(["classify", "--output", "logits", "--json"])
+        .args(&files)
+        .output()
+        .expect("runs");
+    let json = json_of(&out);
+    let offline = predict::predict(&model, &files, OutputKind::Logits, 5, 8).expect("predict");
+    for (i, p) in offline.iter().enumerate() {
+        let predict::Output::Logits(want) = &p.output else {
+            panic!("logits")
+        };
+        let got: Vec<f32> = json[i]["logits"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff / scale <= 1e-5,
+            "{}: {}",
+            files[i].display(),
+            diff / scale
+        );
+    }
+    // Text top-k names labels.
+    let out = server
+        .client()
+        .args(["classify", "--top-k", "2"])
+        .arg(&files[0])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1. ") && text.contains("2. "),
+        "{text}"
+    );
+}
+
+fn ffmpeg_video(dir: &Path, frames: u32) -> PathBuf {
+    let path = dir.join("clip.mp4");
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg(format!(
+            "testsrc=size=320x240:rate=10:duration={}",
+            f64::from(frames) / 10.0
+        ))
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg is needed for this test (.ci/run installs it)");
+    assert!(status.success(), "ffmpeg could not make the test video");
+    path
+}
+
+#[test]
+fn stream_a_video_in_order_with_a_summary() {
+    let server = Server::start(model());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let video = ffmpeg_video(dir.path(), 12);
+    let out = server
+        .client()
+        .args(["stream", "--json"])
+        .arg(&video)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let (summary, frames) = lines.split_last().expect("lines");
+    assert_eq!(frames.len(), 12);
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f["index"], i as u64, "in order");
+        assert!(f["label"].is_string(), "{f}");
+        assert!((f["timestamp"].as_f64().expect("t") - i as f64 / 10.0).abs() < 1e-9);
+    }
+    assert_eq!(summary["frames"], 12);
+    assert_eq!(summary["errors"], 0);
+}
+
+#[test]
+fn stream_a_directory_reports_a_bad_frame_and_goes_on() {
+    let server = Server::start(model());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(fixture("rocket.jpg"), dir.path().join("000.jpg")).expect("copy");
+    std::fs::write(dir.path().join("001.jpg"), b"not a jpeg").expect("write");
+    std::fs::copy(fixture("coffee.png"), dir.path().join("002.png")).expect("copy");
+    let out = server
+        .client()
+        .args(["stream"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("frame      0") && !lines[0].contains("error"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("frame      1") && lines[1].contains("error: InvalidArgument"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("frame      2") && !lines[2].contains("error"),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with("3 frames") && lines[3].contains("1 errors"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_ffmpeg_is_a_clear_error() {
+    let server = Server::start(model());
+    let out = server
+        .client()
+        .env("PATH", "/nonexistent")
+        .args(["stream", "clip.mp4"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not found on PATH") && err.contains("FFmpeg"),
+        "{err}"
+    );
+}
+
+fn check_report(r: &serde_json::Value) {
+    let requests = r["requests"].as_u64().expect("requests");
+    let ok = r["ok"].as_u64().expect("ok");
+    let errors: u64 = r["errors"]
+        .as_object()
+        .expect("errors")
+        .values()
+        .map(|v| v.as_u64().expect("n"))
+        .sum();
+    assert_eq!(requests, ok + errors, "counted = answered + errors: {r}");
+    let l = &r["latency_ms"];
+    let q: Vec<f64> = ["p50", "p90", "p99", "p999", "max"]
+        .iter()
+        .map(|k| l[*k].as_f64().expect("q"))
+        .collect();
+    assert!(
+        q.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles monotone: {q:?}"
+    );
+    assert!(q[0] > 0.0);
+}
+
+#[test]
+fn closed_loop_load_counts_every_request() {
+    let server = Server::start(model());
+    for extra in [vec![], vec!["--stream"]] {
+        let out = server
+            .client()
+            .args([
+                "load",
+                "--concurrency",
+                "3",
+                "--requests",
+                "18",
+                "--warmup",
+                "0",
+                "--synthetic",
+                "--json",
+            ])
+            .args(["--metrics", &server.metrics])
+            .args(&extra)
+            .output()
+            .expect("runs");
+        let r = json_of(&out);
+        check_report(&r);
+        assert_eq!(r["requests"], 18, "{r}");
+        assert_eq!(r["ok"], 18, "{r}");
+        let batches = r["server"]["batches"].as_f64().expect("server stats");
+        assert!((1.0..=18.0).contains(&batches), "{r}");
+    }
+}
+
+#[test]
+fn open_loop_load_keeps_its_schedule_and_counts() {
+    let server = Server::start(model());
+    let out = server
+        .client()
+        .args([
+            "load",
+            "--rate",
+            "10",
+            "--duration",
+            "2",
+            "--warmup",
+            "0",
+            "--synthetic",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    let r = json_of(&out);
+    check_report(&r);
+    let n = r["requests"].as_u64().expect("n");
+    assert!((19..=21).contains(&n), "10 req/s for 2 s sent {n}");
+    // CSV: a header and one row with the same count.
+    let out = server
+        .client()
+        .args([
+            "load",
+            "--rate",
+            "10",
+            "--requests",
+            "5",
+            "--warmup",
+            "0",
+            "--synthetic",
+            "--csv",
+        ])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("loop,offered,transport,duration_s,requests"),
+        "{text}"
+    );
+    let row: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!((row[0], row[1], row[4]), ("open", "10", "5"), "{text}");
+}

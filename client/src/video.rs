@@ -317,11 +317,13 @@ pub async fn stream(
         Ok::<(), VideoError>(())
     });
     let started = Instant::now();
-    let mut histogram = Histogram::<u64>::new(3).map_err(|e| VideoError::Tool {
-        tool: "histogram",
-        input: String::new(),
-        message: e.to_string(),
-    })?;
+    // 1 µs to 1 h: `saturating_record` clamps to these bounds.
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| VideoError::Tool {
+            tool: "histogram",
+            input: String::new(),
+            message: e.to_string(),
+        })?;
     let (mut n, mut errors) = (0u64, 0u64);
     while let Some(r) = responses.message().await? {
         let (index, timestamp, at) = sent_at

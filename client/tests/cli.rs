@@ -208,6 +208,17 @@ fn stream_a_video_in_order_with_a_summary() {
     }
     assert_eq!(summary["frames"], 12);
     assert_eq!(summary["errors"], 0);
+    let p50 = summary["latency_ms_p50"].as_f64().expect("p50");
+    let max = summary["latency_ms_max"].as_f64().expect("max");
+    let slowest = frames
+        .iter()
+        .map(|f| f["latency_ms"].as_f64().expect("latency"))
+        .fold(0.0, f64::max);
+    assert!(p50 > 0.0 && p50 <= max, "p50 {p50}, max {max}");
+    assert!(
+        (max - slowest).abs() <= slowest * 0.01 + 0.01,
+        "summary max {max} vs slowest frame {slowest}"
+    );
 }
 
 #[test]

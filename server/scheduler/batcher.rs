@@ -49,7 +49,17 @@ pub async fn batcher_task(
     to_worker: mpsc::Sender<Batch>,
     metrics: Arc<ModelMetrics>,
 ) {
-    while let Some(mut jobs) = form_batch(&mut rx, &policy).await {
+    loop {
+        // Wait until the worker can take a batch before closing one: exactly one batch
+        // is prepared while the previous computes, and everything that queued up
+        // meanwhile joins it instead of trailing in small batches.
+        let Ok(slot) = to_worker.reserve().await else {
+            fail_queued(&mut rx);
+            break;
+        };
+        let Some(mut jobs) = form_batch(&mut rx, &policy).await else {
+            break;
+        };
         let now = Instant::now();
         jobs.retain(|j| !j.is_dead(now));
         if jobs.is_empty() {
@@ -61,15 +71,17 @@ pub async fn batcher_task(
                 .observe((now - j.enqueued).as_secs_f64());
         }
         metrics.queue_depth.set(rx.len() as i64);
-        if let Err(mpsc::error::SendError(batch)) = to_worker.send(Batch { jobs }).await {
-            // The worker is gone for good: answer rather than drop silently.
-            for j in batch.jobs {
-                let _ = j
-                    .respond
-                    .send(Err(super::ScheduleError::Stopped("worker".into())));
-            }
-            break;
-        }
+        slot.send(Batch { jobs });
+    }
+}
+
+/// The worker is gone for good: answer what is queued rather than drop it silently.
+fn fail_queued(rx: &mut mpsc::Receiver<Job>) {
+    rx.close();
+    while let Ok(j) = rx.try_recv() {
+        let _ = j
+            .respond
+            .send(Err(super::ScheduleError::Stopped("worker".into())));
     }
 }
 

@@ -216,11 +216,25 @@ impl Client {
         &self,
         request: ClassifyRequest,
     ) -> Result<ClassifyResponse, Status> {
+        self.classify_with_timeout(request, self.config.timeout)
+            .await
+    }
+
+    /// As [`Client::classify_request`], with this call's own deadline (`None`: none).
+    pub async fn classify_with_timeout(
+        &self,
+        request: ClassifyRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ClassifyResponse, Status> {
         let mut backoff = self.config.backoff;
         let mut attempt = 0;
         loop {
             let mut stub = self.stub.clone();
-            match stub.classify(self.request(request.clone())).await {
+            let mut call = tonic::Request::new(request.clone());
+            if let Some(t) = timeout {
+                call.set_timeout(t);
+            }
+            match stub.classify(call).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if s.code() == Code::Unavailable && attempt < self.config.retries => {
                     attempt += 1;

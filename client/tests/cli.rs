@@ -41,6 +41,10 @@ struct Server {
 
 impl Server {
     fn start(model: Arc<Classifier>) -> Server {
+        Server::start_with(model)
+    }
+
+    fn start_with(model: Arc<dyn Backend>) -> Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -62,7 +66,7 @@ impl Server {
                     preprocess_threads: 2,
                     ..ServeOptions::default()
                 };
-                let backend: Arc<dyn Backend> = model;
+                let backend = model;
                 let loader: server::ModelLoader =
                     Box::new(move || Ok(vec![("resnet18_swsl".to_string(), backend)]));
                 ready_tx.send(addrs).expect("ready");
@@ -274,6 +278,158 @@ fn a_missing_ffmpeg_is_a_clear_error() {
         err.contains("not found on PATH") && err.contains("FFmpeg"),
         "{err}"
     );
+}
+
+/// The real model behind a gate that holds every forward pass until opened.
+struct Gated {
+    inner: Arc<Classifier>,
+    open: std::sync::atomic::AtomicBool,
+    entered: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for Gated {
+    fn forward(
+        &self,
+        pixels: &[f32],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>, resnet_serve::model::ModelError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.entered.store(true, SeqCst);
+        while !self.open.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Backend::forward(self.inner.as_ref(), pixels, n)
+    }
+
+    fn info(&self) -> resnet_serve::scheduler::BackendInfo {
+        Backend::info(self.inner.as_ref())
+    }
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+fn counter(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn the_library_balances_endpoints() {
+    use resnet_client::{tensor, Client, ClientConfig, Output};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let input = vec![0.25f32; 3 * 224 * 224];
+    let (a, b) = (Server::start(model()), Server::start(model()));
+    rt.block_on(async {
+        let client = Client::connect(ClientConfig::new([a.grpc.clone(), b.grpc.clone()]))
+            .await
+            .expect("connect");
+        for _ in 0..24 {
+            client
+                .classify("", vec![tensor(&input)], Output::TopK(1))
+                .await
+                .expect("classify");
+        }
+    });
+    let na = counter(&scrape(&a.metrics), "resnet_serve_requests_total{");
+    let nb = counter(&scrape(&b.metrics), "resnet_serve_requests_total{");
+    assert_eq!(na + nb, 24.0);
+    assert!(na > 0.0 && nb > 0.0, "both endpoints used: {na} and {nb}");
+}
+
+#[test]
+fn the_library_retries_unavailable_only() {
+    use resnet_client::{tensor, Client, ClientConfig, Output};
+    use std::sync::atomic::Ordering::SeqCst;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let input = vec![0.25f32; 3 * 224 * 224];
+    let gate = Arc::new(Gated {
+        inner: model(),
+        open: std::sync::atomic::AtomicBool::new(false),
+        entered: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut server = Server::start_with(gate.clone());
+    rt.block_on(async {
+        let mut config = ClientConfig::new([server.grpc.clone()]);
+        config.retries = 2;
+        config.backoff = Duration::from_millis(10);
+        let client = Client::connect(config).await.expect("connect");
+        let busy = client.clone();
+        let held_input = input.clone();
+        let held = tokio::spawn(async move {
+            busy.classify("", vec![tensor(&held_input)], Output::TopK(1))
+                .await
+        });
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        while !gate.entered.load(SeqCst) {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the held request never reached the model"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // An invalid request is answered once, not retried.
+        let bad = client
+            .classify("", vec![tensor(&input[..10])], Output::TopK(1))
+            .await
+            .expect_err("invalid");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        // Start the drain (the held request keeps it going): new calls are UNAVAILABLE.
+        if let Some(s) = server.stop.take() {
+            let _ = s.send(());
+        }
+        // Wait for the drain with a probe that does not retry (and gives up quickly
+        // if it was queued before the drain began).
+        let mut probe_config = ClientConfig::new([server.grpc.clone()]);
+        probe_config.retries = 0;
+        probe_config.timeout = Some(Duration::from_millis(300));
+        let probe = Client::connect(probe_config).await.expect("connect");
+        loop {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the server never started draining"
+            );
+            let r = probe
+                .classify("", vec![tensor(&input)], Output::TopK(1))
+                .await;
+            if r.as_ref().err().map(|e| e.code()) == Some(tonic::Code::Unavailable) {
+                break;
+            }
+        }
+        let before = counter(
+            &scrape(&server.metrics),
+            "resnet_serve_requests_total{code=\"UNAVAILABLE\"",
+        );
+        let err = client
+            .classify("", vec![tensor(&input)], Output::TopK(1))
+            .await
+            .expect_err("draining");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        let text = scrape(&server.metrics);
+        assert_eq!(
+            counter(
+                &text,
+                "resnet_serve_requests_total{code=\"INVALID_ARGUMENT\""
+            ),
+            1.0
+        );
+        let unavailable =
+            counter(&text, "resnet_serve_requests_total{code=\"UNAVAILABLE\"") - before;
+        assert_eq!(unavailable, 3.0, "one call, tried 1 + 2 retries times");
+        gate.open.store(true, SeqCst);
+        held.await
+            .expect("task")
+            .expect("the held request is answered during the drain");
+    });
 }
 
 fn check_report(r: &serde_json::Value) {

@@ -85,12 +85,7 @@ pub async fn run(
         .max(1);
     let state = Arc::new(state);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<ClassifierServer<ClassifierService>>()
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -143,21 +138,13 @@ pub async fn run(
         }
         registry.set_default(d);
     }
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_serving::<ClassifierServer<ClassifierService>>()
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
     tracing::info!("ready");
 
     shutdown.await;
     tracing::info!(in_flight = state.in_flight.count(), "draining");
     state.draining.store(true, Ordering::SeqCst);
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<ClassifierServer<ClassifierService>>()
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     if tokio::time::timeout(options.drain_timeout, state.in_flight.wait_idle())
         .await
         .is_err()
@@ -174,6 +161,17 @@ pub async fn run(
         let _ = t.await;
     }
     Ok(())
+}
+
+/// The whole server ("") and the classifier service report the same status.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -19,8 +19,8 @@ const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 2
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub requests: IntCounterVec,
-    pub request_seconds: HistogramVec,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
     queue_seconds: HistogramVec,
     compute_seconds: HistogramVec,
     batch_size: HistogramVec,
@@ -174,6 +174,20 @@ impl Metrics {
             let _ = m.registry.register(c);
         }
         m
+    }
+
+    /// One finished request: its outcome and end-to-end latency.
+    pub fn observe_request(
+        &self,
+        model: &str,
+        rpc: &str,
+        code: &str,
+        elapsed: std::time::Duration,
+    ) {
+        self.requests.with_label_values(&[model, rpc, code]).inc();
+        self.request_seconds
+            .with_label_values(&[model, rpc])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn for_model(&self, model: &str) -> Arc<ModelMetrics> {

@@ -238,13 +238,7 @@ impl State {
             Err(e) => (model.clone(), e.code()),
         };
         self.metrics
-            .requests
-            .with_label_values(&[label.as_str(), "ClassifyStream", code_name(code)])
-            .inc();
-        self.metrics
-            .request_seconds
-            .with_label_values(&[label.as_str(), "ClassifyStream"])
-            .observe(started.elapsed().as_secs_f64());
+            .observe_request(&label, "ClassifyStream", code_name(code), started.elapsed());
         proto::StreamResult {
             frame_id,
             outcome: Some(match outcome {
@@ -422,16 +416,12 @@ impl Classifier for ClassifierService {
         let code = result
             .as_ref()
             .map_or_else(ServeError::code, |_| tonic::Code::Ok);
-        self.state
-            .metrics
-            .requests
-            .with_label_values(&[model_label.as_str(), "Classify", code_name(code)])
-            .inc();
-        self.state
-            .metrics
-            .request_seconds
-            .with_label_values(&[model_label.as_str(), "Classify"])
-            .observe(started.elapsed().as_secs_f64());
+        self.state.metrics.observe_request(
+            &model_label,
+            "Classify",
+            code_name(code),
+            started.elapsed(),
+        );
         span.in_scope(|| match &result {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(e) => tracing::info!(code = code_name(code), "{e}"),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
 use serde::Deserialize;
 
+use resnet_serve::device::{self, DeviceSpec, Precision};
 use resnet_serve::model::{Classifier, ModelName};
 use resnet_serve::preprocess::Limits;
 use resnet_serve::scheduler::{Backend, BatchPolicy};
@@ -48,6 +48,16 @@ pub struct ServeArgs {
     /// The model for requests that name none [default: the first --model].
     #[arg(long, env = "RESNET_SERVE_DEFAULT_MODEL")]
     pub default_model: Option<String>,
+    /// Where models run: auto (every GPU of a CUDA build, else cpu), cpu, cuda (every
+    /// GPU) or cuda:N[,cuda:M...]. Each device holds a copy of every model [default: auto].
+    #[arg(long, env = "RESNET_SERVE_DEVICE")]
+    pub device: Option<String>,
+    /// Precision on the device; f16/bf16 need a GPU [default: f32].
+    #[arg(long, env = "RESNET_SERVE_DTYPE", value_enum)]
+    pub dtype: Option<Precision>,
+    /// Worker threads (model replicas sharing weights) per device and model [default: 1].
+    #[arg(long, env = "RESNET_SERVE_WORKERS_PER_DEVICE")]
+    pub workers_per_device: Option<usize>,
     /// Allowed fixed batch sizes [default: 1,2,4,8,16,32].
     #[arg(long, env = "RESNET_SERVE_BATCH_SIZES", value_delimiter = ',')]
     pub batch_sizes: Vec<usize>,
@@ -109,6 +119,9 @@ impl ServeArgs {
                 self.models
             },
             default_model: self.default_model.or(file.default_model),
+            device: self.device.or(file.device),
+            dtype: self.dtype.or(file.dtype),
+            workers_per_device: self.workers_per_device.or(file.workers_per_device),
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
             } else {
@@ -183,6 +196,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_or(defaults.drain_timeout, Duration::from_secs),
         default_model: args.default_model.clone(),
     };
+    let device_spec: DeviceSpec = args.device.as_deref().unwrap_or("auto").parse()?;
+    let precision = args.dtype.unwrap_or_default();
+    let workers = args.workers_per_device.unwrap_or(1);
+    if workers == 0 {
+        anyhow::bail!("--workers-per-device must be at least 1");
+    }
+    // Checked before listening, so a bad --device fails at once rather than after bind.
+    let devices = device::resolve(&device_spec, precision)?;
+    let warm_sizes = options.policy.allowed_sizes().to_vec();
     let cache = Downloader::from_env(args.cache_dir.clone(), None);
     let loader: ModelLoader = Box::new(move || {
         let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();
@@ -192,9 +214,31 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 None => cache.fetch(name).map_err(|e| e.to_string())?,
             };
             let checkpoint = Checkpoint::open(&path).map_err(|e| e.to_string())?;
-            let model = Classifier::load(name.architecture, &checkpoint, &Device::Cpu, DType::F32)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            out.push((name.to_string(), Arc::new(model)));
+            for dev in &devices {
+                let started = std::time::Instant::now();
+                let model =
+                    Classifier::load(name.architecture, &checkpoint, dev, precision.dtype())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                // A GPU selects kernels and algorithms on first use of each shape; pay
+                // for that now, before health says SERVING.
+                if !dev.is_cpu() {
+                    model.warm_up(&warm_sizes).map_err(|e| {
+                        format!("warming up {name} on {}: {e}", device::describe(dev))
+                    })?;
+                }
+                tracing::info!(
+                    model = %name,
+                    device = %device::describe(dev),
+                    dtype = %precision,
+                    kernels = model.kernels().name(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "loaded"
+                );
+                let model: Arc<dyn Backend> = Arc::new(model);
+                for _ in 0..workers {
+                    out.push((name.to_string(), model.clone()));
+                }
+            }
         }
         Ok(out)
     });

@@ -11,6 +11,7 @@
 //! - [`weights`]: checkpoint files in every format a user holds (legacy `torch.save`,
 //!   zip `.pth`, safetensors), read without executing pickles; torch.hub names, hash
 //!   checks, the download cache and conversion to safetensors.
+//! - [`device`]: `--device` / `--dtype`: which CPUs or GPUs models run on, and how.
 //! - [`model`]: the six architectures behind the twelve hub names, built strictly from a
 //!   state dict with batch-norm folded into the convolutions; [`model::layers`] is the
 //!   single seam where layer compute happens.
@@ -27,6 +28,7 @@
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 
+pub mod device;
 pub mod error;
 pub mod labels;
 pub mod metrics;

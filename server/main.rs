@@ -1,15 +1,16 @@
 //! The `resnet-serve` binary: the gRPC server (the default command) and offline tools
-//! over the model core (`predict`, `weights`).
+//! over the model core (`predict`, `weights`, `bench`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod config;
 
+use resnet_serve::device::{self, DeviceSpec, Precision};
 use resnet_serve::model::ModelName;
 use resnet_serve::predict::{self, OutputKind};
 use resnet_serve::weights::download::{Downloader, BASE_URL_ENV};
@@ -56,9 +57,17 @@ enum Command {
         batch_size: usize,
         #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// cpu, cuda:N, or auto (the first GPU of a CUDA build, else cpu).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// In-process measurements for the benchmark scripts (forward images/s, raw logits).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Download, convert and inspect checkpoints.
     #[command(subcommand)]
     Weights(WeightsCommand),
@@ -141,13 +150,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             batch_size,
             cache_dir,
+            device,
+            dtype,
             images,
         } => {
             let weights = match weights {
                 Some(w) => w,
                 None => Downloader::from_env(cache_dir, None).fetch(model)?,
             };
-            let classifier = predict::load_model(model, &weights, &Device::Cpu)?;
+            let devices = device::resolve(&device.parse::<DeviceSpec>()?, dtype)?;
+            let device = devices.first().context("no device resolved")?;
+            let classifier = predict::load_model(model, &weights, device, dtype.dtype())?;
             let results =
                 predict::predict(&classifier, &images, output, usize::from(top_k), batch_size)?;
             if json {
@@ -156,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", predict::render_text(&results));
             }
         }
+        Command::Bench(command) => bench::run(command)?,
         Command::Weights(WeightsCommand::Download {
             model,
             cache_dir,

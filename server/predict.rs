@@ -61,13 +61,14 @@ pub fn load_model(
     model: ModelName,
     weights: &Path,
     device: &Device,
+    dtype: DType,
 ) -> Result<Classifier, PredictError> {
     let checkpoint = Checkpoint::open(weights)?;
     Ok(Classifier::load(
         model.architecture,
         &checkpoint,
         device,
-        DType::F32,
+        dtype,
     )?)
 }
 

@@ -46,7 +46,8 @@ impl Default for ServeOptions {
     }
 }
 
-/// Loads the models (on a blocking thread, while health says NOT_SERVING).
+/// Loads the models (on a blocking thread, while health says NOT_SERVING). Entries that
+/// share a name are replicas of one model (one per device, say): they share its queue.
 pub type ModelLoader = Box<dyn FnOnce() -> Result<Vec<(String, Arc<dyn Backend>)>, String> + Send>;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,14 +122,23 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Load(e.to_string()))?
         .map_err(RunError::Load)?;
+    let mut models: Vec<(String, Vec<Arc<dyn Backend>>)> = Vec::new();
     for (name, backend) in loaded {
-        tracing::info!(model = %name, "serving");
-        registry.insert(ModelHandle::spawn(
+        match models.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, replicas)) => replicas.push(backend),
+            None => models.push((name, vec![backend])),
+        }
+    }
+    for (name, replicas) in models {
+        let count = replicas.len();
+        let handle = ModelHandle::spawn(
             &name,
-            backend,
+            replicas,
             options.policy.clone(),
             metrics.for_model(&name),
-        ));
+        );
+        tracing::info!(model = %name, device = %handle.info().device, replicas = count, "serving");
+        registry.insert(handle);
     }
     if let Some(d) = &options.default_model {
         if registry.get(d).is_none() {

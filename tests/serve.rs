@@ -69,12 +69,22 @@ struct TestServer {
 
 impl TestServer {
     async fn start(options: ServeOptions, backend: Arc<dyn Backend>) -> TestServer {
+        Self::start_replicas(options, vec![backend]).await
+    }
+
+    /// One model served by several replicas (as on several GPUs).
+    async fn start_replicas(options: ServeOptions, replicas: Vec<Arc<dyn Backend>>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = format!("http://{}", listener.local_addr().expect("addr"));
         let metrics_addr = format!("{}", metrics.local_addr().expect("addr"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let loader: server::ModelLoader = Box::new(move || Ok(vec![(MODEL.to_string(), backend)]));
+        let loader: server::ModelLoader = Box::new(move || {
+            Ok(replicas
+                .into_iter()
+                .map(|b| (MODEL.to_string(), b))
+                .collect())
+        });
         let task = tokio::spawn(server::run(
             options,
             loader,
@@ -702,6 +712,57 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
             .expect("every in-flight request is answered");
     }
     task.await.expect("join").expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_queue_and_compute_at_the_same_time() {
+    let (a, b) = (gated(), gated());
+    let server = TestServer::start_replicas(
+        options(&[1, 2, 4], 1, 64),
+        vec![a.clone() as Arc<dyn Backend>, b.clone()],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for seed in [1u64, 2] {
+        let mut c = server.client().await;
+        let (img, input) = tensor_image(seed);
+        tasks.push(tokio::spawn(async move {
+            let out = c.classify(logits_request(vec![img])).await;
+            (out, input)
+        }));
+        // The first batch holds one replica; the second request can only start on the
+        // other one.
+        eventually("a replica took the batch", || async {
+            server.metric("resnet_serve_batches_total{").await >= seed as f64
+        })
+        .await;
+    }
+    // Both replicas are inside a forward pass at once (neither gate is open yet).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        a.entered.notified().await;
+        b.entered.notified().await;
+    })
+    .await
+    .expect("both replicas entered a forward pass");
+    a.open.store(true, Ordering::SeqCst);
+    b.open.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let (out, input) = t.await.expect("task");
+        let out = out.expect("answered").into_inner();
+        assert!(common::relative_error(&out.results[0].values, &alone(&input)) <= 1e-5);
+    }
+    let info = server
+        .client()
+        .await
+        .get_model(GetModelRequest { name: MODEL.into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        info.device, "cpu",
+        "two replicas on one device list it once"
+    );
+    server.stop().await;
 }
 
 /// The real model, except that its first forward pass panics.

@@ -2,9 +2,80 @@
 //! what is here, with device-independent descriptions ([`FoldedConv`]) coming in at load
 //! time; faster kernels replace the bodies of these functions and nothing else.
 //!
-//! Today every op is Candle's stock implementation.
+//! Two kernel sets exist ([`Kernels`]): Candle's stock ops (NCHW, any device) and, on CUDA
+//! with the `cudnn` feature, fused cuDNN convolutions on NHWC activations
+//! ([`super::cudnn`]). The activation layout is private to this module: the network hands
+//! in NCHW f32 and gets `[N, C]` features back.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+/// Which kernels a model's layers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Candle's own ops, NCHW, on any device.
+    Candle,
+    /// cuDNN: one fused conv + bias (+ shortcut) (+ ReLU) call per convolution, NHWC.
+    Cudnn,
+}
+
+impl Kernels {
+    /// The fastest set built into this binary for `device`. `RESNET_SERVE_KERNELS=candle`
+    /// forces the stock ops (kept as the reference path for comparisons).
+    pub fn default_for(device: &Device) -> Kernels {
+        let forced = std::env::var("RESNET_SERVE_KERNELS").ok();
+        if forced.as_deref() == Some("candle") {
+            return Kernels::Candle;
+        }
+        if cfg!(feature = "cudnn") && device.is_cuda() {
+            Kernels::Cudnn
+        } else {
+            Kernels::Candle
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Candle => "candle",
+            Kernels::Cudnn => "cudnn",
+        }
+    }
+
+    /// Moves an NCHW f32 batch into the layout and dtype the layers work in.
+    pub fn enter(self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let x = x.to_dtype(dtype)?;
+        match self {
+            Kernels::Candle => Ok(x),
+            Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
+        }
+    }
+
+    /// `MaxPool2d(3, stride 2, padding 1)`.
+    pub fn max_pool_3x3_s2(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Candle => max_pool_3x3_s2(x),
+            #[cfg(feature = "cudnn")]
+            Kernels::Cudnn => super::cudnn::max_pool_3x3_s2(x),
+            #[cfg(not(feature = "cudnn"))]
+            Kernels::Cudnn => candle_core::bail!("this build has no cuDNN kernels"),
+        }
+    }
+
+    /// `AdaptiveAvgPool2d(1)` + flatten to `[N, C]`, in the input's dtype. The mean is
+    /// taken in f32 either way.
+    pub fn global_avg_pool(self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        match self {
+            Kernels::Candle => global_avg_pool(x),
+            Kernels::Cudnn => {
+                let (n, h, w, c) = x.dims4()?;
+                x.to_dtype(DType::F32)?
+                    .reshape((n, h * w, c))?
+                    .mean(1)?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+}
 
 /// A convolution with batch-norm already folded in, as plain host data.
 #[derive(Debug, Clone)]
@@ -20,7 +91,45 @@ pub struct FoldedConv {
 
 /// A convolution plus bias on a device, with the activations a ResNet needs fused in.
 #[derive(Debug)]
-pub struct Conv {
+pub enum Conv {
+    Candle(CandleConv),
+    #[cfg(feature = "cudnn")]
+    Cudnn(super::cudnn::FusedConv),
+}
+
+impl Conv {
+    pub fn new(c: FoldedConv, device: &Device, dtype: DType, kernels: Kernels) -> Result<Self> {
+        match kernels {
+            Kernels::Candle => Ok(Conv::Candle(CandleConv::new(c, device, dtype)?)),
+            #[cfg(feature = "cudnn")]
+            Kernels::Cudnn => Ok(Conv::Cudnn(super::cudnn::FusedConv::new(c, device, dtype)?)),
+            #[cfg(not(feature = "cudnn"))]
+            Kernels::Cudnn => candle_core::bail!("this build has no cuDNN kernels"),
+        }
+    }
+
+    /// `conv(x) + bias`, then ReLU when `relu`.
+    pub fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        match self {
+            Conv::Candle(c) => c.forward(x, relu),
+            #[cfg(feature = "cudnn")]
+            Conv::Cudnn(c) => c.forward(x, None, relu),
+        }
+    }
+
+    /// `relu(conv(x) + bias + residual)`: the end of every residual block.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Candle(c) => c.forward_add_relu(x, residual),
+            #[cfg(feature = "cudnn")]
+            Conv::Cudnn(c) => c.forward(x, Some(residual), true),
+        }
+    }
+}
+
+/// Candle's stock convolution, NCHW.
+#[derive(Debug)]
+pub struct CandleConv {
     weight: Tensor,
     /// `[1, out, 1, 1]`, so it broadcasts over a batch.
     bias: Tensor,
@@ -29,12 +138,12 @@ pub struct Conv {
     groups: usize,
 }
 
-impl Conv {
+impl CandleConv {
     pub fn new(c: FoldedConv, device: &Device, dtype: DType) -> Result<Self> {
         let out = c.shape[0];
         let weight = Tensor::from_vec(c.weight, c.shape.to_vec(), device)?.to_dtype(dtype)?;
         let bias = Tensor::from_vec(c.bias, (1, out, 1, 1), device)?.to_dtype(dtype)?;
-        Ok(Conv {
+        Ok(CandleConv {
             weight,
             bias,
             stride: c.stride,

@@ -6,18 +6,21 @@
 //!   and the build) and its forward pass.
 //! - [`batchnorm`]: folding eval-mode batch-norm into the preceding convolution.
 //! - [`layers`]: the seam where layer compute happens; everything above it is
-//!   kernel-agnostic.
+//!   kernel-agnostic. On CUDA builds with `cudnn`, `cudnn` holds the fused GPU kernels.
 //! - [`params`]: where parameters come from ([`ParamSource`]): checkpoints, or
 //! - [`synthetic`]: the seeded generator the parity fixtures share with PyTorch.
 
 pub mod arch;
 pub mod batchnorm;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 pub mod layers;
 pub mod params;
 pub mod resnet;
 pub mod synthetic;
 
 pub use arch::{Architecture, ModelName, Training, UnknownModel};
+pub use layers::Kernels;
 pub use params::ParamSource;
 
 use candle_core::{DType, Device, Tensor};
@@ -53,6 +56,7 @@ pub struct Classifier {
     net: resnet::ResNet,
     device: Device,
     dtype: DType,
+    kernels: Kernels,
 }
 
 impl Classifier {
@@ -64,13 +68,35 @@ impl Classifier {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, ModelError> {
-        let net = resnet::ResNet::load(architecture, source, device, dtype)?;
+        Self::load_with(
+            architecture,
+            source,
+            device,
+            dtype,
+            Kernels::default_for(device),
+        )
+    }
+
+    /// [`Classifier::load`] with an explicit kernel set (benchmarks compare them).
+    pub fn load_with(
+        architecture: Architecture,
+        source: &dyn ParamSource,
+        device: &Device,
+        dtype: DType,
+        kernels: Kernels,
+    ) -> Result<Self, ModelError> {
+        let net = resnet::ResNet::load(architecture, source, device, dtype, kernels)?;
         Ok(Classifier {
             architecture,
             net,
             device: device.clone(),
             dtype,
+            kernels,
         })
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn architecture(&self) -> Architecture {
@@ -91,8 +117,17 @@ impl Classifier {
         if dims.len() != 4 || dims[0] == 0 || dims[1] != 3 || dims[2] < 32 || dims[3] < 32 {
             return Err(ModelError::BadInput(dims));
         }
-        let x = input.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let x = input.to_device(&self.device)?.to_dtype(DType::F32)?;
         Ok(self.net.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs each batch size once on zeros, so the first real request of each size pays
+    /// for no kernel loading or cuDNN algorithm selection.
+    pub fn warm_up(&self, batch_sizes: &[usize]) -> Result<(), ModelError> {
+        for &n in batch_sizes {
+            self.classify(&vec![0f32; n * 3 * INPUT_SIZE * INPUT_SIZE], n)?;
+        }
+        Ok(())
     }
 
     /// Logits for `n` images given as one flat, contiguous `n x 3 x 224 x 224` buffer.
@@ -106,7 +141,8 @@ impl Classifier {
                 INPUT_SIZE,
             ]));
         }
-        let input = Tensor::from_slice(pixels, (n, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
+        // One contiguous host-to-device copy of the whole batch.
+        let input = Tensor::from_slice(pixels, (n, 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
         Ok(self.forward(&input)?.to_vec2::<f32>()?)
     }
 }

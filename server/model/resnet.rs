@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::arch::{Architecture, Block};
 use super::batchnorm::{self, BatchNorm};
-use super::layers::{self, Conv, FoldedConv, Linear};
+use super::layers::{Conv, FoldedConv, Kernels, Linear};
 use super::params::ParamSource;
 use super::{ModelError, NUM_CLASSES};
 
@@ -261,6 +261,8 @@ struct ResidualBlock {
 /// A built network on one device.
 #[derive(Debug)]
 pub struct ResNet {
+    kernels: Kernels,
+    dtype: DType,
     stem: Conv,
     blocks: Vec<ResidualBlock>,
     fc: Linear,
@@ -272,11 +274,12 @@ impl ResNet {
         source: &dyn ParamSource,
         device: &Device,
         dtype: DType,
+        kernels: Kernels,
     ) -> Result<ResNet, ModelError> {
         let layout = Layout::new(arch);
         check_strict(arch, &layout, source)?;
         let conv = |c: &ConvBn| -> Result<Conv, ModelError> {
-            Ok(Conv::new(fold(source, c)?, device, dtype)?)
+            Ok(Conv::new(fold(source, c)?, device, dtype, kernels)?)
         };
         let stem = conv(&layout.stem)?;
         let mut blocks = Vec::with_capacity(layout.blocks.len());
@@ -293,11 +296,20 @@ impl ResNet {
             device,
             dtype,
         )?;
-        Ok(ResNet { stem, blocks, fc })
+        Ok(ResNet {
+            kernels,
+            dtype,
+            stem,
+            blocks,
+            fc,
+        })
     }
 
+    /// Logits in the model's dtype for an NCHW f32 batch on the model's device.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = layers::max_pool_3x3_s2(&self.stem.forward(x, true)?)?;
+        let k = self.kernels;
+        let x = k.enter(x, self.dtype)?;
+        let mut x = k.max_pool_3x3_s2(&self.stem.forward(&x, true)?)?;
         for b in &self.blocks {
             let shortcut = match &b.downsample {
                 Some(d) => d.forward(&x, false)?,
@@ -313,7 +325,7 @@ impl ResNet {
             }
             x = last.forward_add_relu(&y, &shortcut)?;
         }
-        self.fc.forward(&layers::global_avg_pool(&x)?)
+        self.fc.forward(&k.global_avg_pool(&x)?)
     }
 }
 

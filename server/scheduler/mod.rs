@@ -1,13 +1,14 @@
 //! Per-model scheduling: a bounded queue, a batcher task that forms fixed-size batches
-//! ([`policy`] decides when and how big), and a device worker on its own OS thread.
+//! ([`policy`] decides when and how big), and one device worker per model replica (one
+//! per device, or several), each on its own OS thread.
 //!
 //! ```text
-//! handler ── Job per image ──► mpsc (bounded) ──► batcher_task ──► mpsc(1) ──► worker thread
+//! handler ── Job per image ──► mpsc (bounded) ──► batcher_task ──► mpsc(1) ──► worker threads
 //!    ▲                                                                          │
 //!    └───────────────────────── oneshot per job ◄────── split batch ◄───────────┘
 //! ```
-//! The `mpsc(1)` between batcher and worker lets one batch be formed while the previous
-//! one computes. A job whose caller has gone (its oneshot closed: cancelled, timed out,
+//! The `mpsc(1)` between batcher and workers lets one batch be formed while the others
+//! compute; whichever replica is free takes it. A job whose caller has gone (its oneshot closed: cancelled, timed out,
 //! or the rest of its request refused) is skipped when batches form and again right
 //! before compute.
 
@@ -64,17 +65,42 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
-    /// Starts the batcher task (on the current runtime) and the worker thread.
+    /// Starts the batcher task (on the current runtime) and one worker thread per
+    /// replica. `replicas` must not be empty; they all serve the same model.
     pub fn spawn(
         name: &str,
-        backend: Arc<dyn Backend>,
+        replicas: Vec<Arc<dyn Backend>>,
         policy: BatchPolicy,
         metrics: Arc<ModelMetrics>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(policy.queue_capacity);
         let (batch_tx, batch_rx) = mpsc::channel(1);
-        let info = backend.info();
-        worker::spawn(name, backend, policy.clone(), batch_rx, metrics.clone());
+        let mut info = replicas.first().map(|b| b.info()).unwrap_or(BackendInfo {
+            architecture: String::new(),
+            device: String::new(),
+            dtype: String::new(),
+        });
+        let mut devices: Vec<String> = Vec::new();
+        for b in &replicas {
+            let d = b.info().device;
+            if !devices.contains(&d) {
+                devices.push(d);
+            }
+        }
+        if !devices.is_empty() {
+            info.device = devices.join(",");
+        }
+        let shared = Arc::new(std::sync::Mutex::new(batch_rx));
+        for (i, backend) in replicas.into_iter().enumerate() {
+            worker::spawn(
+                name,
+                i,
+                backend,
+                policy.clone(),
+                shared.clone(),
+                metrics.clone(),
+            );
+        }
         tokio::spawn(batcher::batcher_task(
             rx,
             policy.clone(),

@@ -1,9 +1,10 @@
-//! The device worker: owns a model on its own OS thread (compute never runs on tokio's
-//! workers), pads each batch to its allowed size, and splits the logits back to the
-//! jobs. A panic fails that batch's jobs and the thread is replaced by a fresh one.
+//! The device workers: each owns a model replica on its own OS thread (compute never
+//! runs on tokio's workers), takes the next formed batch from the model's shared batch
+//! queue, pads it to its allowed size, and splits the logits back to the jobs. A panic
+//! fails that batch's jobs and the thread is replaced by a fresh one.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -38,30 +39,32 @@ impl Backend for Classifier {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             architecture: self.architecture().to_string(),
-            device: match self.device() {
-                candle_core::Device::Cpu => "cpu".to_string(),
-                other => format!("{:?}", other.location()),
-            },
+            device: crate::device::describe(self.device()),
             dtype: format!("{:?}", self.dtype()).to_lowercase(),
         }
     }
 }
 
-/// Runs the worker under a supervisor thread that starts a fresh worker whenever one
-/// dies of a panic.
+/// The batches of one model, shared by its replicas: whichever worker is free takes the
+/// next one.
+pub type SharedBatches = Arc<Mutex<mpsc::Receiver<Batch>>>;
+
+/// Runs one replica's worker under a supervisor thread that starts a fresh worker
+/// whenever one dies of a panic.
 pub fn spawn(
     name: &str,
+    replica: usize,
     backend: Arc<dyn Backend>,
     policy: BatchPolicy,
-    rx: mpsc::Receiver<Batch>,
+    rx: SharedBatches,
     metrics: Arc<ModelMetrics>,
 ) {
     let name = name.to_string();
     let supervisor = std::thread::Builder::new()
-        .name(format!("supervise-{name}"))
+        .name(format!("supervise-{name}-{replica}"))
         .spawn(move || {
-            let mut rx = rx;
             loop {
+                let rx = rx.clone();
                 let (backend, policy, worker_metrics, thread_name) = (
                     backend.clone(),
                     policy.clone(),
@@ -69,18 +72,23 @@ pub fn spawn(
                     name.clone(),
                 );
                 let worker = std::thread::Builder::new()
-                    .name(format!("worker-{name}"))
+                    .name(format!("worker-{name}-{replica}"))
                     .spawn(move || {
-                        worker_loop(&thread_name, backend.as_ref(), &policy, rx, &worker_metrics)
+                        worker_loop(
+                            &thread_name,
+                            backend.as_ref(),
+                            &policy,
+                            &rx,
+                            &worker_metrics,
+                        )
                     });
                 match worker.map(|h| h.join()) {
-                    // The worker handed its queue back after a panic: restart it.
-                    Ok(Ok(Some(back))) => {
+                    // The forward pass panicked: restart the worker.
+                    Ok(Ok(Exit::Panicked)) => {
                         metrics.worker_restarts.inc();
-                        tracing::warn!(model = %name, "worker restarted after a panic");
-                        rx = back;
+                        tracing::warn!(model = %name, replica, "worker restarted after a panic");
                     }
-                    Ok(Ok(None)) => return, // queue closed: shutting down
+                    Ok(Ok(Exit::Closed)) => return, // queue closed: shutting down
                     Ok(Err(_)) | Err(_) => {
                         tracing::error!(model = %name, "worker thread could not run; model stops");
                         return;
@@ -93,16 +101,29 @@ pub fn spawn(
     }
 }
 
-/// Serves batches until the queue closes (`None`) or a forward pass panics (returns the
-/// queue so a fresh thread can take over).
+enum Exit {
+    Closed,
+    Panicked,
+}
+
+/// The next batch for whichever replica asks first; `None` once the queue is closed.
+fn next_batch(rx: &SharedBatches) -> Option<Batch> {
+    // A poisoned lock only means another replica panicked while waiting; the receiver
+    // itself is still sound.
+    let mut guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+    guard.blocking_recv()
+}
+
+/// Serves batches until the queue closes or a forward pass panics (a fresh thread then
+/// takes over).
 fn worker_loop(
     name: &str,
     backend: &dyn Backend,
     policy: &BatchPolicy,
-    mut rx: mpsc::Receiver<Batch>,
+    rx: &SharedBatches,
     metrics: &ModelMetrics,
-) -> Option<mpsc::Receiver<Batch>> {
-    while let Some(batch) = rx.blocking_recv() {
+) -> Exit {
+    while let Some(batch) = next_batch(rx) {
         let now = tokio::time::Instant::now();
         let jobs: Vec<_> = batch.jobs.into_iter().filter(|j| !j.is_dead(now)).collect();
         if jobs.is_empty() {
@@ -152,9 +173,9 @@ fn worker_loop(
                 ));
                 jobs.into_iter()
                     .for_each(|j| drop(j.respond.send(Err(e.clone()))));
-                return Some(rx);
+                return Exit::Panicked;
             }
         }
     }
-    None
+    Exit::Closed
 }

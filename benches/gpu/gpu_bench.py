@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""GPU checks for one `device` call (benches/gpu/run.sh runs this): parity of the CUDA
+build against PyTorch on the same generated weights, forward images/s against PyTorch
+eager f16 channels_last on the same card in the same run, and the server end-to-end
+with the bundled load client. Every step writes into OUT/results.json as it finishes, so
+a run cut short still reports what it measured.
+
+Rehearse on CPU (no GPU needed; small sizes):
+    python benches/gpu/gpu_bench.py --bin target/release/resnet-serve \
+        --client target/release/resnet-client --device cpu --out /tmp/gpu-rehearsal --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_fixtures import SEED, synthetic_input, synthetic_model  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(*parts) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def save(out: pathlib.Path) -> None:
+    (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def environment(args) -> None:
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    if args.device != "cpu":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        smi = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                   "--format=csv,noheader"], 30)
+        env["nvidia_smi"] = smi.stdout.strip()
+    v = run([args.bin, "--version"], 30)
+    env["resnet_serve"] = (v.stdout + v.stderr).strip()
+    RESULTS["environment"] = env
+    log("environment", json.dumps(env))
+
+
+def torch_device(args) -> torch.device:
+    return torch.device("cpu" if args.device == "cpu" else "cuda:0")
+
+
+def parity(args, out: pathlib.Path) -> None:
+    """f32 (TF32 off) within rel 1e-4 of PyTorch float64; f16/bf16 top-1 against it."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch_device(args)
+    rows = []
+    configs = [("f32", "auto"), ("f32", "candle")]
+    if args.device != "cpu":
+        configs += [("f16", "auto"), ("bf16", "auto"), ("f16", "candle")]
+    for arch in args.parity_archs:
+        model = synthetic_model(arch)
+        x = synthetic_input(SEED, args.parity_batch, 224)
+        with torch.inference_mode():
+            ref = model.double().to(dev)(x.double().to(dev)).cpu().numpy()
+            half = model.half().to(memory_format=torch.channels_last) if args.device != "cpu" else None
+            torch_f16 = (half(x.to(dev).half().to(memory_format=torch.channels_last)).float().cpu().numpy()
+                         if half is not None else None)
+        del model
+        scale = float(np.abs(ref).max())
+        top1 = ref.argmax(1)
+        margin = np.sort(ref, 1)
+        base = {"model": arch, "batch": args.parity_batch,
+                "ref_top1_distinct": int(len(set(top1.tolist()))),
+                "ref_min_top2_margin": float((margin[:, -1] - margin[:, -2]).min())}
+        if torch_f16 is not None:
+            rows.append({**base, "engine": "pytorch", "dtype": "f16",
+                         "rel_err": float(np.abs(torch_f16 - ref).max() / scale),
+                         "top1_agree": float((torch_f16.argmax(1) == top1).mean())})
+        for dtype, kernels in configs:
+            with tempfile.NamedTemporaryFile(suffix=".f32") as f:
+                cmd = [args.bin, "bench", "logits", "--model", arch, "--batch", str(args.parity_batch),
+                       "--seed", str(SEED), "--device", args.device_arg, "--dtype", dtype,
+                       "--kernels", kernels, "--out", f.name]
+                t0 = time.time()
+                try:
+                    p = run(cmd, 300)
+                except subprocess.TimeoutExpired:
+                    rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
+                                 "error": "timeout"})
+                    continue
+                if p.returncode != 0:
+                    rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
+                                 "error": p.stderr.strip()[-2000:]})
+                    log("parity FAILED", arch, dtype, kernels, p.stderr.strip()[-500:])
+                    continue
+                ours = np.fromfile(f.name, dtype="<f4").reshape(args.parity_batch, 1000)
+            rel = float(np.abs(ours - ref).max() / scale)
+            agree = float((ours.argmax(1) == top1).mean())
+            ok = rel <= 1e-4 if dtype == "f32" else agree >= 0.99
+            rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
+                         "rel_err": rel, "top1_agree": agree, "pass": ok,
+                         "seconds": round(time.time() - t0, 2)})
+            log(f"parity {arch} {dtype} {kernels}: rel {rel:.2e} top1 {agree:.3f} {'ok' if ok else 'FAIL'}")
+        RESULTS["parity"] = rows
+        save(out)
+
+
+def torch_rate(model, batch: int, seconds: float, dev: torch.device, dtype: torch.dtype) -> float:
+    x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dtype)
+    if dev.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        sync()
+        runs, start = 0, time.perf_counter()
+        while runs < 2 or time.perf_counter() - start < seconds:
+            model(x)
+            runs += 1
+            if runs % 8 == 0:
+                sync()
+        sync()
+        return runs * batch / (time.perf_counter() - start)
+
+
+def ours_rate(args, arch: str, batch: int, dtype: str, kernels: str) -> dict:
+    cmd = [args.bin, "bench", "forward", "--model", arch, "--batch", str(batch), "--seed", str(SEED),
+           "--device", args.device_arg, "--dtype", dtype, "--kernels", kernels,
+           "--seconds", str(args.seconds)]
+    try:
+        p = run(cmd, 120)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    if p.returncode != 0:
+        return {"error": p.stderr.strip()[-1500:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def throughput(args, out: pathlib.Path) -> None:
+    """Interleaved per (model, batch): PyTorch eager, ours (fastest kernels), ours (stock)."""
+    dev = torch_device(args)
+    gpu = args.device != "cpu"
+    dtype = "f16" if gpu else "f32"
+    tdtype = torch.float16 if gpu else torch.float32
+    rows = []
+    for arch in args.bench_archs:
+        model = synthetic_model(arch).to(dev).to(tdtype)
+        if gpu:
+            model = model.to(memory_format=torch.channels_last)
+        for batch in args.batches:
+            row = {"model": arch, "batch": batch, "dtype": dtype}
+            try:
+                row["pytorch"] = torch_rate(model, batch, args.seconds, dev, tdtype)
+            except RuntimeError as e:  # out of memory, say
+                row["pytorch_error"] = str(e)[:500]
+            fast = ours_rate(args, arch, batch, dtype, "auto")
+            row["ours"] = fast.get("images_per_s")
+            row["ours_with_copies"] = fast.get("images_per_s_with_copies")
+            row["ours_kernels"] = fast.get("kernels")
+            if "error" in fast:
+                row["ours_error"] = fast["error"]
+            if batch <= args.stock_max_batch:
+                stock = ours_rate(args, arch, batch, dtype, "candle")
+                row["stock_candle"] = stock.get("images_per_s")
+                if "error" in stock:
+                    row["stock_error"] = stock["error"]
+            if row.get("pytorch") and row.get("ours"):
+                row["ratio_vs_pytorch"] = row["ours"] / row["pytorch"]
+            log("throughput", json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
+                                          for k, v in row.items() if not k.endswith("error")}))
+            for k in ("ours_error", "stock_error", "pytorch_error"):
+                if k in row:
+                    log("  ", k, row[k][-400:])
+            rows.append(row)
+            RESULTS["throughput"] = rows
+            save(out)
+        del model
+        if gpu:
+            torch.cuda.empty_cache()
+
+
+def wait_ready(log_path: pathlib.Path, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if "ready" in log_path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def server(args, out: pathlib.Path) -> None:
+    """The real server and `resnet-client load` on this machine, tensor inputs."""
+    gpu = args.device != "cpu"
+    dtype = "f16" if gpu else "f32"
+    arch = "resnet50"
+    work = pathlib.Path(tempfile.mkdtemp())
+    weights = work / "synthetic_resnet50.pth"
+    torch.save(synthetic_model(arch).state_dict(), weights)
+    batch = args.server_batch
+    sizes = sorted({1, 8, 16, 32, batch})
+    server_log = out / "server.log"
+    cmd = [args.bin, "--model", f"resnet50_swsl={weights}", "--device", args.device_arg,
+           "--dtype", dtype, "--batch-sizes", ",".join(map(str, sizes)), "--max-queue-delay-ms", "2",
+           "--queue-capacity", str(max(1024, 8 * batch)), "--listen", "127.0.0.1:50151",
+           "--metrics-listen", "127.0.0.1:9191"]
+    t0 = time.time()
+    with open(server_log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        if not wait_ready(server_log, proc, 180):
+            RESULTS["server"] = {"error": "server did not become ready",
+                                 "log": server_log.read_text(errors="replace")[-3000:]}
+            save(out)
+            return
+        startup = time.time() - t0
+        log(f"server ready in {startup:.1f} s (load + warm-up of sizes {sizes})")
+        inproc = ours_rate(args, arch, batch, dtype, "auto")
+        for concurrency, per_request in args.load_rows:
+            cmd = [args.client, "--endpoint", "http://127.0.0.1:50151", "load",
+                   "--concurrency", str(concurrency), "--images-per-request", str(per_request),
+                   "--duration", str(args.load_seconds), "--warmup", "2", "--synthetic", "--json",
+                   "--metrics", "127.0.0.1:9191"]
+            try:
+                p = run(cmd, args.load_seconds + 90)
+            except subprocess.TimeoutExpired:
+                rows.append({"concurrency": concurrency, "images_per_request": per_request,
+                             "error": "timeout"})
+                continue
+            if p.returncode != 0:
+                rows.append({"concurrency": concurrency, "images_per_request": per_request,
+                             "error": (p.stdout + p.stderr)[-1500:]})
+                continue
+            report = json.loads(p.stdout)
+            report["concurrency"] = concurrency
+            report["images_per_request"] = per_request
+            rows.append(report)
+            log(f"load c={concurrency} x{per_request}: {report['images_per_s']:.0f} img/s, "
+                f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
+                f"errors {report['errors']}")
+            RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
+                                 "in_process": inproc, "rows": rows}
+            save(out)
+        RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
+                             "in_process": inproc, "rows": rows}
+        save(out)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bin", required=True)
+    p.add_argument("--client", required=True)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="CPU rehearsal sizes")
+    p.add_argument("--steps", default="parity,throughput,server")
+    args = p.parse_args()
+    args.device_arg = "cuda:0" if args.device == "cuda" else "cpu"
+    if args.quick:
+        args.parity_archs, args.parity_batch = ["resnet18"], 4
+        args.bench_archs, args.batches, args.seconds = ["resnet18"], [1, 4], 1.0
+        args.stock_max_batch = 4
+        args.server_batch, args.load_rows, args.load_seconds = 4, [(2, 2)], 4
+    else:
+        args.parity_archs, args.parity_batch = ["resnet50", "resnext101_32x8d"], 64
+        args.bench_archs, args.batches, args.seconds = ["resnet50", "resnext101_32x8d"], [1, 8, 64, 256], 2.0
+        args.stock_max_batch = 64
+        args.server_batch = 64
+        args.load_rows, args.load_seconds = [(4, 64), (16, 16), (64, 1)], 8
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    environment(args)
+    save(out)
+    steps = {"parity": parity, "throughput": throughput, "server": server}
+    for name in args.steps.split(","):
+        t0 = time.time()
+        try:
+            steps[name](args, out)
+        except Exception as e:  # one step failing must not lose the others
+            RESULTS.setdefault("failures", []).append(f"{name}: {type(e).__name__}: {e}")
+            log("step", name, "failed:", repr(e))
+        RESULTS.setdefault("step_seconds", {})[name] = round(time.time() - t0, 1)
+        save(out)
+    log("done", json.dumps(RESULTS.get("step_seconds")))
+
+
+if __name__ == "__main__":
+    main()

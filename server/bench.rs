@@ -123,6 +123,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                     model.forward(&x)?;
                 }
                 dev.synchronize()?;
+                #[cfg(feature = "cudnn")]
+                let _ = resnet_serve::model::cudnn::profile_report(); // warm-up calls out
                 let resident = rate(
                     seconds,
                     n,
@@ -132,6 +134,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                     },
                     &dev,
                 )?;
+                #[cfg(feature = "cudnn")]
+                if let Some(line) = resnet_serve::model::cudnn::profile_report() {
+                    eprintln!("batch {n}: {line}");
+                }
                 let end_to_end = rate(
                     seconds,
                     n,

@@ -104,6 +104,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            // Requests of float tensors run to tens of MiB; HTTP/2's default 64 KiB window
+            // would cost a WINDOW_UPDATE round trip per 64 KiB received.
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(classifier)

@@ -134,6 +134,10 @@ pub fn tensor(values: &[f32]) -> proto::Image {
     }
 }
 
+/// HTTP/2 flow-control windows, sized for requests of many float tensors.
+const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// A connected client; cheap to clone (clones share the connections).
 #[derive(Clone)]
 pub struct Client {
@@ -152,7 +156,11 @@ impl Client {
                     source,
                 })?
                 .connect_timeout(config.connect_timeout)
-                .tcp_nodelay(true);
+                .tcp_nodelay(true)
+                // A batch of float tensors is tens of MiB: HTTP/2's default 64 KiB window
+                // would cost a WINDOW_UPDATE round trip per 64 KiB.
+                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
             if url.starts_with("https://") {
                 let tls = config
                     .tls

@@ -264,12 +264,73 @@ struct Plan {
 /// A convolution with folded batch-norm, run as one fused cuDNN call.
 pub struct FusedConv {
     weights: Weights,
+    /// The bias again as a tensor, for the unfused variant's separate add.
+    bias: Tensor,
     /// `[out, in / groups, k, k]`.
     shape: [usize; 4],
     stride: usize,
     padding: usize,
     groups: usize,
-    plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
+    plans: Mutex<HashMap<(usize, usize, usize, Epilogue), Plan>>,
+}
+
+/// What the cuDNN call itself computes after the convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Epilogue {
+    /// `cudnnConvolutionBiasActivationForward`: bias, shortcut and activation in one call.
+    Fused { relu: bool },
+    /// `cudnnConvolutionForward` only; bias, shortcut and ReLU follow as Candle ops.
+    None,
+}
+
+/// `RESNET_SERVE_CUDNN_FUSED=0` selects the unfused variant (for A/B measurements).
+fn fused_enabled() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("RESNET_SERVE_CUDNN_FUSED").as_deref() != Ok("0"))
+}
+
+/// Host time spent per convolution call, by phase, when `RESNET_SERVE_CUDNN_PROFILE=1`:
+/// where the CPU cost of a forward pass goes at small batches.
+mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    pub static CALLS: AtomicU64 = AtomicU64::new(0);
+    pub static SETUP_NS: AtomicU64 = AtomicU64::new(0);
+    pub static LAUNCH_NS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("RESNET_SERVE_CUDNN_PROFILE").as_deref() == Ok("1"))
+    }
+
+    pub fn add(counter: &AtomicU64, since: Instant) {
+        if enabled() {
+            counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// `calls, µs setup per call, µs launch per call` since the last report; resets.
+    pub fn take() -> Option<(u64, f64, f64)> {
+        if !enabled() {
+            return None;
+        }
+        let calls = CALLS.swap(0, Ordering::Relaxed);
+        let setup = SETUP_NS.swap(0, Ordering::Relaxed) as f64;
+        let launch = LAUNCH_NS.swap(0, Ordering::Relaxed) as f64;
+        let per = |ns: f64| if calls == 0 { 0.0 } else { ns / calls as f64 / 1000.0 };
+        Some((calls, per(setup), per(launch)))
+    }
+}
+
+/// Profile counters since the last call (see `RESNET_SERVE_CUDNN_PROFILE`), as a line.
+pub fn profile_report() -> Option<String> {
+    profile::take().map(|(calls, setup, launch)| {
+        format!(
+            "cudnn profile: {calls} conv calls, {setup:.1} µs setup + {launch:.1} µs launch per call (fused: {})",
+            fused_enabled()
+        )
+    })
 }
 
 impl std::fmt::Debug for FusedConv {
@@ -303,6 +364,7 @@ impl FusedConv {
                 }
             }
         }
+        let bias = Tensor::from_slice(&c.bias, c.shape[0], device)?.to_dtype(dtype)?;
         let weights = match dtype {
             DType::F32 => Weights::F32(upload(dev, &ohwi)?, upload(dev, &c.bias)?),
             DType::F16 => Weights::F16(upload(dev, &ohwi)?, upload(dev, &c.bias)?),
@@ -311,6 +373,7 @@ impl FusedConv {
         };
         Ok(FusedConv {
             weights,
+            bias,
             shape: c.shape,
             stride: c.stride,
             padding: c.padding,
@@ -322,9 +385,26 @@ impl FusedConv {
     /// `act(conv(x) + bias [+ residual])` with `x` (and `residual`) NHWC.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
+        if !fused_enabled() {
+            let y = x
+                .apply_op1_no_bwd(&ConvCall {
+                    conv: self,
+                    epilogue: Epilogue::None,
+                })?
+                .broadcast_add(&self.bias)?;
+            let y = match residual {
+                Some(z) => (y + z)?,
+                None => y,
+            };
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let call = ConvCall {
+            conv: self,
+            epilogue: Epilogue::Fused { relu },
+        };
         match residual {
-            None => x.apply_op1_no_bwd(&ConvCall { conv: self, relu }),
-            Some(z) => x.apply_op2_no_bwd(&z.contiguous()?, &ConvCall { conv: self, relu }),
+            None => x.apply_op1_no_bwd(&call),
+            Some(z) => x.apply_op2_no_bwd(&z.contiguous()?, &call),
         }
     }
 
@@ -342,8 +422,10 @@ impl FusedConv {
         (w, bias): (&CudaSlice<T>, &CudaSlice<T>),
         x: (&CudaStorage, &Layout),
         z: Option<(&CudaStorage, &Layout)>,
-        relu: bool,
+        epilogue: Epilogue,
     ) -> Result<(CudaStorage, Shape)> {
+        let setup_started = std::time::Instant::now();
+        let relu = matches!(epilogue, Epilogue::Fused { relu: true });
         let (xs, xl) = x;
         let &[n, h, wd, c] = xl.dims() else {
             bail!("fused conv expects NHWC input, got {:?}", xl.dims())
@@ -379,12 +461,16 @@ impl FusedConv {
             }
             None => None,
         };
+        profile::add(&profile::SETUP_NS, setup_started);
+        let launch_started = std::time::Instant::now();
+        // Only the fused call with an identity activation restricts the algorithm.
+        let any_algo = relu || epilogue == Epilogue::None;
         with_handle(dev, |handle| {
-            let key = (n, h, wd, relu);
+            let key = (n, h, wd, epilogue);
             let cached = self.plans.lock().ok().and_then(|p| p.get(&key).copied());
             let first = match cached {
                 Some(p) => p,
-                None => plan(handle, &x_desc, &w_desc, &conv, &y_desc, relu, false)?,
+                None => plan(handle, &x_desc, &w_desc, &conv, &y_desc, any_algo, false)?,
             };
             let mut launch = |plan: Plan| -> Result<()> {
                 let stream = dev.cuda_stream();
@@ -446,12 +532,12 @@ impl FusedConv {
             // Not every heuristic choice is fusable for every shape; IMPLICIT_PRECOMP_GEMM is.
             let used = match launch(first) {
                 Ok(()) => first,
-                Err(e) if cached.is_none() && first.algo != IPG => {
+                Err(e) if cached.is_none() && first.algo != IPG && epilogue != Epilogue::None => {
                     tracing::debug!(
                         "cuDNN refused {:?} ({e}); using IMPLICIT_PRECOMP_GEMM",
                         first.algo
                     );
-                    let safe = plan(handle, &x_desc, &w_desc, &conv, &y_desc, relu, true)?;
+                    let safe = plan(handle, &x_desc, &w_desc, &conv, &y_desc, any_algo, true)?;
                     launch(safe)?;
                     safe
                 }
@@ -464,6 +550,10 @@ impl FusedConv {
             }
             Ok(())
         })?;
+        profile::add(&profile::LAUNCH_NS, launch_started);
+        if profile::enabled() {
+            profile::CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok((
             CudaStorage::wrap_cuda_slice(y, dev.clone()),
             Shape::from((n, oh, ow, o)),
@@ -482,11 +572,11 @@ fn plan(
     w: &FilterDesc,
     conv: &ConvDesc,
     y: &TensorDesc,
-    relu: bool,
+    any_algo: bool,
     force_precomp: bool,
 ) -> Result<Plan> {
     let mut algo = IPG;
-    if relu && !force_precomp {
+    if any_algo && !force_precomp {
         const WANT: usize = 8;
         // SAFETY: plain-data structs that cuDNN fills in.
         let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; WANT] = unsafe { std::mem::zeroed() };
@@ -523,7 +613,7 @@ fn plan(
 
 struct ConvCall<'a> {
     conv: &'a FusedConv,
-    relu: bool,
+    epilogue: Epilogue,
 }
 
 impl ConvCall<'_> {
@@ -534,9 +624,9 @@ impl ConvCall<'_> {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = &x.0.device;
         match &self.conv.weights {
-            Weights::F32(w, b) => self.conv.run::<f32>(dev, (w, b), x, z, self.relu),
-            Weights::F16(w, b) => self.conv.run::<half::f16>(dev, (w, b), x, z, self.relu),
-            Weights::Bf16(w, b) => self.conv.run::<half::bf16>(dev, (w, b), x, z, self.relu),
+            Weights::F32(w, b) => self.conv.run::<f32>(dev, (w, b), x, z, self.epilogue),
+            Weights::F16(w, b) => self.conv.run::<half::f16>(dev, (w, b), x, z, self.epilogue),
+            Weights::Bf16(w, b) => self.conv.run::<half::bf16>(dev, (w, b), x, z, self.epilogue),
         }
     }
 }

@@ -32,12 +32,6 @@ from make_fixtures import SEED, synthetic_input, synthetic_model  # noqa: E402
 
 RESULTS: dict = {}
 
-# Variants of our cuDNN path, selected by environment (server/model/cudnn.rs).
-VARIANTS = {
-    "fused": {"RESNET_SERVE_CUDNN_FUSED": "1"},
-    "split": {"RESNET_SERVE_CUDNN_FUSED": "0"},
-}
-
 
 def log(*parts) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
@@ -82,13 +76,13 @@ def parity(args, out: pathlib.Path) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch_device(args)
     rows = []
-    configs = [("f32", "auto", v) for v in args.variants]
+    configs = [("f32", "auto")]
     if args.stock_max_batch > 0:
-        configs.append(("f32", "candle", None))
+        configs.append(("f32", "candle"))
     if args.device != "cpu":
-        configs += [("f16", "auto", v) for v in args.variants] + [("bf16", "auto", args.variants[0])]
+        configs += [("f16", "auto"), ("bf16", "auto")]
         if args.stock_max_batch > 0:
-            configs.append(("f16", "candle", None))
+            configs.append(("f16", "candle"))
     for arch in args.parity_archs:
         model = synthetic_model(arch)
         x = synthetic_input(SEED, args.parity_batch, 224)
@@ -119,14 +113,14 @@ def parity(args, out: pathlib.Path) -> None:
             rows.append({**base, "engine": "pytorch", "dtype": "f16",
                          "rel_err": float(np.abs(torch_f16 - ref).max() / scale),
                          "top1_agree": a, "top1_agree_decidable": d})
-        for dtype, kernels, variant in configs:
+        for dtype, kernels in configs:
             with tempfile.NamedTemporaryFile(suffix=".f32") as f:
                 cmd = [args.bin, "bench", "logits", "--model", arch, "--batch", str(args.parity_batch),
                        "--seed", str(SEED), "--device", args.device_arg, "--dtype", dtype,
                        "--kernels", kernels, "--out", f.name]
                 t0 = time.time()
                 try:
-                    p = run(cmd, 300, VARIANTS.get(variant))
+                    p = run(cmd, 300)
                 except subprocess.TimeoutExpired:
                     rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
                                  "error": "timeout"})
@@ -141,10 +135,10 @@ def parity(args, out: pathlib.Path) -> None:
             agree, agree_d = agreement(ours)
             ok = rel <= 1e-4 if dtype == "f32" else (agree_d if agree_d is not None else agree) >= 0.99
             rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
-                         "variant": variant, "rel_err": rel, "top1_agree": agree,
+                         "rel_err": rel, "top1_agree": agree,
                          "top1_agree_decidable": agree_d, "pass": ok,
                          "seconds": round(time.time() - t0, 2)})
-            log(f"parity {arch} {dtype} {kernels} {variant}: rel {rel:.2e} top1 {agree:.3f} "
+            log(f"parity {arch} {dtype} {kernels}: rel {rel:.2e} top1 {agree:.3f} "
                 f"(decidable {agree_d}) {'ok' if ok else 'FAIL'}")
         RESULTS["parity"] = rows
         save(out)
@@ -169,11 +163,11 @@ def torch_rate(model, batch: int, seconds: float, dev: torch.device, dtype: torc
         return runs * batch / (time.perf_counter() - start)
 
 
-def ours_rate(args, arch: str, batch: int, dtype: str, kernels: str, variant: str | None = None) -> dict:
+def ours_rate(args, arch: str, batch: int, dtype: str, kernels: str) -> dict:
     cmd = [args.bin, "bench", "forward", "--model", arch, "--batch", str(batch), "--seed", str(SEED),
            "--device", args.device_arg, "--dtype", dtype, "--kernels", kernels,
            "--seconds", str(args.seconds)]
-    env = {**VARIANTS.get(variant, {}), "RESNET_SERVE_CUDNN_PROFILE": "1"}
+    env = {"RESNET_SERVE_CUDNN_PROFILE": "1"}
     try:
         p = run(cmd, 120, env)
     except subprocess.TimeoutExpired:
@@ -204,16 +198,14 @@ def throughput(args, out: pathlib.Path) -> None:
                 row["pytorch"] = torch_rate(model, batch, args.seconds, dev, tdtype)
             except RuntimeError as e:  # out of memory, say
                 row["pytorch_error"] = str(e)[:500]
-            for variant in args.variants:
-                fast = ours_rate(args, arch, batch, dtype, "auto", variant)
-                key = "ours" if variant == args.variants[0] else f"ours_{variant}"
-                row[key] = fast.get("images_per_s")
-                row[f"{key}_with_copies"] = fast.get("images_per_s_with_copies")
-                row["ours_kernels"] = fast.get("kernels")
-                if "profile" in fast:
-                    row[f"{key}_profile"] = fast["profile"]
-                if "error" in fast:
-                    row[f"{key}_error"] = fast["error"]
+            fast = ours_rate(args, arch, batch, dtype, "auto")
+            row["ours"] = fast.get("images_per_s")
+            row["ours_with_copies"] = fast.get("images_per_s_with_copies")
+            row["ours_kernels"] = fast.get("kernels")
+            if "profile" in fast:
+                row["ours_profile"] = fast["profile"]
+            if "error" in fast:
+                row["ours_error"] = fast["error"]
             if batch <= args.stock_max_batch:
                 stock = ours_rate(args, arch, batch, dtype, "candle")
                 row["stock_candle"] = stock.get("images_per_s")
@@ -223,10 +215,6 @@ def throughput(args, out: pathlib.Path) -> None:
                 row["ratio_vs_pytorch"] = row["ours"] / row["pytorch"]
             log("throughput", json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
                                           for k, v in row.items() if not k.endswith("error")}))
-            if gpu and row.get("pytorch"):
-                for v in args.variants[1:]:
-                    if row.get(f"ours_{v}"):
-                        row[f"ratio_{v}_vs_pytorch"] = row[f"ours_{v}"] / row["pytorch"]
             for k in [k for k in row if k.endswith("_error")]:
                 log("  ", k, row[k][-400:])
             rows.append(row)
@@ -265,8 +253,7 @@ def server(args, out: pathlib.Path) -> None:
            "--metrics-listen", "127.0.0.1:9191"]
     t0 = time.time()
     with open(server_log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                env={**os.environ, **VARIANTS.get(args.variants[0], {})})
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     rows = []
     try:
         if not wait_ready(server_log, proc, 180):
@@ -276,7 +263,7 @@ def server(args, out: pathlib.Path) -> None:
             return
         startup = time.time() - t0
         log(f"server ready in {startup:.1f} s (load + warm-up of sizes {sizes})")
-        inproc = ours_rate(args, arch, batch, dtype, "auto", args.variants[0])
+        inproc = ours_rate(args, arch, batch, dtype, "auto")
         for concurrency, per_request in args.load_rows:
             cmd = [args.client, "--endpoint", "http://127.0.0.1:50151", "load",
                    "--concurrency", str(concurrency), "--images-per-request", str(per_request),
@@ -321,15 +308,12 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="CPU rehearsal sizes")
     p.add_argument("--steps", default="parity,throughput,server")
-    p.add_argument("--variants", default="fused",
-                   help="cuDNN path variants to measure, the first also serves: fused,split")
     p.add_argument("--parity-archs")
     p.add_argument("--bench-archs")
     p.add_argument("--batches")
     p.add_argument("--stock-max-batch", type=int)
     p.add_argument("--load-rows", help="CONCURRENCYxIMAGES,... e.g. 4x64,16x16")
     args = p.parse_args()
-    args.variants = args.variants.split(",")
     args.device_arg = "cuda:0" if args.device == "cuda" else "cpu"
     if args.quick:
         args.parity_archs, args.parity_batch = ["resnet18"], 4

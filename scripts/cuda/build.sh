@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode=${1:-release}
+# The driver stub is generated from cudarc's sources, which a CPU-only build never fetched.
+cargo fetch --locked >/dev/null
 scripts/cuda/toolkit.sh
 # shellcheck source=scripts/cuda/env.sh
 . scripts/cuda/env.sh

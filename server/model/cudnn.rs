@@ -264,29 +264,12 @@ struct Plan {
 /// A convolution with folded batch-norm, run as one fused cuDNN call.
 pub struct FusedConv {
     weights: Weights,
-    /// The bias again as a tensor, for the unfused variant's separate add.
-    bias: Tensor,
     /// `[out, in / groups, k, k]`.
     shape: [usize; 4],
     stride: usize,
     padding: usize,
     groups: usize,
-    plans: Mutex<HashMap<(usize, usize, usize, Epilogue), Plan>>,
-}
-
-/// What the cuDNN call itself computes after the convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Epilogue {
-    /// `cudnnConvolutionBiasActivationForward`: bias, shortcut and activation in one call.
-    Fused { relu: bool },
-    /// `cudnnConvolutionForward` only; bias, shortcut and ReLU follow as Candle ops.
-    None,
-}
-
-/// `RESNET_SERVE_CUDNN_FUSED=0` selects the unfused variant (for A/B measurements).
-fn fused_enabled() -> bool {
-    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FUSED.get_or_init(|| std::env::var("RESNET_SERVE_CUDNN_FUSED").as_deref() != Ok("0"))
+    plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
 }
 
 /// Host time spent per convolution call, by phase, when `RESNET_SERVE_CUDNN_PROFILE=1`:
@@ -318,7 +301,13 @@ mod profile {
         let calls = CALLS.swap(0, Ordering::Relaxed);
         let setup = SETUP_NS.swap(0, Ordering::Relaxed) as f64;
         let launch = LAUNCH_NS.swap(0, Ordering::Relaxed) as f64;
-        let per = |ns: f64| if calls == 0 { 0.0 } else { ns / calls as f64 / 1000.0 };
+        let per = |ns: f64| {
+            if calls == 0 {
+                0.0
+            } else {
+                ns / calls as f64 / 1000.0
+            }
+        };
         Some((calls, per(setup), per(launch)))
     }
 }
@@ -327,8 +316,7 @@ mod profile {
 pub fn profile_report() -> Option<String> {
     profile::take().map(|(calls, setup, launch)| {
         format!(
-            "cudnn profile: {calls} conv calls, {setup:.1} µs setup + {launch:.1} µs launch per call (fused: {})",
-            fused_enabled()
+            "cudnn profile: {calls} conv calls, {setup:.1} µs setup + {launch:.1} µs launch per call"
         )
     })
 }
@@ -364,7 +352,6 @@ impl FusedConv {
                 }
             }
         }
-        let bias = Tensor::from_slice(&c.bias, c.shape[0], device)?.to_dtype(dtype)?;
         let weights = match dtype {
             DType::F32 => Weights::F32(upload(dev, &ohwi)?, upload(dev, &c.bias)?),
             DType::F16 => Weights::F16(upload(dev, &ohwi)?, upload(dev, &c.bias)?),
@@ -373,7 +360,6 @@ impl FusedConv {
         };
         Ok(FusedConv {
             weights,
-            bias,
             shape: c.shape,
             stride: c.stride,
             padding: c.padding,
@@ -385,23 +371,7 @@ impl FusedConv {
     /// `act(conv(x) + bias [+ residual])` with `x` (and `residual`) NHWC.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
-        if !fused_enabled() {
-            let y = x
-                .apply_op1_no_bwd(&ConvCall {
-                    conv: self,
-                    epilogue: Epilogue::None,
-                })?
-                .broadcast_add(&self.bias)?;
-            let y = match residual {
-                Some(z) => (y + z)?,
-                None => y,
-            };
-            return if relu { y.relu() } else { Ok(y) };
-        }
-        let call = ConvCall {
-            conv: self,
-            epilogue: Epilogue::Fused { relu },
-        };
+        let call = ConvCall { conv: self, relu };
         match residual {
             None => x.apply_op1_no_bwd(&call),
             Some(z) => x.apply_op2_no_bwd(&z.contiguous()?, &call),
@@ -422,10 +392,9 @@ impl FusedConv {
         (w, bias): (&CudaSlice<T>, &CudaSlice<T>),
         x: (&CudaStorage, &Layout),
         z: Option<(&CudaStorage, &Layout)>,
-        epilogue: Epilogue,
+        relu: bool,
     ) -> Result<(CudaStorage, Shape)> {
         let setup_started = std::time::Instant::now();
-        let relu = matches!(epilogue, Epilogue::Fused { relu: true });
         let (xs, xl) = x;
         let &[n, h, wd, c] = xl.dims() else {
             bail!("fused conv expects NHWC input, got {:?}", xl.dims())
@@ -463,14 +432,12 @@ impl FusedConv {
         };
         profile::add(&profile::SETUP_NS, setup_started);
         let launch_started = std::time::Instant::now();
-        // Only the fused call with an identity activation restricts the algorithm.
-        let any_algo = relu || epilogue == Epilogue::None;
         with_handle(dev, |handle| {
-            let key = (n, h, wd, epilogue);
+            let key = (n, h, wd, relu);
             let cached = self.plans.lock().ok().and_then(|p| p.get(&key).copied());
             let first = match cached {
                 Some(p) => p,
-                None => plan(handle, &x_desc, &w_desc, &conv, &y_desc, any_algo, false)?,
+                None => plan(handle, &x_desc, &w_desc, &conv, &y_desc, relu, false)?,
             };
             let mut launch = |plan: Plan| -> Result<()> {
                 let stream = dev.cuda_stream();
@@ -532,12 +499,12 @@ impl FusedConv {
             // Not every heuristic choice is fusable for every shape; IMPLICIT_PRECOMP_GEMM is.
             let used = match launch(first) {
                 Ok(()) => first,
-                Err(e) if cached.is_none() && first.algo != IPG && epilogue != Epilogue::None => {
+                Err(e) if cached.is_none() && first.algo != IPG => {
                     tracing::debug!(
                         "cuDNN refused {:?} ({e}); using IMPLICIT_PRECOMP_GEMM",
                         first.algo
                     );
-                    let safe = plan(handle, &x_desc, &w_desc, &conv, &y_desc, any_algo, true)?;
+                    let safe = plan(handle, &x_desc, &w_desc, &conv, &y_desc, relu, true)?;
                     launch(safe)?;
                     safe
                 }
@@ -572,11 +539,11 @@ fn plan(
     w: &FilterDesc,
     conv: &ConvDesc,
     y: &TensorDesc,
-    any_algo: bool,
+    relu: bool,
     force_precomp: bool,
 ) -> Result<Plan> {
     let mut algo = IPG;
-    if any_algo && !force_precomp {
+    if relu && !force_precomp {
         const WANT: usize = 8;
         // SAFETY: plain-data structs that cuDNN fills in.
         let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; WANT] = unsafe { std::mem::zeroed() };
@@ -613,7 +580,7 @@ fn plan(
 
 struct ConvCall<'a> {
     conv: &'a FusedConv,
-    epilogue: Epilogue,
+    relu: bool,
 }
 
 impl ConvCall<'_> {
@@ -624,9 +591,9 @@ impl ConvCall<'_> {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = &x.0.device;
         match &self.conv.weights {
-            Weights::F32(w, b) => self.conv.run::<f32>(dev, (w, b), x, z, self.epilogue),
-            Weights::F16(w, b) => self.conv.run::<half::f16>(dev, (w, b), x, z, self.epilogue),
-            Weights::Bf16(w, b) => self.conv.run::<half::bf16>(dev, (w, b), x, z, self.epilogue),
+            Weights::F32(w, b) => self.conv.run::<f32>(dev, (w, b), x, z, self.relu),
+            Weights::F16(w, b) => self.conv.run::<half::f16>(dev, (w, b), x, z, self.relu),
+            Weights::Bf16(w, b) => self.conv.run::<half::bf16>(dev, (w, b), x, z, self.relu),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Compiles `proto/` into the server's gRPC types (server and client stubs, plus the
-//! file descriptor set that server reflection publishes).
+//! file descriptor set that server reflection publishes): our own `resnet_serve.v1` API
+//! and the KServe v2 / Triton `inference` protocol.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("resnet_serve_descriptor.bin"))
-        .compile_protos(&["proto/resnet_serve/v1/classifier.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/resnet_serve/v1/classifier.proto",
+                "proto/inference/grpc_service.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(false)
         .compile_protos(
-            &["../proto/resnet_serve/v1/classifier.proto"],
+            &[
+                "../proto/resnet_serve/v1/classifier.proto",
+                "../proto/inference/grpc_service.proto",
+            ],
             &["../proto"],
         )?;
     Ok(())

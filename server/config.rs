@@ -10,12 +10,12 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use resnet_serve::device::{self, DeviceSpec, Precision};
-use resnet_serve::model::{Classifier, ModelName};
+use resnet_serve::model::ModelName;
+use resnet_serve::placement::Placement;
 use resnet_serve::preprocess::Limits;
 use resnet_serve::scheduler::{Backend, BatchPolicy};
 use resnet_serve::server::{self, ModelLoader, ServeOptions};
 use resnet_serve::weights::download::Downloader;
-use resnet_serve::weights::Checkpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// Worker threads (model replicas sharing weights) per device and model [default: 1].
     #[arg(long, env = "RESNET_SERVE_WORKERS_PER_DEVICE")]
     pub workers_per_device: Option<usize>,
+    /// Let KServe clients load and unload models at run time (RepositoryModelLoad /
+    /// RepositoryModelUnload) [default: off].
+    #[arg(long, env = "RESNET_SERVE_MODEL_CONTROL")]
+    #[serde(default)]
+    pub model_control: bool,
     /// Allowed fixed batch sizes [default: 1,2,4,8,16,32].
     #[arg(long, env = "RESNET_SERVE_BATCH_SIZES", value_delimiter = ',')]
     pub batch_sizes: Vec<usize>,
@@ -122,6 +127,7 @@ impl ServeArgs {
             device: self.device.or(file.device),
             dtype: self.dtype.or(file.dtype),
             workers_per_device: self.workers_per_device.or(file.workers_per_device),
+            model_control: self.model_control || file.model_control,
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
             } else {
@@ -179,7 +185,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| parse_model(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let options = ServeOptions {
+    let mut options = ServeOptions {
         policy,
         limits,
         max_message_bytes: args
@@ -195,6 +201,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .drain_timeout_s
             .map_or(defaults.drain_timeout, Duration::from_secs),
         default_model: args.default_model.clone(),
+        model_factory: None,
     };
     let device_spec: DeviceSpec = args.device.as_deref().unwrap_or("auto").parse()?;
     let precision = args.dtype.unwrap_or_default();
@@ -206,38 +213,21 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let devices = device::resolve(&device_spec, precision)?;
     let warm_sizes = options.policy.allowed_sizes().to_vec();
     let cache = Downloader::from_env(args.cache_dir.clone(), None);
+    let place = Arc::new(Placement {
+        devices,
+        precision,
+        workers,
+        warm_sizes,
+        cache,
+    });
+    if args.model_control {
+        options.model_factory = Some(place.factory());
+    }
     let loader: ModelLoader = Box::new(move || {
         let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();
         for (name, path) in models {
-            let path = match path {
-                Some(p) => p,
-                None => cache.fetch(name).map_err(|e| e.to_string())?,
-            };
-            let checkpoint = Checkpoint::open(&path).map_err(|e| e.to_string())?;
-            for dev in &devices {
-                let started = std::time::Instant::now();
-                let model =
-                    Classifier::load(name.architecture, &checkpoint, dev, precision.dtype())
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                // A GPU selects kernels and algorithms on first use of each shape; pay
-                // for that now, before health says SERVING.
-                if !dev.is_cpu() {
-                    model.warm_up(&warm_sizes).map_err(|e| {
-                        format!("warming up {name} on {}: {e}", device::describe(dev))
-                    })?;
-                }
-                tracing::info!(
-                    model = %name,
-                    device = %device::describe(dev),
-                    dtype = %precision,
-                    kernels = model.kernels().name(),
-                    seconds = started.elapsed().as_secs_f64(),
-                    "loaded"
-                );
-                let model: Arc<dyn Backend> = Arc::new(model);
-                for _ in 0..workers {
-                    out.push((name.to_string(), model.clone()));
-                }
+            for replica in place.load(name, path)? {
+                out.push((name.to_string(), replica));
             }
         }
         Ok(out)

@@ -21,6 +21,8 @@ pub enum ServeError {
     Schedule(#[from] ScheduleError),
     #[error("server is shutting down; retry on another replica")]
     Draining,
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -35,6 +37,7 @@ impl ServeError {
             ServeError::Schedule(ScheduleError::Stopped(_)) | ServeError::Draining => {
                 Code::Unavailable
             }
+            ServeError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServeError::Schedule(ScheduleError::Compute { .. }) | ServeError::Internal(_) => {
                 Code::Internal
             }

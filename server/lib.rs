@@ -15,6 +15,7 @@
 //! - [`model`]: the six architectures behind the twelve hub names, built strictly from a
 //!   state dict with batch-norm folded into the convolutions; [`model::layers`] is the
 //!   single seam where layer compute happens.
+//! - [`placement`]: loading a model onto its devices (start-up and run-time loads).
 //! - [`preprocess`]: encoded images, raw RGB8 frames and float tensors to the normalised
 //!   3x224x224 input, matching PIL + torchvision.
 //! - [`labels`]: the ImageNet-1k class names, and logits to probabilities / top-k.
@@ -22,23 +23,29 @@
 //!   [`scheduler::policy`] holds the batching policy.
 //! - [`registry`]: the served models by name.
 //! - [`service`]: the `resnet_serve.v1.Classifier` gRPC service.
+//! - [`kserve`]: the KServe v2 / Triton `inference.GRPCInferenceService`, on the same
+//!   port and the same queues.
 //! - [`error`]: request errors and their single mapping to gRPC statuses.
-//! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
+//!   per-model totals KServe's `ModelStatistics` reports.
 //! - [`server`]: health, reflection, model loading, serving and graceful drain.
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 
 pub mod device;
 pub mod error;
+pub mod kserve;
 pub mod labels;
 pub mod metrics;
 pub mod model;
+pub mod placement;
 pub mod predict;
 pub mod preprocess;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod weights;
 
 /// The generated `resnet_serve.v1` protocol types (server and client stubs).
@@ -46,7 +53,13 @@ pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("resnet_serve.v1");
 
-    /// Encoded file descriptor set, for gRPC server reflection.
+    /// Encoded file descriptor set (both protocols), for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("resnet_serve_descriptor");
+
+    /// The generated KServe v2 / Triton `inference` protocol types.
+    pub mod inference {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("inference");
+    }
 }

@@ -49,6 +49,8 @@ pub struct ModelMetrics {
     batch_slots: IntCounter,
     padded_slots: IntCounter,
     model: String,
+    /// Cumulative totals for KServe's `ModelStatistics`.
+    pub stats: crate::stats::InferStats,
 }
 
 impl ModelMetrics {
@@ -203,6 +205,7 @@ impl Metrics {
             batch_slots: self.batch_slots.with_label_values(&[model]),
             padded_slots: self.padded_slots.with_label_values(&[model]),
             model: model.to_string(),
+            stats: crate::stats::InferStats::default(),
         })
     }
 

@@ -27,6 +27,20 @@ impl Registry {
         }
     }
 
+    /// Removes a model; its queue closes once in-flight requests let go of it, and its
+    /// workers then exit and free it. The default passes to the first remaining model.
+    pub fn remove(&self, name: &str) -> Option<ModelHandle> {
+        let removed = self.models.remove(name).map(|(_, h)| h)?;
+        if let Ok(mut d) = self.default_model.write() {
+            if d.as_deref() == Some(name) {
+                let mut rest: Vec<String> = self.models.iter().map(|e| e.key().clone()).collect();
+                rest.sort();
+                *d = rest.into_iter().next();
+            }
+        }
+        Some(removed)
+    }
+
     pub fn set_default(&self, name: &str) {
         if let Ok(mut d) = self.default_model.write() {
             *d = Some(name.to_string());

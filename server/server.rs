@@ -10,12 +10,29 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::kserve::{KServeService, Repository};
 use crate::metrics::Metrics;
 use crate::preprocess::{Limits, Preprocessor};
 use crate::proto::classifier_server::ClassifierServer;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
 use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
 use crate::service::{ClassifierService, State};
+
+/// Loads one model by hub name (from a checkpoint path, or the weights cache) at run
+/// time, one backend per replica: what KServe's RepositoryModelLoad runs. Blocking.
+pub type LoadFn =
+    dyn Fn(&str, Option<&std::path::Path>) -> Result<Vec<Arc<dyn Backend>>, String> + Send + Sync;
+
+/// Run-time model loading, when enabled (`--model-control`).
+#[derive(Clone)]
+pub struct ModelFactory(pub Arc<LoadFn>);
+
+impl std::fmt::Debug for ModelFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelFactory")
+    }
+}
 
 /// Everything about serving that is not a model.
 #[derive(Debug, Clone)]
@@ -30,6 +47,9 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// The default model's name; the first loaded otherwise.
     pub default_model: Option<String>,
+    /// Lets KServe clients load and unload models at run time; `None` (the default)
+    /// refuses them.
+    pub model_factory: Option<ModelFactory>,
 }
 
 impl Default for ServeOptions {
@@ -42,6 +62,7 @@ impl Default for ServeOptions {
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout: Duration::from_secs(30),
             default_model: None,
+            model_factory: None,
         }
     }
 }
@@ -101,6 +122,19 @@ pub async fn run(
         crate::service::stamp_deadline,
     );
 
+    let kserve = tonic::service::interceptor::InterceptedService::new(
+        GrpcInferenceServiceServer::new(KServeService {
+            state: state.clone(),
+            repository: options
+                .model_factory
+                .clone()
+                .map(|f| Arc::new(Repository::new(f, options.policy.clone()))),
+        })
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes),
+        crate::service::stamp_deadline,
+    );
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
@@ -111,6 +145,7 @@ pub async fn run(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(classifier)
+            .add_service(kserve)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
@@ -152,12 +187,14 @@ pub async fn run(
         }
         registry.set_default(d);
     }
+    state.ready.store(true, Ordering::SeqCst);
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!("ready");
 
     shutdown.await;
     tracing::info!(in_flight = state.in_flight.count(), "draining");
     state.draining.store(true, Ordering::SeqCst);
+    state.ready.store(false, Ordering::SeqCst);
     set_health(&health, ServingStatus::NotServing).await;
     if tokio::time::timeout(options.drain_timeout, state.in_flight.wait_idle())
         .await

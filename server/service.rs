@@ -76,6 +76,8 @@ pub struct State {
     pub preprocessor: Preprocessor,
     pub metrics: Metrics,
     pub draining: AtomicBool,
+    /// Models are loaded and the server is not draining (KServe's ServerReady).
+    pub ready: AtomicBool,
     pub in_flight: Arc<InFlight>,
     /// Bounds how many images decode at once on the blocking pool.
     pub preprocess_slots: Semaphore,
@@ -100,6 +102,7 @@ impl State {
             preprocessor,
             metrics,
             draining: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
             preprocess_slots: Semaphore::new(preprocess_threads.max(1)),
             max_images_per_request,
             stream_window: 64,
@@ -107,7 +110,7 @@ impl State {
         }
     }
 
-    fn model(&self, name: &str) -> Result<ModelHandle, ServeError> {
+    pub(crate) fn model(&self, name: &str) -> Result<ModelHandle, ServeError> {
         self.registry
             .get(name)
             .ok_or_else(|| ServeError::UnknownModel {
@@ -120,7 +123,7 @@ impl State {
             })
     }
 
-    fn request_id(&self, given: &str) -> String {
+    pub(crate) fn request_id(&self, given: &str) -> String {
         if given.is_empty() {
             format!("req-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
         } else {
@@ -165,7 +168,7 @@ impl State {
     }
 
     /// Preprocesses all images in parallel, keeping their order.
-    async fn prepare_all(
+    pub(crate) async fn prepare_all(
         self: &Arc<Self>,
         images: Vec<proto::Image>,
     ) -> Result<Vec<Vec<f32>>, ServeError> {
@@ -270,7 +273,7 @@ pub fn stamp_deadline(mut req: Request<()>) -> Result<Request<()>, Status> {
     Ok(req)
 }
 
-fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
+pub(crate) fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
     req.extensions().get::<Deadline>().map(|d| d.0)
 }
 
@@ -291,7 +294,7 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     Some(timeout)
 }
 
-fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",
@@ -422,6 +425,11 @@ impl Classifier for ClassifierService {
             code_name(code),
             started.elapsed(),
         );
+        if let Some(h) = self.state.registry.get(&model_label) {
+            h.metrics()
+                .stats
+                .record_request(result.is_ok(), started.elapsed());
+        }
         span.in_scope(|| match &result {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(e) => tracing::info!(code = code_name(code), "{e}"),

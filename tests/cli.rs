@@ -2,46 +2,19 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, ParamSource};
+use resnet_serve::model::Architecture;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
-}
-
-/// The synthetic resnet18 of the fixtures, saved as a user's safetensors checkpoint.
-fn write_synthetic_resnet18(path: &Path) {
-    let source = SyntheticWeights::new(Architecture::Resnet18, 7);
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = source
-        .names()
-        .into_iter()
-        .map(|n| {
-            let shape = source.shape(&n).expect("shape");
-            let data = source.read_f32(&n).expect("data");
-            (
-                n,
-                shape,
-                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views = tensors.iter().map(|(n, shape, bytes)| {
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .expect("view");
-        (n.clone(), view)
-    });
-    safetensors::serialize_to_file(views, None, path).expect("write");
 }
 
 #[test]
 fn predict_prints_torchvision_logits_and_top5_as_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    write_synthetic_resnet18(&weights);
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let images = ["rocket.jpg", "camera_gray.png", "chelsea_rgba.png"];
     let out = bin()
         .args([
@@ -111,7 +84,7 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
 fn predict_refuses_weights_of_another_architecture() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    write_synthetic_resnet18(&weights);
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let out = bin()
         .args(["predict", "--model", "resnet50_swsl", "--weights"])
         .arg(&weights)
@@ -130,7 +103,7 @@ fn predict_refuses_weights_of_another_architecture() {
 fn weights_inspect_and_convert_work_on_all_three_formats() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("r18.safetensors");
-    write_synthetic_resnet18(&st);
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &st);
     let out = bin()
         .args(["weights", "inspect", "--json"])
         .arg(&st)
@@ -182,7 +155,7 @@ fn weights_inspect_and_convert_work_on_all_three_formats() {
 fn bad_image_files_are_reported_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    write_synthetic_resnet18(&weights);
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let bad = dir.path().join("broken.jpg");
     let good = std::fs::read(common::fixture("images/rocket.jpg")).expect("fixture");
     std::fs::write(&bad, &good[..300]).expect("write");

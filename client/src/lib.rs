@@ -28,6 +28,13 @@ pub mod video;
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("resnet_serve.v1");
+
+    /// The KServe v2 / Triton `inference` protocol (client stubs), which the server also
+    /// speaks on the same port.
+    pub mod inference {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("inference");
+    }
 }
 
 use std::time::Duration;
@@ -142,6 +149,7 @@ const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
 #[derive(Clone)]
 pub struct Client {
     stub: ClassifierClient<Channel>,
+    kserve: proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<Channel>,
     config: ClientConfig,
 }
 
@@ -182,10 +190,27 @@ impl Client {
                 .map_err(ClientError::Connect)?,
             _ => Channel::balance_list(endpoints.into_iter()),
         };
+        let kserve =
+            proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+                channel.clone(),
+            )
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
         let stub = ClassifierClient::new(channel)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-        Ok(Client { stub, config })
+        Ok(Client {
+            stub,
+            kserve,
+            config,
+        })
+    }
+
+    /// A KServe v2 / Triton stub on the same connections.
+    pub fn kserve_stub(
+        &self,
+    ) -> proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<Channel> {
+        self.kserve.clone()
     }
 
     /// The generated stub, for calls this layer does not wrap.

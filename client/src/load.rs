@@ -28,11 +28,13 @@ pub enum Mode {
     Open { rate: f64, max_outstanding: usize },
 }
 
-/// Unary `Classify` calls, or frames on `ClassifyStream`s.
+/// Unary `Classify` calls, frames on `ClassifyStream`s, or unary KServe `ModelInfer`
+/// calls with the same images (FP32 tensors to `MODEL`, encoded files to `MODEL_image`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Unary,
     Stream,
+    KServe,
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +160,76 @@ fn request_images(cfg: &LoadConfig, i: u64) -> Vec<proto::Image> {
         .collect()
 }
 
+/// One KServe `ModelInfer` carrying the same images a `Classify` would.
+async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
+    use proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+    let images = request_images(cfg, i);
+    let n = images.len() as i64;
+    let tensors: Option<Vec<u8>> = images
+        .iter()
+        .map(|img| match &img.kind {
+            Some(proto::image::Kind::Tensor(t)) => Some(t.data.as_slice()),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(|parts| parts.concat());
+    let (model, input, raw) = match tensors {
+        Some(raw) => (
+            cfg.model.clone(),
+            InferInputTensor {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![n, 3, 224, 224],
+                ..Default::default()
+            },
+            raw,
+        ),
+        None => {
+            let mut raw = Vec::new();
+            for img in &images {
+                let Some(proto::image::Kind::Encoded(e)) = &img.kind else {
+                    return Err(tonic::Code::InvalidArgument);
+                };
+                raw.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+                raw.extend_from_slice(&e.data);
+            }
+            (
+                format!("{}_image", cfg.model),
+                InferInputTensor {
+                    name: "image".into(),
+                    datatype: "BYTES".into(),
+                    shape: vec![n, 1],
+                    ..Default::default()
+                },
+                raw,
+            )
+        }
+    };
+    let req = ModelInferRequest {
+        model_name: model,
+        inputs: vec![input],
+        // Only the logits, as the Classify side asks for its configured output.
+        outputs: vec![
+            proto::inference::model_infer_request::InferRequestedOutputTensor {
+                name: "logits".into(),
+                parameters: Default::default(),
+            },
+        ],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    };
+    client
+        .kserve_stub()
+        .model_infer(client.request(req))
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
+}
+
 async fn unary(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
+    if cfg.transport == Transport::KServe {
+        return kserve(client, cfg, i).await;
+    }
     let req = ClassifyRequest {
         model: cfg.model.clone(),
         images: request_images(cfg, i),
@@ -265,6 +336,7 @@ pub async fn run(
         transport: match cfg.transport {
             Transport::Unary => "unary".into(),
             Transport::Stream => "stream".into(),
+            Transport::KServe => "kserve".into(),
         },
         duration_s: elapsed,
         requests,
@@ -305,7 +377,7 @@ async fn closed(
         tasks.push(tokio::spawn(async move {
             let mut i = w as u64;
             match cfg.transport {
-                Transport::Unary => {
+                Transport::Unary | Transport::KServe => {
                     while budget.take() {
                         let sent = Instant::now();
                         recorder.record(sent, unary(&client, &cfg, i).await);

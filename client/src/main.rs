@@ -115,6 +115,10 @@ enum Command {
         /// Use ClassifyStream frames instead of unary calls.
         #[arg(long)]
         stream: bool,
+        /// Send the same images as KServe v2 `ModelInfer` calls (the server's Triton
+        /// protocol) instead of `Classify`, to compare the two APIs.
+        #[arg(long, conflicts_with = "stream")]
+        kserve: bool,
         #[arg(long, default_value = "")]
         model: String,
         /// The server's metrics endpoint (host:port), to report its batching.
@@ -303,6 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             synthetic,
             stream,
+            kserve,
             model,
             metrics,
             json,
@@ -332,6 +337,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
+            if kserve && model.is_empty() {
+                anyhow::bail!("--kserve needs --model (KServe requests always name their model)");
+            }
             let duration = match (duration, requests) {
                 (None, None) => Some(Duration::from_secs(30)),
                 (d, _) => d.map(Duration::from_secs_f64),
@@ -340,6 +348,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mode,
                 transport: if stream {
                     Transport::Stream
+                } else if kserve {
+                    Transport::KServe
                 } else {
                     Transport::Unary
                 },

@@ -457,7 +457,11 @@ fn check_report(r: &serde_json::Value) {
 #[test]
 fn closed_loop_load_counts_every_request() {
     let server = Server::start(model());
-    for extra in [vec![], vec!["--stream"]] {
+    for extra in [
+        vec![],
+        vec!["--stream"],
+        vec!["--kserve", "--model", "resnet18_swsl"],
+    ] {
         let out = server
             .client()
             .args([

@@ -1,5 +1,6 @@
-//! The batcher task: forms batches from a model's queue by [`BatchPolicy`] and hands
-//! them to the worker, one formed while the previous computes.
+//! The batcher task: forms batches from a model's queues by [`BatchPolicy`] and hands
+//! them to the workers, one formed while the others compute. High-priority jobs are
+//! always taken before normal ones.
 
 use std::sync::Arc;
 
@@ -10,6 +11,35 @@ use super::policy::BatchPolicy;
 use super::Job;
 use crate::metrics::ModelMetrics;
 
+/// A model's waiting jobs, in two priority levels.
+pub struct Queues {
+    pub high: mpsc::Receiver<Job>,
+    pub normal: mpsc::Receiver<Job>,
+}
+
+impl Queues {
+    /// The next job, high priority first; `None` once both queues are closed and empty.
+    async fn recv(&mut self) -> Option<Job> {
+        tokio::select! {
+            biased;
+            Some(job) = self.high.recv() => Some(job),
+            job = self.normal.recv() => match job {
+                Some(job) => Some(job),
+                // The handle closes both at once; drain what high priority still holds.
+                None => self.high.recv().await,
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.high.len() + self.normal.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Jobs for one forward pass. The worker drops any that died while it was busy and
 /// then runs the smallest allowed size that holds the rest.
 pub struct Batch {
@@ -19,7 +49,7 @@ pub struct Batch {
 /// Waits for a first live job, then gathers more until the largest allowed batch is
 /// full or the first job has waited `max_queue_delay` since it was queued. Dead jobs
 /// are dropped on arrival. `None` once the queue is closed and empty.
-pub async fn form_batch(rx: &mut mpsc::Receiver<Job>, policy: &BatchPolicy) -> Option<Vec<Job>> {
+pub async fn form_batch(rx: &mut Queues, policy: &BatchPolicy) -> Option<Vec<Job>> {
     let first = loop {
         let job = rx.recv().await?;
         if !job.is_dead(Instant::now()) {
@@ -44,7 +74,7 @@ pub async fn form_batch(rx: &mut mpsc::Receiver<Job>, policy: &BatchPolicy) -> O
 }
 
 pub async fn batcher_task(
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: Queues,
     policy: BatchPolicy,
     to_worker: mpsc::Sender<Batch>,
     metrics: Arc<ModelMetrics>,
@@ -66,9 +96,9 @@ pub async fn batcher_task(
             continue;
         }
         for j in &jobs {
-            metrics
-                .queue_seconds
-                .observe((now - j.enqueued).as_secs_f64());
+            let waited = now - j.enqueued;
+            metrics.queue_seconds.observe(waited.as_secs_f64());
+            metrics.stats.queue.add(1, waited);
         }
         metrics.queue_depth.set(rx.len() as i64);
         slot.send(Batch { jobs });
@@ -76,12 +106,14 @@ pub async fn batcher_task(
 }
 
 /// The worker is gone for good: answer what is queued rather than drop it silently.
-fn fail_queued(rx: &mut mpsc::Receiver<Job>) {
-    rx.close();
-    while let Ok(j) = rx.try_recv() {
-        let _ = j
-            .respond
-            .send(Err(super::ScheduleError::Stopped("worker".into())));
+fn fail_queued(rx: &mut Queues) {
+    for q in [&mut rx.high, &mut rx.normal] {
+        q.close();
+        while let Ok(j) = q.try_recv() {
+            let _ = j
+                .respond
+                .send(Err(super::ScheduleError::Stopped("worker".into())));
+        }
     }
 }
 
@@ -107,13 +139,20 @@ mod tests {
         (job, rx)
     }
 
+    /// Queues fed through the normal level only (the high one is closed and empty).
+    fn normal_only(n: usize) -> (mpsc::Sender<Job>, Queues) {
+        let (tx, normal) = mpsc::channel(n);
+        let (_, high) = mpsc::channel(n);
+        (tx, Queues { high, normal })
+    }
+
     fn policy(delay_ms: u64) -> BatchPolicy {
         BatchPolicy::new(&[1, 2, 4], Duration::from_millis(delay_ms), 16).expect("policy")
     }
 
     #[tokio::test(start_paused = true)]
     async fn waits_the_delay_from_the_first_arrival_then_dispatches_what_came() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = normal_only(16);
         let mut replies = Vec::new();
         let start = Instant::now();
         let (j, r) = job(None);
@@ -144,7 +183,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_goes_at_once() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = normal_only(16);
         let mut replies = Vec::new();
         for _ in 0..6 {
             let (j, r) = job(None);
@@ -161,7 +200,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cancelled_and_expired_jobs_are_skipped() {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = normal_only(16);
         let (gone, r) = job(None);
         drop(r); // the client went away
         tx.send(gone).await.ok();
@@ -175,8 +214,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn high_priority_jobs_go_first() {
+        let (normal_tx, normal) = mpsc::channel(16);
+        let (high_tx, high) = mpsc::channel(16);
+        let mut rx = Queues { high, normal };
+        let mut replies = Vec::new();
+        for _ in 0..5 {
+            let (j, r) = job(None);
+            normal_tx.send(j).await.ok();
+            replies.push(r);
+        }
+        let (urgent, urgent_reply) = job(None);
+        high_tx.send(urgent).await.ok();
+        let batch = form_batch(&mut rx, &policy(5)).await.expect("batch");
+        assert_eq!(batch.len(), 4);
+        // The high-priority job is first although it was queued last.
+        let mut batch = batch.into_iter();
+        let first = batch.next().expect("non-empty");
+        let _ = first.respond.send(Ok(vec![1.0]));
+        assert_eq!(urgent_reply.await.ok(), Some(Ok(vec![1.0])));
+        assert_eq!(batch.len(), 3);
+        assert_eq!(rx.len(), 2, "two normal jobs wait for the next batch");
+        drop(replies);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn closed_queue_ends_the_task() {
-        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let (tx, mut rx) = normal_only(4);
         drop(tx);
         assert!(form_batch(&mut rx, &policy(5)).await.is_none());
     }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+pub use batcher::Queues;
 pub use policy::BatchPolicy;
 pub use worker::{Backend, BackendInfo};
 
@@ -54,13 +55,23 @@ impl Job {
     }
 }
 
-/// A cheap, cloneable handle on one model's queue.
+/// Where a request's images wait: high-priority images join batches before any normal
+/// one that is waiting (KServe's `priority` request parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+/// A cheap, cloneable handle on one model's queues.
 #[derive(Clone)]
 pub struct ModelHandle {
     name: Arc<str>,
     info: BackendInfo,
     policy: BatchPolicy,
     tx: mpsc::Sender<Job>,
+    tx_high: mpsc::Sender<Job>,
     metrics: Arc<ModelMetrics>,
 }
 
@@ -73,7 +84,8 @@ impl ModelHandle {
         policy: BatchPolicy,
         metrics: Arc<ModelMetrics>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(policy.queue_capacity);
+        let (tx, normal) = mpsc::channel(policy.queue_capacity);
+        let (tx_high, high) = mpsc::channel(policy.queue_capacity);
         let (batch_tx, batch_rx) = mpsc::channel(1);
         let mut info = replicas.first().map(|b| b.info()).unwrap_or(BackendInfo {
             architecture: String::new(),
@@ -102,7 +114,7 @@ impl ModelHandle {
             );
         }
         tokio::spawn(batcher::batcher_task(
-            rx,
+            batcher::Queues { high, normal },
             policy.clone(),
             batch_tx,
             metrics.clone(),
@@ -112,8 +124,14 @@ impl ModelHandle {
             info,
             policy,
             tx,
+            tx_high,
             metrics,
         }
+    }
+
+    /// The model's metrics and cumulative statistics.
+    pub fn metrics(&self) -> &ModelMetrics {
+        &self.metrics
     }
 
     pub fn name(&self) -> &str {
@@ -128,9 +146,10 @@ impl ModelHandle {
         &self.policy
     }
 
-    /// Images waiting in the queue now.
+    /// Images waiting in the queues now.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        (self.tx.max_capacity() - self.tx.capacity())
+            + (self.tx_high.max_capacity() - self.tx_high.capacity())
     }
 
     /// Logits for each input, in order. Each image is its own job, so a request larger
@@ -141,12 +160,27 @@ impl ModelHandle {
         inputs: Vec<Vec<f32>>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>, ScheduleError> {
+        self.classify_with_priority(inputs, deadline, Priority::Normal)
+            .await
+    }
+
+    /// [`ModelHandle::classify`] at a given priority.
+    pub async fn classify_with_priority(
+        &self,
+        inputs: Vec<Vec<f32>>,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Result<Vec<Vec<f32>>, ScheduleError> {
         let full = || ScheduleError::QueueFull {
             model: self.name.to_string(),
             capacity: self.policy.queue_capacity,
         };
+        let tx = match priority {
+            Priority::High => &self.tx_high,
+            Priority::Normal => &self.tx,
+        };
         // Reserve every slot first, so a request is queued whole or not at all.
-        let permits = match self.tx.try_reserve_many(inputs.len()) {
+        let permits = match tx.try_reserve_many(inputs.len()) {
             Ok(p) => p,
             Err(mpsc::error::TrySendError::Full(())) => return Err(full()),
             Err(mpsc::error::TrySendError::Closed(())) => {
@@ -170,10 +204,15 @@ impl ModelHandle {
         let gather = async {
             let mut out = Vec::with_capacity(receivers.len());
             for rx in receivers {
-                out.push(
-                    rx.await
-                        .map_err(|_| ScheduleError::Stopped(self.name.to_string()))??,
-                );
+                // A job dropped unanswered was skipped as dead (its deadline passed while
+                // queued) or its model stopped.
+                let answer = rx.await.map_err(|_| match deadline {
+                    Some(d) if d <= Instant::now() => {
+                        ScheduleError::DeadlineExceeded(self.name.to_string())
+                    }
+                    _ => ScheduleError::Stopped(self.name.to_string()),
+                })?;
+                out.push(answer?);
             }
             Ok(out)
         };

@@ -129,15 +129,20 @@ fn worker_loop(
         if jobs.is_empty() {
             continue;
         }
+        let input_started = Instant::now();
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
-        metrics.record_batch(jobs.len(), size);
+        let live = jobs.len();
+        metrics.record_batch(live, size);
         let mut pixels = vec![0f32; size * INPUT_LEN];
         for (slot, job) in pixels.chunks_exact_mut(INPUT_LEN).zip(&jobs) {
             slot.copy_from_slice(&job.input);
         }
         let started = Instant::now();
+        let input_time = started - input_started;
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&pixels, size)));
-        metrics.observe_compute(size, started.elapsed().as_secs_f64());
+        let infer_time = started.elapsed();
+        metrics.observe_compute(size, infer_time.as_secs_f64());
+        let output_started = Instant::now();
         let fail = |message: String| ScheduleError::Compute {
             model: name.to_string(),
             message,
@@ -147,6 +152,13 @@ fn worker_loop(
                 for (job, row) in jobs.into_iter().zip(rows) {
                     let _ = job.respond.send(Ok(row));
                 }
+                metrics.stats.record_batch(
+                    live,
+                    size,
+                    input_time,
+                    infer_time,
+                    output_started.elapsed(),
+                );
             }
             Ok(Ok(rows)) => {
                 let e = fail(format!(

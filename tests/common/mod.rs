@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use resnet_serve::model::synthetic::SyntheticWeights;
+use resnet_serve::model::{Architecture, ParamSource};
 use resnet_serve::weights::Checkpoint;
 
 pub fn fixtures() -> PathBuf {
@@ -27,4 +29,29 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
         .zip(want)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
+}
+
+/// The seeded synthetic weights of the fixtures, saved as a user's safetensors checkpoint.
+pub fn write_synthetic_checkpoint(arch: Architecture, path: &Path) {
+    let source = SyntheticWeights::new(arch, 7);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = source
+        .names()
+        .into_iter()
+        .map(|n| {
+            let shape = source.shape(&n).expect("shape");
+            let data = source.read_f32(&n).expect("data");
+            (
+                n,
+                shape,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = tensors.iter().map(|(n, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .expect("view");
+        (n.clone(), view)
+    });
+    safetensors::serialize_to_file(views, None, path).expect("write");
 }

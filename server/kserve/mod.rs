@@ -1,0 +1,468 @@
+//! The KServe v2 / Triton `inference.GRPCInferenceService`, on the same port as our own
+//! API, so tritonclient, perf_analyzer and KServe's InferenceService work unchanged.
+//! Requests go through the same preprocessing and the same per-model scheduler queue as
+//! `resnet_serve.v1.Classifier`, so both APIs batch together.
+//!
+//! - [`views`]: how each model appears (one KServe model per input kind).
+//! - [`tensors`]: input tensors to images, logits to output tensors, classification.
+//! - [`describe`]: metadata, model configuration and statistics.
+//!
+//! Extensions served: `classification`, `model_configuration`, `schedule_policy`
+//! (request parameters `priority`: 1 high, 2 normal; `timeout`: microseconds, like the
+//! gRPC deadline), `statistics`, and `model_repository` when `--model-control` allows it.
+
+pub mod describe;
+pub mod tensors;
+pub mod views;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServeError;
+use crate::model::ModelName;
+use crate::proto::inference::{
+    self as pb, grpc_inference_service_server::GrpcInferenceService,
+    model_repository_parameter::ParameterChoice as RepoParam,
+};
+use crate::scheduler::{BatchPolicy, ModelHandle, Priority};
+use crate::server::ModelFactory;
+use crate::service::{code_name, deadline_of, State};
+
+use views::View;
+
+/// Run-time loading and unloading (KServe's model repository extension).
+pub struct Repository {
+    pub factory: ModelFactory,
+    pub policy: BatchPolicy,
+    /// One load or unload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Repository {
+    pub fn new(factory: ModelFactory, policy: BatchPolicy) -> Self {
+        Repository {
+            factory,
+            policy,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct KServeService {
+    pub state: Arc<State>,
+    pub repository: Option<Arc<Repository>>,
+}
+
+impl KServeService {
+    /// The model behind a KServe name and version (only version 1, or none, exists).
+    fn resolve(&self, name: &str, version: &str) -> Result<(ModelHandle, View), ServeError> {
+        let (base, view) = View::split(name);
+        if name.is_empty() {
+            return Err(ServeError::InvalidArgument(
+                "a model name is required".into(),
+            ));
+        }
+        let handle = self.state.model(base)?;
+        if !version.is_empty() && version != describe::VERSION {
+            return Err(ServeError::UnknownModel {
+                name: format!("{name} version {version}"),
+                available: format!("{name} version {}", describe::VERSION),
+            });
+        }
+        Ok((handle, view))
+    }
+
+    async fn infer(
+        &self,
+        mut req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<(ModelHandle, pb::ModelInferResponse), ServeError> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining);
+        }
+        let (handle, view) = self.resolve(&req.model_name, &req.model_version)?;
+        let result = self.infer_on(&handle, view, &mut req, deadline).await;
+        Ok((handle, result?))
+    }
+
+    async fn infer_on(
+        &self,
+        handle: &ModelHandle,
+        view: View,
+        req: &mut pb::ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ModelInferResponse, ServeError> {
+        let priority = match tensors::integer(&req.parameters, "priority")? {
+            None | Some(0) | Some(2) => Priority::Normal,
+            Some(1) => Priority::High,
+            Some(p) => {
+                return Err(ServeError::InvalidArgument(format!(
+                    "priority {p} does not exist: 1 is high, 2 (the default) normal"
+                )))
+            }
+        };
+        let deadline = match tensors::integer(&req.parameters, "timeout")? {
+            None | Some(0) => deadline,
+            Some(us) if us > 0 => {
+                let own = Instant::now() + Duration::from_micros(us.min(u64::MAX as i128) as u64);
+                Some(deadline.map_or(own, |d| d.min(own)))
+            }
+            Some(us) => {
+                return Err(ServeError::InvalidArgument(format!(
+                    "timeout {us} must be a positive number of microseconds"
+                )))
+            }
+        };
+        let outputs = tensors::requested(&req.outputs)?;
+        let images = tensors::images(view, req)?;
+        if images.len() > self.state.max_images_per_request {
+            return Err(ServeError::InvalidArgument(format!(
+                "a batch of {} images in one request; the limit is {}",
+                images.len(),
+                self.state.max_images_per_request
+            )));
+        }
+        let inputs = self.state.prepare_all(images).await?;
+        let logits = handle
+            .classify_with_priority(inputs, deadline, priority)
+            .await?;
+        let (tensors, raw): (Vec<_>, Vec<_>) = outputs
+            .into_iter()
+            .map(|o| tensors::encode(o, &logits))
+            .unzip();
+        Ok(pb::ModelInferResponse {
+            model_name: req.model_name.clone(),
+            model_version: describe::VERSION.into(),
+            id: std::mem::take(&mut req.id),
+            parameters: HashMap::new(),
+            outputs: tensors,
+            raw_output_contents: raw,
+        })
+    }
+
+    /// Runs one inference and records it under its model, whatever the outcome.
+    async fn infer_recorded(
+        &self,
+        req: pb::ModelInferRequest,
+        deadline: Option<Instant>,
+        rpc: &str,
+    ) -> Result<pb::ModelInferResponse, ServeError> {
+        let started = Instant::now();
+        let label = View::split(&req.model_name).0.to_string();
+        let result = self.infer(req, deadline).await;
+        let elapsed = started.elapsed();
+        let code = result
+            .as_ref()
+            .map_or_else(ServeError::code, |_| tonic::Code::Ok);
+        self.state
+            .metrics
+            .observe_request(&label, rpc, code_name(code), elapsed);
+        match result {
+            Ok((handle, response)) => {
+                handle.metrics().stats.record_request(true, elapsed);
+                Ok(response)
+            }
+            Err(e) => {
+                if let Some(h) = self.state.registry.get(&label) {
+                    h.metrics().stats.record_request(false, elapsed);
+                }
+                tracing::debug!(model = %label, code = code_name(code), "{e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn repository(&self) -> Result<&Arc<Repository>, ServeError> {
+        self.repository.as_ref().ok_or_else(|| {
+            ServeError::FailedPrecondition(
+                "model control is disabled; start the server with --model-control to load and unload models".into(),
+            )
+        })
+    }
+}
+
+fn hub_name(name: &str) -> Result<ModelName, ServeError> {
+    let base = View::split(name).0;
+    base.parse::<ModelName>()
+        .map_err(|e| ServeError::UnknownModel {
+            name: name.to_string(),
+            available: e.to_string(),
+        })
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for KServeService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        let ready =
+            self.state.ready.load(Ordering::SeqCst) && !self.state.draining.load(Ordering::SeqCst);
+        Ok(Response::new(pb::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let ready = !self.state.draining.load(Ordering::SeqCst)
+            && self.resolve(&r.name, &r.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        let mut extensions: Vec<String> = [
+            "classification",
+            "model_configuration",
+            "schedule_policy",
+            "statistics",
+        ]
+        .map(String::from)
+        .to_vec();
+        if self.repository.is_some() {
+            extensions.push("model_repository".into());
+        }
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "resnet-serve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions,
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let (handle, view) = self.resolve(&r.name, &r.version)?;
+        Ok(Response::new(describe::metadata(&handle, view)))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let _guard = self.state.in_flight.enter();
+        let deadline = deadline_of(&request);
+        self.infer_recorded(request.into_inner(), deadline, "ModelInfer")
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining.into());
+        }
+        let guard = self.state.in_flight.enter();
+        let mut inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::channel(16);
+        // Bounded, as for ClassifyStream: a producer faster than the model is slowed by
+        // HTTP/2 flow control instead of filling memory.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<
+            tokio::task::JoinHandle<Result<pb::ModelInferResponse, ServeError>>,
+        >(self.state.stream_window);
+        let service = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(req)) => {
+                        let s = service.clone();
+                        let task = tokio::spawn(async move {
+                            s.infer_recorded(req, None, "ModelStreamInfer").await
+                        });
+                        if pending_tx.send(task).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!("stream ended by the client: {status}");
+                        break;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let _guard = guard;
+            while let Some(task) = pending_rx.recv().await {
+                let message = match task.await {
+                    Ok(Ok(response)) => pb::ModelStreamInferResponse {
+                        error_message: String::new(),
+                        infer_response: Some(response),
+                    },
+                    Ok(Err(e)) => pb::ModelStreamInferResponse {
+                        error_message: e.to_string(),
+                        infer_response: None,
+                    },
+                    Err(e) => pb::ModelStreamInferResponse {
+                        error_message: format!("internal error: request task failed: {e}"),
+                        infer_response: None,
+                    },
+                };
+                if out_tx.send(Ok(message)).await.is_err() {
+                    break; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let (handle, view) = self.resolve(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(describe::config(
+                &handle,
+                view,
+                self.state.max_images_per_request,
+            )),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let model_stats = if r.name.is_empty() {
+            self.state
+                .registry
+                .all()
+                .iter()
+                .map(|h| describe::statistics(h, h.name().to_string()))
+                .collect()
+        } else {
+            let (handle, _) = self.resolve(&r.name, &r.version)?;
+            vec![describe::statistics(&handle, r.name)]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let only_ready = request.into_inner().ready;
+        let mut models = Vec::new();
+        let loaded = self.state.registry.names();
+        for name in &loaded {
+            for view in View::ALL {
+                models.push(pb::repository_index_response::ModelIndex {
+                    name: view.name(name),
+                    version: describe::VERSION.into(),
+                    state: "READY".into(),
+                    reason: String::new(),
+                });
+            }
+        }
+        if self.repository.is_some() && !only_ready {
+            for name in ModelName::all().map(|n| n.to_string()) {
+                if !loaded.contains(&name) {
+                    models.push(pb::repository_index_response::ModelIndex {
+                        name,
+                        version: describe::VERSION.into(),
+                        state: "UNAVAILABLE".into(),
+                        reason: "unloaded".into(),
+                    });
+                }
+            }
+        }
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let repo = self.repository()?.clone();
+        let r = request.into_inner();
+        let name = hub_name(&r.model_name)?;
+        let mut path = None;
+        for (key, value) in &r.parameters {
+            match (key.as_str(), value.parameter_choice.as_ref()) {
+                ("path", Some(RepoParam::StringParam(p))) => path = Some(std::path::PathBuf::from(p)),
+                _ => {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "unsupported load parameter '{key}'; give 'path' (a checkpoint file) or nothing (the weights cache)"
+                    ))
+                    .into())
+                }
+            }
+        }
+        let _busy = repo.busy.lock().await;
+        let factory = repo.factory.clone();
+        let model = name.to_string();
+        let started = std::time::Instant::now();
+        let replicas = tokio::task::spawn_blocking(move || (factory.0)(&model, path.as_deref()))
+            .await
+            .map_err(|e| ServeError::Internal(format!("loading task failed: {e}")))?
+            .map_err(|e| ServeError::InvalidArgument(format!("loading {name}: {e}")))?;
+        if replicas.is_empty() {
+            return Err(ServeError::Internal(format!("loading {name} gave no replicas")).into());
+        }
+        let key = name.to_string();
+        let handle = ModelHandle::spawn(
+            &key,
+            replicas,
+            repo.policy.clone(),
+            self.state.metrics.for_model(&key),
+        );
+        // Replacing an entry leaves requests already queued on the old copy to finish.
+        self.state.registry.insert(handle);
+        tracing::info!(model = %key, seconds = started.elapsed().as_secs_f64(), "loaded through the model repository API");
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let repo = self.repository()?.clone();
+        let r = request.into_inner();
+        let base = View::split(&r.model_name).0.to_string();
+        let _busy = repo.busy.lock().await;
+        match self.state.registry.remove(&base) {
+            // The handle drops here; the queue closes once in-flight requests let go, the
+            // workers exit and the weights are freed.
+            Some(_) => {
+                tracing::info!(model = %base, "unloaded through the model repository API");
+                Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+            }
+            None => Err(ServeError::UnknownModel {
+                name: r.model_name,
+                available: self.state.registry.names().join(", "),
+            }
+            .into()),
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! KServe tensors to our images and logits to KServe tensors: shape and datatype checks,
+//! `raw_input_contents` (little-endian, row-major; BYTES as 4-byte length + data) or typed
+//! `contents`, requested outputs, and the classification extension.
+
+use crate::error::ServeError;
+use crate::labels;
+use crate::model::{INPUT_SIZE, NUM_CLASSES};
+use crate::proto::inference::{
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    model_infer_request::InferRequestedOutputTensor, model_infer_response::InferOutputTensor,
+    InferParameter, ModelInferRequest,
+};
+use crate::proto::{self, image};
+
+use super::views::{Output, View};
+
+fn bad(message: String) -> ServeError {
+    ServeError::InvalidArgument(message)
+}
+
+/// The request's images, in batch order, as our API's image messages (so both APIs share
+/// one preprocessing path).
+pub fn images(view: View, req: &mut ModelInferRequest) -> Result<Vec<proto::Image>, ServeError> {
+    let [input] = req.inputs.as_slice() else {
+        return Err(bad(format!(
+            "this model takes exactly one input, '{}' ({} {:?} with -1 for the batch); got {}",
+            view.input_name(),
+            view.datatype(),
+            view.dims(),
+            req.inputs.len()
+        )));
+    };
+    if input.name != view.input_name() {
+        return Err(bad(format!(
+            "unknown input '{}'; this model's input is '{}' ({})",
+            input.name,
+            view.input_name(),
+            view.datatype()
+        )));
+    }
+    if input.datatype != view.datatype() {
+        return Err(bad(format!(
+            "input '{}' has datatype {}, expected {}",
+            input.name,
+            input.datatype,
+            view.datatype()
+        )));
+    }
+    let raw = match req.raw_input_contents.len() {
+        0 => None,
+        1 => Some(std::mem::take(&mut req.raw_input_contents[0])),
+        n => return Err(bad(format!("{n} raw_input_contents for one input"))),
+    };
+    let input = &req.inputs[0];
+    match view {
+        View::Tensor => tensors(input, raw),
+        View::Frame => frames(input, raw),
+        View::Image => encoded(input, raw),
+    }
+}
+
+fn dims(input: &InferInputTensor) -> Result<Vec<usize>, ServeError> {
+    input
+        .shape
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| {
+                bad(format!(
+                    "input '{}' has a negative dimension in shape {:?}",
+                    input.name, input.shape
+                ))
+            })
+        })
+        .collect()
+}
+
+fn batch_of(input: &InferInputTensor, shape: &[usize]) -> Result<usize, ServeError> {
+    match shape.first() {
+        Some(&n) if n > 0 => Ok(n),
+        _ => Err(bad(format!(
+            "input '{}' needs a batch of at least one; shape {:?}",
+            input.name, input.shape
+        ))),
+    }
+}
+
+fn tensors(
+    input: &InferInputTensor,
+    raw: Option<Vec<u8>>,
+) -> Result<Vec<proto::Image>, ServeError> {
+    let shape = dims(input)?;
+    let side = INPUT_SIZE;
+    if shape.len() != 4 || shape[1..] != [3, side, side] {
+        return Err(bad(format!(
+            "input 'input' must have shape [N, 3, {side}, {side}]; got {:?}",
+            input.shape
+        )));
+    }
+    let n = batch_of(input, &shape)?;
+    let per = 3 * side * side * 4;
+    let bytes = match raw {
+        Some(b) => b,
+        None => {
+            let v = &input
+                .contents
+                .as_ref()
+                .map(|c| &c.fp32_contents[..])
+                .unwrap_or(&[]);
+            v.iter().flat_map(|f| f.to_le_bytes()).collect()
+        }
+    };
+    if bytes.len() != n * per {
+        return Err(bad(format!(
+            "input 'input' of shape {:?} needs {} bytes of FP32 data; got {}",
+            input.shape,
+            n * per,
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(per)
+        .map(|c| proto::Image {
+            kind: Some(image::Kind::Tensor(proto::FloatTensor { data: c.to_vec() })),
+        })
+        .collect())
+}
+
+fn frames(input: &InferInputTensor, raw: Option<Vec<u8>>) -> Result<Vec<proto::Image>, ServeError> {
+    let shape = dims(input)?;
+    if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
+        return Err(bad(format!(
+            "input 'frame' must have shape [N, H, W, 3] (RGB); got {:?}",
+            input.shape
+        )));
+    }
+    let n = batch_of(input, &shape)?;
+    let (h, w) = (shape[1], shape[2]);
+    let per = h
+        .checked_mul(w)
+        .and_then(|p| p.checked_mul(3))
+        .ok_or_else(|| bad(format!("frame shape {:?} is too large", input.shape)))?;
+    let bytes = match raw {
+        Some(b) => b,
+        None => input
+            .contents
+            .as_ref()
+            .map(|c| &c.uint_contents[..])
+            .unwrap_or(&[])
+            .iter()
+            .map(|&v| u8::try_from(v).map_err(|_| bad(format!("UINT8 value {v} is out of range"))))
+            .collect::<Result<_, _>>()?,
+    };
+    if Some(bytes.len()) != per.checked_mul(n) {
+        return Err(bad(format!(
+            "input 'frame' of shape {:?} needs {} bytes; got {}",
+            input.shape,
+            per.saturating_mul(n),
+            bytes.len()
+        )));
+    }
+    let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
+        return Err(bad(format!("frame shape {:?} is too large", input.shape)));
+    };
+    Ok(bytes
+        .chunks_exact(per)
+        .map(|c| proto::Image {
+            kind: Some(image::Kind::Raw(proto::RawFrame {
+                width,
+                height,
+                rgb: c.to_vec(),
+            })),
+        })
+        .collect())
+}
+
+fn encoded(
+    input: &InferInputTensor,
+    raw: Option<Vec<u8>>,
+) -> Result<Vec<proto::Image>, ServeError> {
+    let shape = dims(input)?;
+    if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
+        return Err(bad(format!(
+            "input 'image' must have shape [N] or [N, 1] (one encoded image each); got {:?}",
+            input.shape
+        )));
+    }
+    let n = batch_of(input, &shape)?;
+    let elements: Vec<Vec<u8>> = match raw {
+        Some(b) => split_bytes(&b)?,
+        None => input
+            .contents
+            .as_ref()
+            .map(|c| c.bytes_contents.clone())
+            .unwrap_or_default(),
+    };
+    if elements.len() != n {
+        return Err(bad(format!(
+            "input 'image' of shape {:?} needs {n} elements; got {}",
+            input.shape,
+            elements.len()
+        )));
+    }
+    Ok(elements
+        .into_iter()
+        .map(|data| proto::Image {
+            kind: Some(image::Kind::Encoded(proto::EncodedImage { data })),
+        })
+        .collect())
+}
+
+/// KServe's raw BYTES layout: each element a little-endian u32 length, then its bytes.
+fn split_bytes(mut b: &[u8]) -> Result<Vec<Vec<u8>>, ServeError> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let Some((len, rest)) = b.split_first_chunk::<4>() else {
+            return Err(bad("raw BYTES data ends inside an element's length".into()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(bad(format!(
+                "raw BYTES element of {len} bytes runs past the data ({} left)",
+                rest.len()
+            )));
+        }
+        out.push(rest[..len].to_vec());
+        b = &rest[len..];
+    }
+    Ok(out)
+}
+
+fn join_bytes<'a>(elements: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in elements {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+fn int_param(p: &InferParameter) -> Option<i128> {
+    match p.parameter_choice.as_ref()? {
+        ParameterChoice::Int64Param(v) => Some(i128::from(*v)),
+        ParameterChoice::Uint64Param(v) => Some(i128::from(*v)),
+        _ => None,
+    }
+}
+
+/// An integer request or output parameter, if present.
+pub fn integer(
+    params: &std::collections::HashMap<String, InferParameter>,
+    key: &str,
+) -> Result<Option<i128>, ServeError> {
+    match params.get(key) {
+        None => Ok(None),
+        Some(p) => int_param(p)
+            .map(Some)
+            .ok_or_else(|| bad(format!("parameter '{key}' must be an integer"))),
+    }
+}
+
+/// What to send back for one output.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputRequest {
+    pub output: Output,
+    /// The classification extension: the top K as BYTES `"score:index:label"`.
+    pub classes: Option<usize>,
+}
+
+/// The outputs a request asked for; all of them (as tensors) when it named none.
+pub fn requested(outputs: &[InferRequestedOutputTensor]) -> Result<Vec<OutputRequest>, ServeError> {
+    if outputs.is_empty() {
+        return Ok(Output::ALL
+            .into_iter()
+            .map(|output| OutputRequest {
+                output,
+                classes: None,
+            })
+            .collect());
+    }
+    outputs
+        .iter()
+        .map(|o| {
+            let output = Output::parse(&o.name).ok_or_else(|| {
+                bad(format!(
+                    "unknown output '{}'; outputs are 'logits' and 'probabilities'",
+                    o.name
+                ))
+            })?;
+            let classes = match integer(&o.parameters, "classification")? {
+                None | Some(0) => None,
+                Some(k) if (1..=NUM_CLASSES as i128).contains(&k) => Some(k as usize),
+                Some(k) => {
+                    return Err(bad(format!(
+                        "classification count {k} must be between 1 and {NUM_CLASSES}"
+                    )))
+                }
+            };
+            Ok(OutputRequest { output, classes })
+        })
+        .collect()
+}
+
+/// One output tensor and its raw contents for a batch of logit rows.
+pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Vec<u8>) {
+    let values: Vec<Vec<f32>> = match req.output {
+        Output::Logits => logits.to_vec(),
+        Output::Probabilities => logits.iter().map(|l| labels::softmax(l)).collect(),
+    };
+    let n = values.len() as i64;
+    match req.classes {
+        None => (
+            InferOutputTensor {
+                name: req.output.name().into(),
+                datatype: "FP32".into(),
+                shape: vec![n, NUM_CLASSES as i64],
+                ..Default::default()
+            },
+            values
+                .iter()
+                .flatten()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        Some(k) => {
+            // Triton's format: the output's own value (not a probability unless the
+            // output is one), its class index and its label; best first.
+            let strings: Vec<String> = values
+                .iter()
+                .flat_map(|row| {
+                    labels::top_k(row, k)
+                        .into_iter()
+                        .map(|s| format!("{:.6}:{}:{}", s.score, s.index, s.label))
+                })
+                .collect();
+            (
+                InferOutputTensor {
+                    name: req.output.name().into(),
+                    datatype: "BYTES".into(),
+                    shape: vec![n, k as i64],
+                    ..Default::default()
+                },
+                join_bytes(strings.iter().map(|s| s.as_bytes())),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inference::InferTensorContents;
+
+    fn request(view: View, datatype: &str, shape: Vec<i64>, raw: Vec<u8>) -> ModelInferRequest {
+        ModelInferRequest {
+            inputs: vec![InferInputTensor {
+                name: view.input_name().into(),
+                datatype: datatype.into(),
+                shape,
+                ..Default::default()
+            }],
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raw_bytes_round_trip_and_truncation_is_an_error() {
+        let joined = join_bytes([&b"ab"[..], b"", b"xyz"].into_iter());
+        assert_eq!(
+            split_bytes(&joined).ok(),
+            Some(vec![b"ab".to_vec(), vec![], b"xyz".to_vec()])
+        );
+        assert!(split_bytes(&joined[..joined.len() - 1]).is_err());
+        assert!(split_bytes(&[1, 0]).is_err());
+    }
+
+    #[test]
+    fn tensor_inputs_are_split_per_image_and_checked() {
+        let per = 3 * 224 * 224 * 4;
+        let mut req = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; 2 * per]);
+        assert_eq!(
+            images(View::Tensor, &mut req).map(|v| v.len()).ok(),
+            Some(2)
+        );
+        let mut short = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; per]);
+        let err = images(View::Tensor, &mut short)
+            .expect_err("short")
+            .to_string();
+        assert!(err.contains("needs 1204224 bytes"), "{err}");
+        let mut wrong = request(View::Tensor, "FP16", vec![1, 3, 224, 224], vec![0; per]);
+        assert!(images(View::Tensor, &mut wrong).is_err());
+        let mut shape = request(View::Tensor, "FP32", vec![1, 3, 224, 225], vec![0; per]);
+        assert!(images(View::Tensor, &mut shape).is_err());
+    }
+
+    #[test]
+    fn typed_contents_work_for_frames_and_images() {
+        let mut frame = request(View::Frame, "UINT8", vec![1, 2, 2, 3], vec![]);
+        frame.raw_input_contents.clear();
+        frame.inputs[0].contents = Some(InferTensorContents {
+            uint_contents: vec![7; 12],
+            ..Default::default()
+        });
+        assert_eq!(
+            images(View::Frame, &mut frame).map(|v| v.len()).ok(),
+            Some(1)
+        );
+        frame.inputs[0].contents = Some(InferTensorContents {
+            uint_contents: vec![256; 12],
+            ..Default::default()
+        });
+        assert!(images(View::Frame, &mut frame).is_err());
+        let mut img = request(
+            View::Image,
+            "BYTES",
+            vec![2, 1],
+            join_bytes([&b"a"[..], b"b"].into_iter()),
+        );
+        assert_eq!(images(View::Image, &mut img).map(|v| v.len()).ok(), Some(2));
+    }
+
+    #[test]
+    fn classification_strings_follow_triton() {
+        let mut logits = vec![0f32; NUM_CLASSES];
+        logits[3] = 2.5;
+        logits[9] = 1.25;
+        let (t, raw) = encode(
+            OutputRequest {
+                output: Output::Logits,
+                classes: Some(2),
+            },
+            &[logits],
+        );
+        assert_eq!(
+            (t.datatype.as_str(), t.shape.clone()),
+            ("BYTES", vec![1, 2])
+        );
+        let items = split_bytes(&raw).expect("bytes");
+        assert_eq!(
+            String::from_utf8_lossy(&items[0]),
+            format!("2.500000:3:{}", labels::label(3))
+        );
+        assert!(String::from_utf8_lossy(&items[1]).starts_with("1.250000:9:"));
+    }
+}

@@ -1,0 +1,79 @@
+//! Where and how models are loaded: on which devices, in what precision, with how many
+//! workers, warmed up how, and from where (a checkpoint path, or the weights cache). The
+//! same for the models given at start-up and those loaded later through KServe's model
+//! repository API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::device::{self, Precision};
+use crate::model::{Classifier, ModelName};
+use crate::scheduler::Backend;
+use crate::server::ModelFactory;
+use crate::weights::download::Downloader;
+use crate::weights::Checkpoint;
+
+/// Where and how models are loaded: the same for the models given at start-up and those
+/// loaded later through KServe's repository API.
+pub struct Placement {
+    pub devices: Vec<candle_core::Device>,
+    pub precision: Precision,
+    /// Workers (replicas sharing one copy) per device.
+    pub workers: usize,
+    /// Batch sizes run once on a GPU before the model is served.
+    pub warm_sizes: Vec<usize>,
+    pub cache: Downloader,
+}
+
+impl Placement {
+    /// One replica per device and worker; blocking (reads and maybe downloads weights).
+    pub fn load(
+        &self,
+        name: ModelName,
+        path: Option<PathBuf>,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
+        let path = match path {
+            Some(p) => p,
+            None => self.cache.fetch(name).map_err(|e| e.to_string())?,
+        };
+        let checkpoint = Checkpoint::open(&path).map_err(|e| e.to_string())?;
+        let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+        for dev in &self.devices {
+            let started = std::time::Instant::now();
+            let model =
+                Classifier::load(name.architecture, &checkpoint, dev, self.precision.dtype())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            // A GPU selects kernels and algorithms on first use of each shape; pay for
+            // that now, before the model is served.
+            if !dev.is_cpu() {
+                model
+                    .warm_up(&self.warm_sizes)
+                    .map_err(|e| format!("warming up {name} on {}: {e}", device::describe(dev)))?;
+            }
+            tracing::info!(
+                model = %name,
+                device = %device::describe(dev),
+                dtype = %self.precision,
+                kernels = model.kernels().name(),
+                seconds = started.elapsed().as_secs_f64(),
+                "loaded"
+            );
+            let model: Arc<dyn Backend> = Arc::new(model);
+            for _ in 0..self.workers {
+                out.push(model.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Placement {
+    /// Run-time loading by hub name, for `--model-control`.
+    pub fn factory(self: &Arc<Self>) -> ModelFactory {
+        let me = self.clone();
+        ModelFactory(Arc::new(move |name: &str, path: Option<&Path>| {
+            let name: ModelName = name.parse().map_err(|e| format!("{e}"))?;
+            me.load(name, path.map(Path::to_path_buf))
+        }))
+    }
+}

@@ -1,0 +1,807 @@
+//! The KServe v2 / Triton protocol end to end: a real server on 127.0.0.1:0 serving a
+//! synthetic resnet18 checkpoint, called through our own generated `inference` stubs
+//! (the client crate's) and through Python's tritonclient.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use resnet_client::proto::classifier_client::ClassifierClient;
+use resnet_client::proto::inference::{
+    grpc_inference_service_client::GrpcInferenceServiceClient as KClient,
+    infer_parameter::ParameterChoice,
+    model_config::SchedulingChoice,
+    model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+    model_repository_parameter, InferParameter, InferTensorContents, ModelConfigRequest,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelReadyRequest,
+    ModelRepositoryParameter, ModelStatisticsRequest, RepositoryIndexRequest,
+    RepositoryModelLoadRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
+    ServerMetadataRequest, ServerReadyRequest,
+};
+use resnet_client::proto::{image, ClassifyRequest, EncodedImage, Image, OutputKind, OutputSpec};
+use resnet_serve::device::Precision;
+use resnet_serve::model::synthetic;
+use resnet_serve::model::Architecture;
+use resnet_serve::placement::Placement;
+use resnet_serve::scheduler::BatchPolicy;
+use resnet_serve::server::{self, RunError, ServeOptions};
+use resnet_serve::weights::download::Downloader;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MODEL: &str = "resnet18_ssl";
+const IMAGE_LEN: usize = 3 * 224 * 224;
+
+struct KServer {
+    addr: String,
+    dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl KServer {
+    async fn start(model_control: bool) -> KServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let weights = dir.path().join("resnet18.safetensors");
+        common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+        let placement = Arc::new(Placement {
+            devices: vec![Device::Cpu],
+            precision: Precision::F32,
+            workers: 1,
+            warm_sizes: vec![],
+            // Nothing is downloaded in these tests: a closed port answers any attempt.
+            cache: Downloader::from_env(
+                Some(dir.path().join("cache")),
+                Some("http://127.0.0.1:9".into()),
+            ),
+        });
+        let options = ServeOptions {
+            policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 64).expect("policy"),
+            preprocess_threads: 2,
+            model_factory: model_control.then(|| placement.factory()),
+            ..ServeOptions::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        let loader: server::ModelLoader = Box::new(move || {
+            let replicas =
+                placement.load(MODEL.parse().map_err(|e| format!("{e}"))?, Some(weights))?;
+            Ok(replicas
+                .into_iter()
+                .map(|b| (MODEL.to_string(), b))
+                .collect())
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(options, loader, listener, None, async {
+            let _ = stopped.await;
+        }));
+        let s = KServer {
+            addr,
+            dir,
+            stop: Some(stop),
+            task,
+        };
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = KClient::connect(s.addr.clone()).await {
+                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
+                    if r.into_inner().ready {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "server never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s
+    }
+
+    async fn kserve(&self) -> KClient<Channel> {
+        KClient::connect(self.addr.clone())
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20)
+    }
+
+    async fn ours(&self) -> ClassifierClient<Channel> {
+        ClassifierClient::connect(self.addr.clone())
+            .await
+            .expect("connect")
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.expect("join").expect("clean shutdown");
+    }
+}
+
+fn raw_f32(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32s(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn input(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor {
+    InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+        ..Default::default()
+    }
+}
+
+/// An FP32 request for `n` seeded synthetic images.
+fn tensor_request(model: &str, seed: u64, n: usize) -> (ModelInferRequest, Vec<f32>) {
+    let values = synthetic::input(seed, n, 224);
+    (
+        ModelInferRequest {
+            model_name: model.into(),
+            id: format!("req-{seed}"),
+            inputs: vec![input("input", "FP32", vec![n as i64, 3, 224, 224])],
+            raw_input_contents: vec![raw_f32(&values)],
+            ..Default::default()
+        },
+        values,
+    )
+}
+
+fn output(name: &str, classes: Option<i64>) -> InferRequestedOutputTensor {
+    let mut parameters = HashMap::new();
+    if let Some(k) = classes {
+        parameters.insert(
+            "classification".to_string(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(k)),
+            },
+        );
+    }
+    InferRequestedOutputTensor {
+        name: name.into(),
+        parameters,
+    }
+}
+
+fn named_output(r: &ModelInferResponse, name: &str) -> (Vec<i64>, Vec<u8>) {
+    let i = r
+        .outputs
+        .iter()
+        .position(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no output {name}"));
+    (r.outputs[i].shape.clone(), r.raw_output_contents[i].clone())
+}
+
+/// Our own API's logits for the same images.
+async fn classify_logits(server: &KServer, images: Vec<Image>) -> Vec<Vec<f32>> {
+    server
+        .ours()
+        .await
+        .classify(ClassifyRequest {
+            model: MODEL.into(),
+            images,
+            output: Some(OutputSpec {
+                kind: OutputKind::Logits as i32,
+                top_k: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("classify")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|c| c.values)
+        .collect()
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    common::relative_error(a, b) <= 1e-5
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_rpcs_answer_what_triton_would() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .expect("live")
+            .into_inner()
+            .live
+    );
+    let meta = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .expect("server metadata")
+        .into_inner();
+    assert_eq!(meta.name, "resnet-serve");
+    for ext in [
+        "classification",
+        "model_configuration",
+        "schedule_policy",
+        "statistics",
+    ] {
+        assert!(meta.extensions.iter().any(|e| e == ext), "{ext}");
+    }
+    assert!(
+        !meta.extensions.iter().any(|e| e == "model_repository"),
+        "off unless --model-control"
+    );
+    let m = c
+        .model_metadata(ModelMetadataRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("model metadata")
+        .into_inner();
+    assert_eq!(m.versions, vec!["1"]);
+    assert_eq!(
+        (
+            m.inputs[0].name.as_str(),
+            m.inputs[0].datatype.as_str(),
+            m.inputs[0].shape.clone()
+        ),
+        ("input", "FP32", vec![-1, 3, 224, 224])
+    );
+    let outs: Vec<_> = m
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.shape.clone()))
+        .collect();
+    assert_eq!(
+        outs,
+        vec![
+            ("logits", vec![-1, 1000]),
+            ("probabilities", vec![-1, 1000])
+        ]
+    );
+    for (view, name, datatype, shape) in [
+        ("_frame", "frame", "UINT8", vec![-1, -1, -1, 3]),
+        ("_image", "image", "BYTES", vec![-1, 1]),
+    ] {
+        let m = c
+            .model_metadata(ModelMetadataRequest {
+                name: format!("{MODEL}{view}"),
+                version: "1".into(),
+            })
+            .await
+            .expect("view metadata")
+            .into_inner();
+        assert_eq!(
+            (
+                m.inputs[0].name.as_str(),
+                m.inputs[0].datatype.as_str(),
+                m.inputs[0].shape.clone()
+            ),
+            (name, datatype, shape)
+        );
+    }
+    let config = c
+        .model_config(ModelConfigRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config body");
+    assert_eq!(config.max_batch_size, 256, "the per-request image limit");
+    assert_eq!(config.input[0].dims, vec![3, 224, 224]);
+    assert_eq!(config.output[0].dims, vec![1000]);
+    let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
+        panic!("dynamic batching expected");
+    };
+    assert_eq!(db.preferred_batch_size, vec![1, 2, 4, 8]);
+    assert_eq!(db.max_queue_delay_microseconds, 2000);
+    assert_eq!((db.priority_levels, db.default_priority_level), (2, 2));
+    assert_eq!(config.instance_group[0].count, 1);
+    let ready = |name: &str, version: &str| {
+        let mut c = c.clone();
+        let req = ModelReadyRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        async move { c.model_ready(req).await.expect("ready").into_inner().ready }
+    };
+    assert!(ready(MODEL, "").await);
+    assert!(ready(&format!("{MODEL}_image"), "1").await);
+    assert!(!ready("resnet50_swsl", "").await);
+    assert!(!ready(MODEL, "2").await);
+    let err = c
+        .model_metadata(ModelMetadataRequest {
+            name: "resnet50_swsl".into(),
+            version: String::new(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let stats = c
+        .model_statistics(ModelStatisticsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.model_stats.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_matches_our_api_for_every_input_kind() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    // FP32 tensors, raw contents: the same logits as Classify, and softmax for probabilities.
+    let (req, values) = tensor_request(MODEL, 3, 2);
+    let r = c.model_infer(req).await.expect("infer").into_inner();
+    assert_eq!(
+        (
+            r.model_name.as_str(),
+            r.model_version.as_str(),
+            r.id.as_str()
+        ),
+        (MODEL, "1", "req-3")
+    );
+    let (shape, raw) = named_output(&r, "logits");
+    assert_eq!(shape, vec![2, 1000]);
+    let logits = f32s(&raw);
+    let images: Vec<Image> = values
+        .chunks_exact(IMAGE_LEN)
+        .map(|v| Image {
+            kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
+                data: raw_f32(v),
+            })),
+        })
+        .collect();
+    let want = classify_logits(&server, images).await;
+    assert!(close(&logits[..1000], &want[0]) && close(&logits[1000..], &want[1]));
+    let probs = f32s(&named_output(&r, "probabilities").1);
+    let sum: f32 = probs[..1000].iter().sum();
+    assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+    // Typed contents give the same answer.
+    let (mut typed, _) = tensor_request(MODEL, 3, 2);
+    typed.raw_input_contents.clear();
+    typed.inputs[0].contents = Some(InferTensorContents {
+        fp32_contents: values.clone(),
+        ..Default::default()
+    });
+    typed.outputs = vec![output("logits", None)];
+    let r = c.model_infer(typed).await.expect("typed").into_inner();
+    assert_eq!(r.outputs.len(), 1, "only the requested output");
+    assert!(close(&f32s(&r.raw_output_contents[0])[..1000], &want[0]));
+
+    // BYTES: encoded images, as our API's encoded input.
+    let jpeg = std::fs::read(common::fixture("images/chelsea_q90.jpg")).expect("fixture");
+    let mut raw = Vec::new();
+    for _ in 0..2 {
+        raw.extend_from_slice(&(jpeg.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&jpeg);
+    }
+    let r = c
+        .model_infer(ModelInferRequest {
+            model_name: format!("{MODEL}_image"),
+            inputs: vec![input("image", "BYTES", vec![2, 1])],
+            outputs: vec![output("logits", None)],
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        })
+        .await
+        .expect("bytes")
+        .into_inner();
+    let want = classify_logits(
+        &server,
+        vec![Image {
+            kind: Some(image::Kind::Encoded(EncodedImage { data: jpeg })),
+        }],
+    )
+    .await;
+    let got = f32s(&r.raw_output_contents[0]);
+    assert!(close(&got[..1000], &want[0]) && close(&got[1000..], &want[0]));
+
+    // UINT8 frames.
+    let frame: Vec<u8> = (0..40 * 30 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let r = c
+        .model_infer(ModelInferRequest {
+            model_name: format!("{MODEL}_frame"),
+            inputs: vec![input("frame", "UINT8", vec![1, 30, 40, 3])],
+            outputs: vec![output("logits", None)],
+            raw_input_contents: vec![frame.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("frame")
+        .into_inner();
+    let want = classify_logits(
+        &server,
+        vec![Image {
+            kind: Some(image::Kind::Raw(resnet_client::proto::RawFrame {
+                width: 40,
+                height: 30,
+                rgb: frame,
+            })),
+        }],
+    )
+    .await;
+    assert!(close(&f32s(&r.raw_output_contents[0]), &want[0]));
+
+    // The classification extension: "score:index:label", best first.
+    let (mut req, _) = tensor_request(MODEL, 3, 2);
+    req.outputs = vec![output("logits", Some(3))];
+    let r = c
+        .model_infer(req)
+        .await
+        .expect("classification")
+        .into_inner();
+    assert_eq!(
+        (r.outputs[0].datatype.as_str(), r.outputs[0].shape.clone()),
+        ("BYTES", vec![2, 3])
+    );
+    let raw = &r.raw_output_contents[0];
+    let len = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    let first = String::from_utf8_lossy(&raw[4..4 + len]).to_string();
+    let parts: Vec<&str> = first.splitn(3, ':').collect();
+    let best = logits[..1000]
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    assert_eq!(parts[1], best.0.to_string(), "{first}");
+    assert!(
+        (parts[0].parse::<f32>().expect("score") - best.1).abs() < 1e-5,
+        "{first}"
+    );
+    assert_eq!(parts[2], resnet_serve::labels::label(best.0));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_codes_triton_clients_expect() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    let code = |req: ModelInferRequest| {
+        let mut c = c.clone();
+        async move { c.model_infer(req).await.expect_err("must fail") }
+    };
+    let (mut wrong_type, _) = tensor_request(MODEL, 1, 1);
+    wrong_type.inputs[0].datatype = "FP16".into();
+    let e = code(wrong_type).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("datatype FP16, expected FP32"),
+        "{}",
+        e.message()
+    );
+    let (mut wrong_shape, _) = tensor_request(MODEL, 1, 1);
+    wrong_shape.inputs[0].shape = vec![1, 224, 224, 3];
+    assert_eq!(code(wrong_shape).await.code(), Code::InvalidArgument);
+    let (mut short, _) = tensor_request(MODEL, 1, 2);
+    short.raw_input_contents[0].truncate(IMAGE_LEN * 4);
+    let e = code(short).await;
+    assert!(
+        e.message().contains("needs 1204224 bytes"),
+        "{}",
+        e.message()
+    );
+    let (mut wrong_name, _) = tensor_request(MODEL, 1, 1);
+    wrong_name.inputs[0].name = "INPUT__0".into();
+    assert_eq!(code(wrong_name).await.code(), Code::InvalidArgument);
+    let (mut bad_output, _) = tensor_request(MODEL, 1, 1);
+    bad_output.outputs = vec![output("OUTPUT__0", None)];
+    assert_eq!(code(bad_output).await.code(), Code::InvalidArgument);
+    let (mut too_many_classes, _) = tensor_request(MODEL, 1, 1);
+    too_many_classes.outputs = vec![output("logits", Some(1001))];
+    assert_eq!(code(too_many_classes).await.code(), Code::InvalidArgument);
+    let (unknown, _) = tensor_request("resnet50_swsl", 1, 1);
+    assert_eq!(code(unknown).await.code(), Code::NotFound);
+    let (mut version, _) = tensor_request(MODEL, 1, 1);
+    version.model_version = "3".into();
+    assert_eq!(code(version).await.code(), Code::NotFound);
+    let (mut priority, _) = tensor_request(MODEL, 1, 1);
+    priority.parameters.insert(
+        "priority".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Uint64Param(7)),
+        },
+    );
+    assert_eq!(code(priority).await.code(), Code::InvalidArgument);
+    // The `timeout` parameter (microseconds) is a deadline like grpc-timeout.
+    let (mut timeout, _) = tensor_request(MODEL, 1, 1);
+    timeout.parameters.insert(
+        "timeout".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(1)),
+        },
+    );
+    assert_eq!(code(timeout).await.code(), Code::DeadlineExceeded);
+    // More images than the queue holds (64): refused whole, at once.
+    let frames = vec![0u8; 65 * 4 * 4 * 3];
+    let flood = ModelInferRequest {
+        model_name: format!("{MODEL}_frame"),
+        inputs: vec![input("frame", "UINT8", vec![65, 4, 4, 3])],
+        raw_input_contents: vec![frames],
+        ..Default::default()
+    };
+    assert_eq!(code(flood).await.code(), Code::ResourceExhausted);
+    // A high-priority request is served like any other.
+    let (mut urgent, _) = tensor_request(MODEL, 1, 1);
+    urgent.parameters.insert(
+        "priority".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(1)),
+        },
+    );
+    c.model_infer(urgent).await.expect("priority 1");
+    // Repository control is off by default.
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "resnet50_swsl".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("disabled");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_infer_answers_in_order_with_errors_per_response() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    let (good1, _) = tensor_request(MODEL, 1, 1);
+    let (mut bad, _) = tensor_request(MODEL, 2, 1);
+    bad.inputs[0].shape = vec![1, 3, 10, 10];
+    let (good2, _) = tensor_request(MODEL, 3, 2);
+    let requests = tokio_stream::iter(vec![good1, bad, good2]);
+    let mut responses = c
+        .model_stream_infer(requests)
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = responses.next().await {
+        got.push(r.expect("message"));
+    }
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        got[0].infer_response.as_ref().map(|r| r.id.as_str()),
+        Some("req-1")
+    );
+    assert!(got[1].infer_response.is_none());
+    assert!(
+        got[1].error_message.contains("must have shape"),
+        "{}",
+        got[1].error_message
+    );
+    let third = got[2].infer_response.as_ref().expect("third");
+    assert_eq!(
+        (third.id.as_str(), named_output(third, "logits").0),
+        ("req-3", vec![2, 1000])
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_count_what_was_sent() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    for (seed, n) in [(1, 1), (2, 3), (3, 2)] {
+        let (req, _) = tensor_request(MODEL, seed, n);
+        c.model_infer(req).await.expect("infer");
+    }
+    let (mut bad, _) = tensor_request(MODEL, 9, 1);
+    bad.inputs[0].datatype = "INT8".into();
+    c.model_infer(bad).await.expect_err("bad");
+    let s = c
+        .model_statistics(ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("stats")
+        .into_inner()
+        .model_stats
+        .remove(0);
+    let is = s.inference_stats.expect("inference stats");
+    let count = |d: Option<resnet_client::proto::inference::StatisticDuration>| {
+        d.map(|d| (d.count, d.ns > 0))
+    };
+    assert_eq!(count(is.success), Some((3, true)));
+    assert_eq!(count(is.fail), Some((1, true)));
+    assert_eq!(s.inference_count, 6, "images computed");
+    assert_eq!(count(is.compute_infer), Some((6, true)));
+    assert_eq!(is.queue.map(|d| d.count), Some(6));
+    let executions: u64 = s
+        .batch_stats
+        .iter()
+        .map(|b| b.compute_infer.as_ref().map_or(0, |d| d.count))
+        .sum();
+    assert_eq!(executions, s.execution_count);
+    assert!(
+        s.execution_count >= 3 && s.execution_count <= 6,
+        "{}",
+        s.execution_count
+    );
+    assert!(s
+        .batch_stats
+        .iter()
+        .all(|b| [1, 2, 4, 8].contains(&b.batch_size)));
+    assert!(s.last_inference > 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_load_and_unload_at_run_time_when_allowed() {
+    let server = KServer::start(true).await;
+    let mut c = server.kserve().await;
+    let meta = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .expect("meta")
+        .into_inner();
+    assert!(meta.extensions.iter().any(|e| e == "model_repository"));
+    let index = c
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .expect("index")
+        .into_inner()
+        .models;
+    let state = |name: &str| {
+        index
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.state.clone())
+    };
+    assert_eq!(state(MODEL).as_deref(), Some("READY"));
+    assert_eq!(state(&format!("{MODEL}_image")).as_deref(), Some("READY"));
+    assert_eq!(state("resnet18_swsl").as_deref(), Some("UNAVAILABLE"));
+    // Load another name from a checkpoint path.
+    let path: PathBuf = server.dir.path().join("resnet18.safetensors");
+    let mut parameters = HashMap::new();
+    parameters.insert(
+        "path".to_string(),
+        ModelRepositoryParameter {
+            parameter_choice: Some(model_repository_parameter::ParameterChoice::StringParam(
+                path.display().to_string(),
+            )),
+        },
+    );
+    c.repository_model_load(RepositoryModelLoadRequest {
+        model_name: "resnet18_swsl".into(),
+        parameters,
+        ..Default::default()
+    })
+    .await
+    .expect("load");
+    let (req, _) = tensor_request("resnet18_swsl", 4, 1);
+    c.model_infer(req).await.expect("served after load");
+    // From the cache, which has nothing and cannot download here: a clear error.
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "resnet50_ssl".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing to load");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("resnet50_ssl"), "{}", e.message());
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "resnet34".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not a hub name");
+    assert_eq!(e.code(), Code::NotFound);
+    // Unload: gone from the index's ready list, inference NOT_FOUND.
+    c.repository_model_unload(RepositoryModelUnloadRequest {
+        model_name: "resnet18_swsl".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unload");
+    let ready = c
+        .model_ready(ModelReadyRequest {
+            name: "resnet18_swsl".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("ready")
+        .into_inner()
+        .ready;
+    assert!(!ready);
+    let (req, _) = tensor_request("resnet18_swsl", 4, 1);
+    assert_eq!(
+        c.model_infer(req).await.expect_err("unloaded").code(),
+        Code::NotFound
+    );
+    let e = c
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            model_name: "resnet18_swsl".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("twice");
+    assert_eq!(e.code(), Code::NotFound);
+    let ready_only = c
+        .repository_index(RepositoryIndexRequest {
+            ready: true,
+            ..Default::default()
+        })
+        .await
+        .expect("index")
+        .into_inner()
+        .models;
+    assert_eq!(ready_only.len(), 3, "resnet18_ssl and its two views");
+    server.stop().await;
+}
+
+/// The Python interpreter with tritonclient[grpc] (`.ci/run` installs it).
+fn python() -> String {
+    std::env::var("RESNET_SERVE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_drives_the_server() {
+    let server = KServer::start(false).await;
+    // Reference logits for what the script sends, from our own API.
+    let values = synthetic::input(11, 2, 224);
+    let images: Vec<Image> = values
+        .chunks_exact(IMAGE_LEN)
+        .map(|v| Image {
+            kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
+                data: raw_f32(v),
+            })),
+        })
+        .collect();
+    let want = classify_logits(&server, images).await;
+    let jpeg_path = common::fixture("images/chelsea_q90.jpg");
+    let jpeg_want = classify_logits(
+        &server,
+        vec![Image {
+            kind: Some(image::Kind::Encoded(EncodedImage {
+                data: std::fs::read(&jpeg_path).expect("fixture"),
+            })),
+        }],
+    )
+    .await;
+    let dir = server.dir.path();
+    std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
+    std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
+    std::fs::write(dir.join("jpeg_logits.f32"), raw_f32(&jpeg_want[0])).expect("write");
+    let url = server.addr.trim_start_matches("http://").to_string();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kserve/tritonclient_check.py");
+    let data = dir.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(&script)
+            .args(["--url", &url, "--model", MODEL, "--data"])
+            .arg(&data)
+            .arg("--jpeg")
+            .arg(&jpeg_path)
+            .output()
+    })
+    .await
+    .expect("join")
+    .unwrap_or_else(|e| panic!("running {} (set RESNET_SERVE_TEST_PYTHON): {e}", python()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "tritonclient checks failed:\n{text}");
+    assert!(text.contains("all tritonclient checks passed"), "{text}");
+    server.stop().await;
+}

@@ -78,6 +78,7 @@ impl Server {
             });
         });
         let (grpc, metrics) = ready_rx.recv().expect("addresses");
+        wait_ready(&format!("http://{grpc}"));
         Server {
             grpc: format!("http://{grpc}"),
             metrics: metrics.to_string(),
@@ -91,6 +92,31 @@ impl Server {
         c.args(["--endpoint", &self.grpc]);
         c
     }
+}
+
+/// Blocks until the server reports ready (models loaded), through its KServe
+/// ServerReady; requests sent earlier would find no model.
+fn wait_ready(url: &str) {
+    use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use resnet_client::proto::inference::ServerReadyRequest;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await {
+                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
+                    if r.into_inner().ready {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "server at {url} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
 }
 
 impl Drop for Server {

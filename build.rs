@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // `bytes` fields as `Bytes`: slices of the received buffer, not copies of it (a
+        // batch of float tensors is tens of MiB).
+        .bytes(".")
         .file_descriptor_set_path(out.join("resnet_serve_descriptor.bin"))
         .compile_protos(
             &[

@@ -26,9 +26,10 @@ use resnet_client::proto::{image, ClassifyRequest, EncodedImage, Image, OutputKi
 use resnet_serve::device::Precision;
 use resnet_serve::model::synthetic;
 use resnet_serve::model::Architecture;
+use resnet_serve::model::ModelError;
 use resnet_serve::placement::Placement;
-use resnet_serve::scheduler::BatchPolicy;
-use resnet_serve::server::{self, RunError, ServeOptions};
+use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
+use resnet_serve::server::{self, ModelFactory, RunError, ServeOptions};
 use resnet_serve::weights::download::Downloader;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -38,8 +39,37 @@ use tonic::Code;
 const MODEL: &str = "resnet18_ssl";
 const IMAGE_LEN: usize = 3 * 224 * 224;
 
+/// Counts model replicas alive, so a test can see an unloaded model's memory go.
+#[derive(Default)]
+struct Alive(std::sync::atomic::AtomicUsize);
+
+struct Tracked {
+    inner: Arc<dyn Backend>,
+    alive: Arc<Alive>,
+}
+
+impl Backend for Tracked {
+    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.inner.forward(pixels, n)
+    }
+
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.alive
+            .0
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 struct KServer {
     addr: String,
+    /// Replicas loaded through the repository API and not yet freed.
+    alive: Arc<Alive>,
     dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), RunError>>,
@@ -50,6 +80,7 @@ impl KServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let weights = dir.path().join("resnet18.safetensors");
         common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+        let alive = Arc::new(Alive::default());
         let placement = Arc::new(Placement {
             devices: vec![Device::Cpu],
             precision: Precision::F32,
@@ -64,7 +95,23 @@ impl KServer {
         let options = ServeOptions {
             policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 64).expect("policy"),
             preprocess_threads: 2,
-            model_factory: model_control.then(|| placement.factory()),
+            model_factory: model_control.then(|| {
+                let real = placement.factory();
+                let alive = alive.clone();
+                ModelFactory(Arc::new(move |name, path| {
+                    let replicas = (real.0)(name, path)?;
+                    Ok(replicas
+                        .into_iter()
+                        .map(|inner| {
+                            alive.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            Arc::new(Tracked {
+                                inner,
+                                alive: alive.clone(),
+                            }) as Arc<dyn Backend>
+                        })
+                        .collect())
+                }))
+            }),
             ..ServeOptions::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -83,6 +130,7 @@ impl KServer {
         }));
         let s = KServer {
             addr,
+            alive,
             dir,
             stop: Some(stop),
             task,
@@ -686,6 +734,7 @@ async fn models_load_and_unload_at_run_time_when_allowed() {
     .expect("load");
     let (req, _) = tensor_request("resnet18_swsl", 4, 1);
     c.model_infer(req).await.expect("served after load");
+    assert_eq!(server.alive.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     // From the cache, which has nothing and cannot download here: a clear error.
     let e = c
         .repository_model_load(RepositoryModelLoadRequest {

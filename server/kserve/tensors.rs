@@ -2,6 +2,8 @@
 //! `raw_input_contents` (little-endian, row-major; BYTES as 4-byte length + data) or typed
 //! `contents`, requested outputs, and the classification extension.
 
+use prost::bytes::Bytes;
+
 use crate::error::ServeError;
 use crate::labels;
 use crate::model::{INPUT_SIZE, NUM_CLASSES};
@@ -84,10 +86,7 @@ fn batch_of(input: &InferInputTensor, shape: &[usize]) -> Result<usize, ServeErr
     }
 }
 
-fn tensors(
-    input: &InferInputTensor,
-    raw: Option<Vec<u8>>,
-) -> Result<Vec<proto::Image>, ServeError> {
+fn tensors(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     let side = INPUT_SIZE;
     if shape.len() != 4 || shape[1..] != [3, side, side] {
@@ -117,15 +116,17 @@ fn tensors(
             bytes.len()
         )));
     }
-    Ok(bytes
-        .chunks_exact(per)
-        .map(|c| proto::Image {
-            kind: Some(image::Kind::Tensor(proto::FloatTensor { data: c.to_vec() })),
+    // Slices of the received buffer: no copy per image.
+    Ok((0..n)
+        .map(|i| proto::Image {
+            kind: Some(image::Kind::Tensor(proto::FloatTensor {
+                data: bytes.slice(i * per..(i + 1) * per),
+            })),
         })
         .collect())
 }
 
-fn frames(input: &InferInputTensor, raw: Option<Vec<u8>>) -> Result<Vec<proto::Image>, ServeError> {
+fn frames(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
         return Err(bad(format!(
@@ -161,22 +162,18 @@ fn frames(input: &InferInputTensor, raw: Option<Vec<u8>>) -> Result<Vec<proto::I
     let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
         return Err(bad(format!("frame shape {:?} is too large", input.shape)));
     };
-    Ok(bytes
-        .chunks_exact(per)
-        .map(|c| proto::Image {
+    Ok((0..n)
+        .map(|i| proto::Image {
             kind: Some(image::Kind::Raw(proto::RawFrame {
                 width,
                 height,
-                rgb: c.to_vec(),
+                rgb: bytes.slice(i * per..(i + 1) * per),
             })),
         })
         .collect())
 }
 
-fn encoded(
-    input: &InferInputTensor,
-    raw: Option<Vec<u8>>,
-) -> Result<Vec<proto::Image>, ServeError> {
+fn encoded(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
         return Err(bad(format!(
@@ -185,7 +182,7 @@ fn encoded(
         )));
     }
     let n = batch_of(input, &shape)?;
-    let elements: Vec<Vec<u8>> = match raw {
+    let elements: Vec<Bytes> = match raw {
         Some(b) => split_bytes(&b)?,
         None => input
             .contents
@@ -209,21 +206,24 @@ fn encoded(
 }
 
 /// KServe's raw BYTES layout: each element a little-endian u32 length, then its bytes.
-fn split_bytes(mut b: &[u8]) -> Result<Vec<Vec<u8>>, ServeError> {
+/// The elements are slices of `b`, not copies.
+fn split_bytes(b: &Bytes) -> Result<Vec<Bytes>, ServeError> {
     let mut out = Vec::new();
-    while !b.is_empty() {
-        let Some((len, rest)) = b.split_first_chunk::<4>() else {
+    let mut at = 0;
+    while at < b.len() {
+        let Some(len) = b.get(at..at + 4) else {
             return Err(bad("raw BYTES data ends inside an element's length".into()));
         };
-        let len = u32::from_le_bytes(*len) as usize;
-        if rest.len() < len {
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let start = at + 4;
+        if b.len() - start < len {
             return Err(bad(format!(
                 "raw BYTES element of {len} bytes runs past the data ({} left)",
-                rest.len()
+                b.len() - start
             )));
         }
-        out.push(rest[..len].to_vec());
-        b = &rest[len..];
+        out.push(b.slice(start..start + len));
+        at = start + len;
     }
     Ok(out)
 }
@@ -301,7 +301,7 @@ pub fn requested(outputs: &[InferRequestedOutputTensor]) -> Result<Vec<OutputReq
 }
 
 /// One output tensor and its raw contents for a batch of logit rows.
-pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Vec<u8>) {
+pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Bytes) {
     let values: Vec<Vec<f32>> = match req.output {
         Output::Logits => logits.to_vec(),
         Output::Probabilities => logits.iter().map(|l| labels::softmax(l)).collect(),
@@ -315,11 +315,13 @@ pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Ve
                 shape: vec![n, NUM_CLASSES as i64],
                 ..Default::default()
             },
-            values
-                .iter()
-                .flatten()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            Bytes::from(
+                values
+                    .iter()
+                    .flatten()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
         ),
         Some(k) => {
             // Triton's format: the output's own value (not a probability unless the
@@ -339,7 +341,7 @@ pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Ve
                     shape: vec![n, k as i64],
                     ..Default::default()
                 },
-                join_bytes(strings.iter().map(|s| s.as_bytes())),
+                Bytes::from(join_bytes(strings.iter().map(|s| s.as_bytes()))),
             )
         }
     }
@@ -358,20 +360,24 @@ mod tests {
                 shape,
                 ..Default::default()
             }],
-            raw_input_contents: vec![raw],
+            raw_input_contents: vec![Bytes::from(raw)],
             ..Default::default()
         }
     }
 
     #[test]
     fn raw_bytes_round_trip_and_truncation_is_an_error() {
-        let joined = join_bytes([&b"ab"[..], b"", b"xyz"].into_iter());
+        let joined = Bytes::from(join_bytes([&b"ab"[..], b"", b"xyz"].into_iter()));
         assert_eq!(
             split_bytes(&joined).ok(),
-            Some(vec![b"ab".to_vec(), vec![], b"xyz".to_vec()])
+            Some(vec![
+                Bytes::from_static(b"ab"),
+                Bytes::new(),
+                Bytes::from_static(b"xyz")
+            ])
         );
-        assert!(split_bytes(&joined[..joined.len() - 1]).is_err());
-        assert!(split_bytes(&[1, 0]).is_err());
+        assert!(split_bytes(&joined.slice(..joined.len() - 1)).is_err());
+        assert!(split_bytes(&Bytes::from_static(&[1, 0])).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Forward-pass images/s on CPU: resnet-serve's Candle models vs PyTorch eager vs ONNX
-Runtime, interleaved per (model, batch) in one run on the same threads, and the ratio
-table for BENCHMARKS.md.
+"""Forward-pass images/s on CPU: resnet-serve's models (our GEMM kernels, and Candle's
+stock ops as the reference path) vs PyTorch eager vs ONNX Runtime, interleaved per
+(model, batch) in one run on the same threads, and the ratio table for BENCHMARKS.md.
 
     python scripts/bench_compare.py [--seconds 10] [--threads 2] [--models resnet18,...]
 """
@@ -32,10 +32,13 @@ def rate(fn, batch: int, seconds: float) -> float:
     return runs * batch / (time.perf_counter() - start)
 
 
-def candle(arch: str, batch: int, seconds: float) -> float:
+def candle(arch: str, batch: int, seconds: float, kernels: str | None = None) -> float:
+    env = dict(os.environ)
+    if kernels:
+        env["RESNET_SERVE_KERNELS"] = kernels
     out = subprocess.run(
         [str(ROOT / "target/release/examples/forward_throughput"), arch, str(batch), str(seconds)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_s"]
 
@@ -75,13 +78,14 @@ def main() -> None:
                     pt = rate(lambda: model(x), batch, args.seconds)
                 ox = rate(lambda: sess.run(None, {"x": xn}), batch, args.seconds)
                 cd = candle(arch, batch, args.seconds)
-                rows.append((arch, batch, pt, ox, cd))
-                print(f"| {arch} | {batch} | {pt:.2f} | {ox:.2f} | {cd:.2f} | {cd / pt:.2f} | {cd / ox:.2f} |", flush=True)
+                st = candle(arch, batch, args.seconds, "candle")
+                rows.append((arch, batch, pt, ox, cd, st))
+                print(f"| {arch} | {batch} | {pt:.2f} | {ox:.2f} | {st:.2f} | {cd:.2f} | {cd / pt:.2f} | {cd / ox:.2f} |", flush=True)
     print()
-    print("| model | batch | PyTorch img/s | ONNX Runtime img/s | Candle (ours) img/s | ours/PyTorch | ours/ORT |")
-    print("|---|---|---|---|---|---|---|")
-    for arch, batch, pt, ox, cd in rows:
-        print(f"| {arch} | {batch} | {pt:.2f} | {ox:.2f} | {cd:.2f} | {cd / pt:.2f} | {cd / ox:.2f} |")
+    print("| model | batch | PyTorch img/s | ONNX Runtime img/s | stock Candle img/s | ours img/s | ours/PyTorch | ours/ORT |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arch, batch, pt, ox, cd, st in rows:
+        print(f"| {arch} | {batch} | {pt:.2f} | {ox:.2f} | {st:.2f} | {cd:.2f} | {cd / pt:.2f} | {cd / ox:.2f} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 //! what is here, with device-independent descriptions ([`FoldedConv`]) coming in at load
 //! time; faster kernels replace the bodies of these functions and nothing else.
 //!
-//! Two kernel sets exist ([`Kernels`]): Candle's stock ops (NCHW, any device) and, on CUDA
-//! with the `cudnn` feature, fused cuDNN convolutions on NHWC activations
+//! Three kernel sets exist ([`Kernels`]): Candle's stock ops (NCHW, any device, the
+//! reference path), GEMM convolutions on NHWC activations for the CPU ([`super::cpu`]),
+//! and, on CUDA with the `cudnn` feature, fused cuDNN convolutions on NHWC activations
 //! ([`super::cudnn`]). The activation layout is private to this module: the network hands
 //! in NCHW f32 and gets `[N, C]` features back.
 
@@ -14,6 +15,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 pub enum Kernels {
     /// Candle's own ops, NCHW, on any device.
     Candle,
+    /// GEMM convolutions on packed weights, NHWC, CPU only.
+    CpuGemm,
     /// cuDNN: one fused conv + bias (+ shortcut) (+ ReLU) call per convolution, NHWC.
     Cudnn,
 }
@@ -21,6 +24,7 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest set built into this binary for `device`. `RESNET_SERVE_KERNELS=candle`
     /// forces the stock ops (kept as the reference path for comparisons).
+    /// `cpu-gemm` runs f32 only; [`super::Classifier::load`] falls back for other dtypes.
     pub fn default_for(device: &Device) -> Kernels {
         let forced = std::env::var("RESNET_SERVE_KERNELS").ok();
         if forced.as_deref() == Some("candle") {
@@ -28,6 +32,8 @@ impl Kernels {
         }
         if cfg!(feature = "cudnn") && device.is_cuda() {
             Kernels::Cudnn
+        } else if device.is_cpu() {
+            Kernels::CpuGemm
         } else {
             Kernels::Candle
         }
@@ -36,6 +42,7 @@ impl Kernels {
     pub fn name(self) -> &'static str {
         match self {
             Kernels::Candle => "candle",
+            Kernels::CpuGemm => "cpu-gemm",
             Kernels::Cudnn => "cudnn",
         }
     }
@@ -45,7 +52,7 @@ impl Kernels {
         let x = x.to_dtype(dtype)?;
         match self {
             Kernels::Candle => Ok(x),
-            Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
+            Kernels::CpuGemm | Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
         }
     }
 
@@ -53,6 +60,7 @@ impl Kernels {
     pub fn max_pool_3x3_s2(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Candle => max_pool_3x3_s2(x),
+            Kernels::CpuGemm => super::cpu::max_pool_3x3_s2(x),
             #[cfg(feature = "cudnn")]
             Kernels::Cudnn => super::cudnn::max_pool_3x3_s2(x),
             #[cfg(not(feature = "cudnn"))]
@@ -66,7 +74,7 @@ impl Kernels {
         let dtype = x.dtype();
         match self {
             Kernels::Candle => global_avg_pool(x),
-            Kernels::Cudnn => {
+            Kernels::CpuGemm | Kernels::Cudnn => {
                 let (n, h, w, c) = x.dims4()?;
                 x.to_dtype(DType::F32)?
                     .reshape((n, h * w, c))?
@@ -93,6 +101,7 @@ pub struct FoldedConv {
 #[derive(Debug)]
 pub enum Conv {
     Candle(CandleConv),
+    CpuGemm(super::cpu::CpuConv),
     #[cfg(feature = "cudnn")]
     Cudnn(super::cudnn::FusedConv),
 }
@@ -101,6 +110,12 @@ impl Conv {
     pub fn new(c: FoldedConv, device: &Device, dtype: DType, kernels: Kernels) -> Result<Self> {
         match kernels {
             Kernels::Candle => Ok(Conv::Candle(CandleConv::new(c, device, dtype)?)),
+            Kernels::CpuGemm => {
+                if !device.is_cpu() || dtype != DType::F32 {
+                    candle_core::bail!("the cpu-gemm kernels run f32 on the CPU");
+                }
+                Ok(Conv::CpuGemm(super::cpu::CpuConv::new(c)))
+            }
             #[cfg(feature = "cudnn")]
             Kernels::Cudnn => Ok(Conv::Cudnn(super::cudnn::FusedConv::new(c, device, dtype)?)),
             #[cfg(not(feature = "cudnn"))]
@@ -112,6 +127,7 @@ impl Conv {
     pub fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         match self {
             Conv::Candle(c) => c.forward(x, relu),
+            Conv::CpuGemm(c) => c.forward(x, None, relu),
             #[cfg(feature = "cudnn")]
             Conv::Cudnn(c) => c.forward(x, None, relu),
         }
@@ -121,6 +137,7 @@ impl Conv {
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self {
             Conv::Candle(c) => c.forward_add_relu(x, residual),
+            Conv::CpuGemm(c) => c.forward(x, Some(residual), true),
             #[cfg(feature = "cudnn")]
             Conv::Cudnn(c) => c.forward(x, Some(residual), true),
         }

@@ -6,12 +6,14 @@
 //!   and the build) and its forward pass.
 //! - [`batchnorm`]: folding eval-mode batch-norm into the preceding convolution.
 //! - [`layers`]: the seam where layer compute happens; everything above it is
-//!   kernel-agnostic. On CUDA builds with `cudnn`, `cudnn` holds the fused GPU kernels.
+//!   kernel-agnostic. [`cpu`] holds the CPU GEMM kernels; on CUDA builds with `cudnn`,
+//!   `cudnn` holds the fused GPU kernels.
 //! - [`params`]: where parameters come from ([`ParamSource`]): checkpoints, or
 //! - [`synthetic`]: the seeded generator the parity fixtures share with PyTorch.
 
 pub mod arch;
 pub mod batchnorm;
+pub mod cpu;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
 pub mod layers;

@@ -255,6 +255,59 @@ impl State {
     }
 }
 
+/// A bidirectional stream's plumbing, shared by `ClassifyStream` and KServe's
+/// `ModelStreamInfer`: each message is handled in its own task, at most `window` at once
+/// (past that the reader stops reading and HTTP/2 flow control slows the producer), and
+/// the answers go out in arrival order. `failed` answers for a task that died. The
+/// in-flight `guard` is held until the last answer is sent.
+pub(crate) fn ordered_stream<In, Out, F, Fut>(
+    mut inbound: Streaming<In>,
+    window: usize,
+    guard: InFlightGuard,
+    mut handle: F,
+    failed: fn(tokio::task::JoinError) -> Result<Out, Status>,
+) -> ReceiverStream<Result<Out, Status>>
+where
+    In: Send + 'static,
+    Out: Send + 'static,
+    F: FnMut(In) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Out, Status>> + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let (pending_tx, mut pending_rx) =
+        mpsc::channel::<tokio::task::JoinHandle<Result<Out, Status>>>(window.max(1));
+    tokio::spawn(async move {
+        loop {
+            match inbound.message().await {
+                Ok(Some(message)) => {
+                    if pending_tx
+                        .send(tokio::spawn(handle(message)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!("stream ended by the client: {status}");
+                    break;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _guard = guard;
+        while let Some(task) = pending_rx.recv().await {
+            let answer = task.await.unwrap_or_else(failed);
+            if out_tx.send(answer).await.is_err() {
+                break; // the client went away
+            }
+        }
+    });
+    ReceiverStream::new(out_rx)
+}
+
 /// The deadline a request's `grpc-timeout` sets, stamped by [`stamp_deadline`].
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Instant);
@@ -447,46 +500,23 @@ impl Classifier for ClassifierService {
             return Err(ServeError::Draining.into());
         }
         let guard = self.state.in_flight.enter();
-        let mut inbound = request.into_inner();
-        let (out_tx, out_rx) = mpsc::channel(16);
-        // Bounded: once this many frames are in flight the reader stops reading, and
-        // HTTP/2 flow control slows the producer.
-        let (pending_tx, mut pending_rx) =
-            mpsc::channel::<tokio::task::JoinHandle<proto::StreamResult>>(self.state.stream_window);
         let state = self.state.clone();
-        tokio::spawn(async move {
-            let mut model = String::new();
-            loop {
-                match inbound.message().await {
-                    Ok(Some(frame)) => {
-                        if !frame.model.is_empty() {
-                            model.clone_from(&frame.model);
-                        }
-                        let task = tokio::spawn(state.clone().classify_frame(model.clone(), frame));
-                        if pending_tx.send(task).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!("stream ended by the client: {status}");
-                        break;
-                    }
+        let mut model = String::new();
+        let answers = ordered_stream(
+            request.into_inner(),
+            self.state.stream_window,
+            guard,
+            move |frame: proto::StreamFrame| {
+                // A frame that names no model uses the stream's last named one.
+                if !frame.model.is_empty() {
+                    model.clone_from(&frame.model);
                 }
-            }
-        });
-        tokio::spawn(async move {
-            let _guard = guard;
-            while let Some(task) = pending_rx.recv().await {
-                let result = task
-                    .await
-                    .map_err(|e| Status::internal(format!("frame task failed: {e}")));
-                if out_tx.send(result).await.is_err() {
-                    break; // the client went away
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(out_rx)))
+                let (state, model) = (state.clone(), model.clone());
+                async move { Ok(state.classify_frame(model, frame).await) }
+            },
+            |e| Err(Status::internal(format!("frame task failed: {e}"))),
+        );
+        Ok(Response::new(answers))
     }
 
     async fn list_models(

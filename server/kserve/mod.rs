@@ -20,7 +20,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,7 +32,7 @@ use crate::proto::inference::{
 };
 use crate::scheduler::{BatchPolicy, ModelHandle, Priority};
 use crate::server::ModelFactory;
-use crate::service::{code_name, deadline_of, State};
+use crate::service::{code_name, deadline_of, ordered_stream, State};
 
 use views::View;
 
@@ -280,57 +279,37 @@ impl GrpcInferenceService for KServeService {
             return Err(ServeError::Draining.into());
         }
         let guard = self.state.in_flight.enter();
-        let mut inbound = request.into_inner();
-        let (out_tx, out_rx) = mpsc::channel(16);
-        // Bounded, as for ClassifyStream: a producer faster than the model is slowed by
-        // HTTP/2 flow control instead of filling memory.
-        let (pending_tx, mut pending_rx) = mpsc::channel::<
-            tokio::task::JoinHandle<Result<pb::ModelInferResponse, ServeError>>,
-        >(self.state.stream_window);
         let service = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(req)) => {
-                        let s = service.clone();
-                        let task = tokio::spawn(async move {
-                            s.infer_recorded(req, None, "ModelStreamInfer").await
-                        });
-                        if pending_tx.send(task).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!("stream ended by the client: {status}");
-                        break;
-                    }
+        let answers = ordered_stream(
+            request.into_inner(),
+            self.state.stream_window,
+            guard,
+            move |req: pb::ModelInferRequest| {
+                let s = service.clone();
+                async move {
+                    // Errors travel in the response, so the stream goes on.
+                    Ok(
+                        match s.infer_recorded(req, None, "ModelStreamInfer").await {
+                            Ok(response) => pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(e) => pb::ModelStreamInferResponse {
+                                error_message: e.to_string(),
+                                infer_response: None,
+                            },
+                        },
+                    )
                 }
-            }
-        });
-        tokio::spawn(async move {
-            let _guard = guard;
-            while let Some(task) = pending_rx.recv().await {
-                let message = match task.await {
-                    Ok(Ok(response)) => pb::ModelStreamInferResponse {
-                        error_message: String::new(),
-                        infer_response: Some(response),
-                    },
-                    Ok(Err(e)) => pb::ModelStreamInferResponse {
-                        error_message: e.to_string(),
-                        infer_response: None,
-                    },
-                    Err(e) => pb::ModelStreamInferResponse {
-                        error_message: format!("internal error: request task failed: {e}"),
-                        infer_response: None,
-                    },
-                };
-                if out_tx.send(Ok(message)).await.is_err() {
-                    break; // the client went away
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(out_rx)))
+            },
+            |e| {
+                Ok(pb::ModelStreamInferResponse {
+                    error_message: format!("internal error: request task failed: {e}"),
+                    infer_response: None,
+                })
+            },
+        );
+        Ok(Response::new(answers))
     }
 
     async fn model_config(

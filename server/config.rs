@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Precision on the device; f16/bf16 need a GPU [default: f32].
     #[arg(long, env = "RESNET_SERVE_DTYPE", value_enum)]
     pub dtype: Option<Precision>,
+    /// Threads for each model's CPU compute; the rest of the cores decode images
+    /// [default: all cores].
+    #[arg(long, env = "RESNET_SERVE_COMPUTE_THREADS")]
+    pub compute_threads: Option<usize>,
     /// Worker threads (model replicas sharing weights) per device and model [default: 1].
     #[arg(long, env = "RESNET_SERVE_WORKERS_PER_DEVICE")]
     pub workers_per_device: Option<usize>,
@@ -127,6 +131,7 @@ impl ServeArgs {
             device: self.device.or(file.device),
             dtype: self.dtype.or(file.dtype),
             workers_per_device: self.workers_per_device.or(file.workers_per_device),
+            compute_threads: self.compute_threads.or(file.compute_threads),
             model_control: self.model_control || file.model_control,
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
@@ -219,6 +224,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         workers,
         warm_sizes,
         cache,
+        compute_threads: args.compute_threads,
     });
     if args.model_control {
         options.model_factory = Some(place.factory());

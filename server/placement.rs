@@ -23,6 +23,38 @@ pub struct Placement {
     /// Batch sizes run once on a GPU before the model is served.
     pub warm_sizes: Vec<usize>,
     pub cache: Downloader,
+    /// Threads the CPU compute of each model copy may use (its own pool); `None`: the
+    /// process-wide pool, one thread per core. Fewer leave cores to image decoding.
+    pub compute_threads: Option<usize>,
+}
+
+/// A model whose forward passes run on a thread pool of their own size.
+struct Pooled {
+    inner: Arc<dyn Backend>,
+    pool: rayon::ThreadPool,
+}
+
+impl Backend for Pooled {
+    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+        self.pool.install(|| self.inner.forward(pixels, n))
+    }
+
+    fn info(&self) -> crate::scheduler::BackendInfo {
+        self.inner.info()
+    }
+}
+
+/// `backend` with its compute confined to `threads` threads.
+pub fn with_threads(backend: Arc<dyn Backend>, threads: usize) -> Result<Arc<dyn Backend>, String> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("compute-{i}"))
+        .build()
+        .map_err(|e| format!("compute thread pool: {e}"))?;
+    Ok(Arc::new(Pooled {
+        inner: backend,
+        pool,
+    }))
 }
 
 impl Placement {
@@ -58,7 +90,10 @@ impl Placement {
                 seconds = started.elapsed().as_secs_f64(),
                 "loaded"
             );
-            let model: Arc<dyn Backend> = Arc::new(model);
+            let mut model: Arc<dyn Backend> = Arc::new(model);
+            if let (Some(n), true) = (self.compute_threads, dev.is_cpu()) {
+                model = with_threads(model, n)?;
+            }
             for _ in 0..self.workers {
                 out.push(model.clone());
             }
@@ -75,5 +110,36 @@ impl Placement {
             let name: ModelName = name.parse().map_err(|e| format!("{e}"))?;
             me.load(name, path.map(Path::to_path_buf))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::BackendInfo;
+
+    /// Reports, as its only logit, how many threads its forward pass could use.
+    struct Probe;
+
+    impl Backend for Probe {
+        fn forward(&self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+            Ok(vec![vec![rayon::current_num_threads() as f32]; n])
+        }
+
+        fn info(&self) -> BackendInfo {
+            BackendInfo {
+                architecture: "probe".into(),
+                device: "cpu".into(),
+                dtype: "f32".into(),
+            }
+        }
+    }
+
+    #[test]
+    fn compute_runs_on_a_pool_of_the_asked_size() {
+        for n in [1, 3] {
+            let b = with_threads(Arc::new(Probe), n).expect("pool");
+            assert_eq!(b.forward(&[], 1).ok(), Some(vec![vec![n as f32]]));
+        }
     }
 }

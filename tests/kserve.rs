@@ -91,6 +91,7 @@ impl KServer {
                 Some(dir.path().join("cache")),
                 Some("http://127.0.0.1:9".into()),
             ),
+            compute_threads: None,
         });
         let options = ServeOptions {
             policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 64).expect("policy"),

@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod config;
 
+// Keeps and reuses freed memory: each layer's output is a fresh multi-MiB buffer that
+// glibc returns to the OS, paying page faults on every forward pass (resnet50 batch 8:
+// 19.2 -> 20.7 img/s, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use resnet_serve::device::{self, DeviceSpec, Precision};
 use resnet_serve::model::ModelName;
 use resnet_serve::predict::{self, OutputKind};

@@ -194,6 +194,18 @@ fn input(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor {
     }
 }
 
+/// Our API's tensor images for a flat run of `3 x 224 x 224` inputs.
+fn tensor_images(values: &[f32]) -> Vec<Image> {
+    values
+        .chunks_exact(IMAGE_LEN)
+        .map(|v| Image {
+            kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
+                data: raw_f32(v),
+            })),
+        })
+        .collect()
+}
+
 /// An FP32 request for `n` seeded synthetic images.
 fn tensor_request(model: &str, seed: u64, n: usize) -> (ModelInferRequest, Vec<f32>) {
     let values = synthetic::input(seed, n, 224);
@@ -407,14 +419,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
     let (shape, raw) = named_output(&r, "logits");
     assert_eq!(shape, vec![2, 1000]);
     let logits = f32s(&raw);
-    let images: Vec<Image> = values
-        .chunks_exact(IMAGE_LEN)
-        .map(|v| Image {
-            kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
-                data: raw_f32(v),
-            })),
-        })
-        .collect();
+    let images = tensor_images(&values);
     let want = classify_logits(&server, images).await;
     assert!(close(&logits[..1000], &want[0]) && close(&logits[1000..], &want[1]));
     let probs = f32s(&named_output(&r, "probabilities").1);
@@ -807,14 +812,7 @@ async fn tritonclient_drives_the_server() {
     let server = KServer::start(false).await;
     // Reference logits for what the script sends, from our own API.
     let values = synthetic::input(11, 2, 224);
-    let images: Vec<Image> = values
-        .chunks_exact(IMAGE_LEN)
-        .map(|v| Image {
-            kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
-                data: raw_f32(v),
-            })),
-        })
-        .collect();
+    let images = tensor_images(&values);
     let want = classify_logits(&server, images).await;
     let jpeg_path = common::fixture("images/chelsea_q90.jpg");
     let jpeg_want = classify_logits(

@@ -9,6 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, INPUT_SIZE};
 
+// The allocator the server binary ships with, so the numbers are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arch = Architecture::ALL

@@ -197,7 +197,7 @@ fn rate(
         step()?;
         runs += 1;
         // Keep the launch queue from running far ahead of the clock check.
-        if runs % 8 == 0 {
+        if runs.is_multiple_of(8) {
             sync.synchronize()?;
         }
     }

@@ -219,7 +219,7 @@ impl Unpickler<'_> {
         let Value::Dict(d) = target else {
             return Err(self.malformed(format!("SETITEM on a {}", target.kind())));
         };
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("odd number of dict items"));
         }
         let mut d = d.borrow_mut();

@@ -1,0 +1,65 @@
+//! GFLOP/s of single CPU convolutions in the shapes resnet50 and resnext50_32x4d run,
+//! per implementation: the numbers behind kernel work on `server/model/cpu/`.
+//!
+//! `cargo run --release --example conv_layers -- [batch] [seconds per layer]`
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use resnet_serve::model::cpu::{CpuConv, CpuImpl};
+use resnet_serve::model::layers::FoldedConv;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let batch: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(8);
+    let seconds: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1.0);
+    // (name, out, in, k, stride, groups, input side)
+    let layers = [
+        ("l1 1x1 64->64", 64, 64, 1, 1, 1, 56),
+        ("l1 3x3 64", 64, 64, 3, 1, 1, 56),
+        ("l1 1x1 64->256", 256, 64, 1, 1, 1, 56),
+        ("l1 1x1 256->64", 64, 256, 1, 1, 1, 56),
+        ("l2 3x3 128", 128, 128, 3, 1, 1, 28),
+        ("l3 3x3 256", 256, 256, 3, 1, 1, 14),
+        ("l3 1x1 1024->256", 256, 1024, 1, 1, 1, 14),
+        ("l4 3x3 512", 512, 512, 3, 1, 1, 7),
+        ("l4 1x1 512->2048", 2048, 512, 1, 1, 1, 7),
+        ("x l1 3x3 g32 (4)", 128, 128, 3, 1, 32, 56),
+        ("x l3 3x3 g32 (16)", 512, 512, 3, 1, 32, 14),
+        ("stem 7x7", 64, 3, 7, 2, 1, 224),
+    ];
+    for (name, o, i, k, stride, groups, side) in layers {
+        let ipg = i / groups;
+        let folded = FoldedConv {
+            weight: (0..o * ipg * k * k)
+                .map(|v| (v % 7) as f32 * 0.01)
+                .collect(),
+            bias: vec![0.1; o],
+            shape: [o, ipg, k, k],
+            stride,
+            padding: k / 2,
+            groups,
+        };
+        let x = Tensor::ones(
+            (batch, side, side, i),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        let out_side = (side + 2 * (k / 2) - k) / stride + 1;
+        let flops = 2.0 * (batch * out_side * out_side * o * ipg * k * k) as f64;
+        let mut row = format!("{name:<20}");
+        for which in [CpuImpl::Best, CpuImpl::Gemm] {
+            let conv = CpuConv::with_impl(folded.clone(), which);
+            conv.forward(&x, None, true)?;
+            let (mut runs, start) = (0u32, Instant::now());
+            while runs < 3 || start.elapsed().as_secs_f64() < seconds {
+                conv.forward(&x, None, true)?;
+                runs += 1;
+            }
+            let gflops = flops * runs as f64 / start.elapsed().as_secs_f64() / 1e9;
+            row += &format!(" {:>14} {gflops:7.1}", conv.implementation());
+        }
+        println!("{row}");
+    }
+    Ok(())
+}

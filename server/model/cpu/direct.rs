@@ -1,0 +1,314 @@
+//! Convolutions computed straight from NHWC activations by the AVX-512 kernels of
+//! [`super::avx512`]: weights packed once at load into the panels the kernels stream,
+//! one pointer per (pixel, tap) instead of an im2col copy, and bias, shortcut and ReLU
+//! applied while the results are still in registers.
+//!
+//! Work is split over the thread pool in tiles of `MR` pixels; each task walks its tiles
+//! against a run of output-channel blocks whose weights fit in L2, so both the pixels of
+//! a tile and the weights of a block are read from cache while they are reused.
+
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+
+use super::avx512::{self, Epilogue, LANES, MR, NR};
+use super::{threads, Geometry, SendPtr};
+use crate::model::layers::FoldedConv;
+
+/// Taps a kernel walks through pointers; larger windows (the 7x7 stem) go by rows.
+const MAX_TAPS: usize = 9;
+/// Below this many input channels per tap, one pointer per window row beats one per
+/// pixel (the 3-channel stem: 7 taps of 21 values instead of 49 taps of 3).
+const MIN_DIRECT_CHANNELS: usize = 16;
+/// Bytes of packed weights a task keeps hot while it walks its tiles.
+const PANEL_BUDGET: usize = 1 << 20;
+
+/// Which kernel a convolution runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Output channels per group a multiple of [`NR`]: weights `[group][block][tap][in][NR]`.
+    Dense,
+    /// Groups of 4, 8 or 16 channels (ResNeXt): weights `[block of 16][tap][in][16]`.
+    Narrow,
+}
+
+/// Whether the AVX-512 kernels can run on this CPU.
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[derive(Debug)]
+pub struct DirectConv {
+    form: Form,
+    packed: Vec<f32>,
+    bias: Vec<f32>,
+    geo: Geometry,
+    /// One tap per window row (few input channels): a row of the window is `k * c`
+    /// contiguous values of a zero-bordered copy of the input.
+    by_rows: bool,
+}
+
+impl DirectConv {
+    /// The direct form of `c`, or `None` when no kernel here covers its shape.
+    pub fn new(c: &FoldedConv) -> Option<Self> {
+        let geo = Geometry::of(c);
+        let [o, ipg, k, _] = c.shape;
+        let groups = c.groups;
+        let opg = o / groups;
+        let taps = k * k;
+        let by_rows = groups == 1 && (ipg < MIN_DIRECT_CHANNELS || taps > MAX_TAPS);
+        let form = if opg.is_multiple_of(NR) && (by_rows || taps <= MAX_TAPS) {
+            Form::Dense
+        } else if ipg == opg && LANES.is_multiple_of(ipg) && taps <= MAX_TAPS && !by_rows {
+            Form::Narrow
+        } else {
+            return None;
+        };
+        let w = |oc: usize, ci: usize, t: usize| c.weight[(oc * ipg + ci) * taps + t];
+        let mut packed = Vec::with_capacity(c.weight.len());
+        match form {
+            Form::Dense => {
+                for g in 0..groups {
+                    for j in 0..opg / NR {
+                        for t in 0..taps {
+                            for ci in 0..ipg {
+                                packed.extend((0..NR).map(|l| w(g * opg + j * NR + l, ci, t)));
+                            }
+                        }
+                    }
+                }
+            }
+            Form::Narrow => {
+                for jb in 0..o / LANES {
+                    for t in 0..taps {
+                        for ci in 0..ipg {
+                            packed.extend((0..LANES).map(|l| w(jb * LANES + l, ci, t)));
+                        }
+                    }
+                }
+            }
+        }
+        Some(DirectConv {
+            form,
+            packed,
+            bias: c.bias.clone(),
+            geo,
+            by_rows,
+        })
+    }
+
+    /// `act(conv(x) + bias [+ residual])`, NHWC in and out; `dims` is checked by the caller.
+    pub fn run(
+        &self,
+        x: &[f32],
+        dims: [usize; 4],
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> Result<Vec<f32>> {
+        let geo = &self.geo;
+        let [o, ipg, k, _] = geo.shape;
+        let [n, h, w, c] = dims;
+        let (oh, ow) = geo.out_hw(h, w);
+        let m = n * oh * ow;
+        if x.len() != n * h * w * c || residual.is_some_and(|r| r.len() != m * o) {
+            bail!("conv: buffer sizes do not match {dims:?}");
+        }
+        let padded;
+        let src = if self.by_rows {
+            padded = pad(x, dims, geo.padding);
+            let p2 = 2 * geo.padding;
+            Source {
+                x: &padded,
+                dims: [n, h + p2, w + p2, c],
+                k,
+                stride: geo.stride,
+                padding: 0,
+                out_hw: (oh, ow),
+                by_rows: true,
+            }
+        } else {
+            Source {
+                x,
+                dims,
+                k,
+                stride: geo.stride,
+                padding: geo.padding,
+                out_hw: (oh, ow),
+                by_rows: false,
+            }
+        };
+        let taps = src.taps();
+        let kc = if self.by_rows { k * c } else { ipg };
+        let zero = vec![0f32; kc.max(src.dims[3])];
+        let (width, blocks, panel) = match self.form {
+            Form::Dense => (NR, o / NR, taps * kc * NR),
+            Form::Narrow => (LANES, o / LANES, taps * ipg * LANES),
+        };
+        if self.packed.len() != blocks * panel {
+            bail!("conv: packed weights do not match the geometry");
+        }
+
+        let mut out: Vec<f32> = Vec::with_capacity(m * o);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let tiles = m.div_ceil(MR);
+        let target = threads() * 4;
+        // Split the larger operand across tasks, so each task reuses the smaller one from
+        // cache: late layers (few pixels, many weights) split over output channels, early
+        // layers (many pixels, few weights) over pixels.
+        let weights_heavier = self.packed.len() > m * c;
+        let (tile_tasks, col_splits) = if weights_heavier {
+            let col_splits = target.min(blocks);
+            (target.div_ceil(col_splits).min(tiles), col_splits)
+        } else {
+            let tile_tasks = target.min(tiles);
+            (tile_tasks, target.div_ceil(tile_tasks).min(blocks))
+        };
+        let tiles_per_task = tiles.div_ceil(tile_tasks);
+        let tile_tasks = tiles.div_ceil(tiles_per_task);
+        let blocks_per_split = blocks.div_ceil(col_splits);
+        let col_splits = blocks.div_ceil(blocks_per_split);
+        let blocks_per_pass = (PANEL_BUDGET / (panel * 4)).max(1);
+
+        (0..tile_tasks * col_splits)
+            .into_par_iter()
+            .for_each(|task| {
+                let out_ptr = &out_ptr;
+                let (tt, cs) = (task / col_splits, task % col_splits);
+                let tile_range = tt * tiles_per_task..((tt + 1) * tiles_per_task).min(tiles);
+                let block_end = ((cs + 1) * blocks_per_split).min(blocks);
+                let mut scratch = [0f32; MR * NR];
+                let mut ptrs = [std::ptr::null::<f32>(); MAX_TAPS * MR];
+                let mut pass_start = cs * blocks_per_split;
+                while pass_start < block_end {
+                    let pass_end = (pass_start + blocks_per_pass).min(block_end);
+                    for tile in tile_range.clone() {
+                        let m0 = tile * MR;
+                        src.tile_pointers(m0, m, zero.as_ptr(), &mut ptrs[..taps * MR]);
+                        for blk in pass_start..pass_end {
+                            let col0 = blk * width;
+                            let a_off = match self.form {
+                                Form::Dense => (col0 / (o / geo.groups)) * ipg,
+                                Form::Narrow => col0,
+                            };
+                            let scratch_ptr = scratch.as_mut_ptr();
+                            let mut rows = [scratch_ptr; MR];
+                            let mut res_rows = [scratch_ptr as *const f32; MR];
+                            for i in 0..MR.min(m - m0) {
+                                // SAFETY: row m0 + i < m, column block inside 0..o.
+                                rows[i] = unsafe { out_ptr.0.add((m0 + i) * o + col0) };
+                                if let Some(r) = residual {
+                                    res_rows[i] = r[(m0 + i) * o + col0..].as_ptr();
+                                }
+                            }
+                            let e = Epilogue {
+                                bias: self.bias[col0..col0 + width].as_ptr(),
+                                out: rows,
+                                residual: residual.map(|_| res_rows),
+                                relu,
+                            };
+                            let b = self.packed[blk * panel..(blk + 1) * panel].as_ptr();
+                            // SAFETY: `available()` was checked when this conv was built;
+                            // every row pointer reads at most `a_off + kc` (dense) or
+                            // `a_off + LANES` (narrow) values of a pixel of `c` channels, of
+                            // a window row inside the padded copy (`by_rows`), or of `zero`; the panel holds `panel` values; the output rows
+                            // own `width` values each (scratch rows hold MR * NR).
+                            unsafe {
+                                match self.form {
+                                    Form::Dense => {
+                                        avx512::dense(&ptrs[..taps * MR], a_off, taps, kc, b, &e)
+                                    }
+                                    Form::Narrow => {
+                                        avx512::narrow(&ptrs[..taps * MR], a_off, taps, ipg, b, &e)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    pass_start = pass_end;
+                }
+            });
+        // SAFETY: the tiles cover rows 0..m and the blocks columns 0..o, so every value
+        // was written above.
+        unsafe { out.set_len(m * o) };
+        Ok(out)
+    }
+}
+
+/// The NHWC tensor a kernel reads, and the window geometry over it.
+struct Source<'a> {
+    x: &'a [f32],
+    dims: [usize; 4],
+    k: usize,
+    stride: usize,
+    padding: usize,
+    out_hw: (usize, usize),
+    /// One tap per window row: the input has no padding left to apply.
+    by_rows: bool,
+}
+
+/// `x` with a border of `p` zero pixels.
+fn pad(x: &[f32], [n, h, w, c]: [usize; 4], p: usize) -> Vec<f32> {
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut out = vec![0f32; n * hp * wp * c];
+    out.par_chunks_mut(hp * wp * c)
+        .zip(x.par_chunks(h * w * c))
+        .for_each(|(dst, src)| {
+            for y in 0..h {
+                let d = ((y + p) * wp + p) * c;
+                dst[d..d + w * c].copy_from_slice(&src[y * w * c..(y + 1) * w * c]);
+            }
+        });
+    out
+}
+
+impl Source<'_> {
+    fn taps(&self) -> usize {
+        if self.by_rows {
+            self.k
+        } else {
+            self.k * self.k
+        }
+    }
+
+    /// Pointers to the input under each tap of output pixels `m0..m0 + MR` (tap-major):
+    /// a pixel, or the first pixel of a window row when `by_rows`; `zero` outside the
+    /// image and past the last pixel `m`.
+    fn tile_pointers(&self, m0: usize, m: usize, zero: *const f32, ptrs: &mut [*const f32]) {
+        let [_, h, w, c] = self.dims;
+        let (oh, ow) = self.out_hw;
+        let k = self.k;
+        for i in 0..MR {
+            let row = m0 + i;
+            if row >= m {
+                for t in 0..self.taps() {
+                    ptrs[t * MR + i] = zero;
+                }
+                continue;
+            }
+            let b = row / (oh * ow);
+            let oy = (row / ow) % oh;
+            let ox = row % ow;
+            if self.by_rows {
+                for ky in 0..k {
+                    let iy = oy * self.stride + ky;
+                    ptrs[ky * MR + i] =
+                        self.x[((b * h + iy) * w + ox * self.stride) * c..].as_ptr();
+                }
+                continue;
+            }
+            let iy0 = (oy * self.stride) as isize - self.padding as isize;
+            let ix0 = (ox * self.stride) as isize - self.padding as isize;
+            for ky in 0..k {
+                let iy = iy0 + ky as isize;
+                for kx in 0..k {
+                    let ix = ix0 + kx as isize;
+                    let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                    ptrs[(ky * k + kx) * MR + i] = if inside {
+                        self.x[((b * h + iy as usize) * w + ix as usize) * c..].as_ptr()
+                    } else {
+                        zero
+                    };
+                }
+            }
+        }
+    }
+}

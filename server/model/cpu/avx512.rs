@@ -137,3 +137,97 @@ pub unsafe fn narrow(
         e.finish::<1>(&acc);
     }
 }
+
+/// Winograd F(2x2, 3x3) input transform `V = Bt d B` of one 4x4 input tile, 16 channels
+/// at a time: `d[r][c]` points at the tile's pixel (row r, column c), or at zeros outside
+/// the image; `V[xi]` goes to `v + xi * v_stride`.
+///
+/// # Safety
+/// The CPU has AVX-512F; each `d` pointer is valid for `channels` reads, each of the 16
+/// `v` rows for `channels` writes; `channels` is a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn winograd_input(
+    d: &[[*const f32; 4]; 4],
+    channels: usize,
+    v: *mut f32,
+    v_stride: usize,
+) {
+    // SAFETY: the caller's contract bounds every access.
+    unsafe {
+        for cb in (0..channels).step_by(LANES) {
+            let mut t = [[_mm512_setzero_ps(); 4]; 4];
+            for c in 0..4 {
+                let d0 = _mm512_loadu_ps(d[0][c].add(cb));
+                let d1 = _mm512_loadu_ps(d[1][c].add(cb));
+                let d2 = _mm512_loadu_ps(d[2][c].add(cb));
+                let d3 = _mm512_loadu_ps(d[3][c].add(cb));
+                t[0][c] = _mm512_sub_ps(d0, d2);
+                t[1][c] = _mm512_add_ps(d1, d2);
+                t[2][c] = _mm512_sub_ps(d2, d1);
+                t[3][c] = _mm512_sub_ps(d1, d3);
+            }
+            for (r, t) in t.iter().enumerate() {
+                let out = [
+                    _mm512_sub_ps(t[0], t[2]),
+                    _mm512_add_ps(t[1], t[2]),
+                    _mm512_sub_ps(t[2], t[1]),
+                    _mm512_sub_ps(t[1], t[3]),
+                ];
+                for (c, o) in out.into_iter().enumerate() {
+                    _mm512_storeu_ps(v.add((r * 4 + c) * v_stride + cb), o);
+                }
+            }
+        }
+    }
+}
+
+/// Winograd F(2x2, 3x3) output transform `Y = At M A` of one tile, 16 channels at a
+/// time, with bias, shortcut and ReLU: `m` holds `M[xi]` at `m + xi * m_stride`;
+/// `y[a][b]` is the output pixel (row a, column b) or `None` outside the image, and
+/// `residual[a][b]` its shortcut.
+///
+/// # Safety
+/// The CPU has AVX-512F; `m` rows, `bias` and every `y`/`residual` pointer are valid for
+/// `channels` values; `channels` is a multiple of 16.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn winograd_output(
+    m: *const f32,
+    m_stride: usize,
+    channels: usize,
+    bias: *const f32,
+    y: &[[Option<*mut f32>; 2]; 2],
+    residual: Option<&[[*const f32; 2]; 2]>,
+    relu: bool,
+) {
+    // SAFETY: the caller's contract bounds every access.
+    unsafe {
+        let zero = _mm512_setzero_ps();
+        for cb in (0..channels).step_by(LANES) {
+            let (mut top, mut bottom) = ([zero; 4], [zero; 4]);
+            for (c, (top, bottom)) in top.iter_mut().zip(bottom.iter_mut()).enumerate() {
+                let at = |r: usize| _mm512_loadu_ps(m.add((r * 4 + c) * m_stride + cb));
+                let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
+                *top = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                *bottom = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+            }
+            let b = _mm512_loadu_ps(bias.add(cb));
+            for (a, s) in [top, bottom].iter().enumerate() {
+                let out = [
+                    _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
+                    _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+                ];
+                for (col, mut v) in out.into_iter().enumerate() {
+                    let Some(dst) = y[a][col] else { continue };
+                    v = _mm512_add_ps(v, b);
+                    if let Some(r) = residual {
+                        v = _mm512_add_ps(v, _mm512_loadu_ps(r[a][col].add(cb)));
+                    }
+                    if relu {
+                        v = _mm512_max_ps(v, zero);
+                    }
+                    _mm512_storeu_ps(dst.add(cb), v);
+                }
+            }
+        }
+    }
+}

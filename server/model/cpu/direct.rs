@@ -11,6 +11,7 @@ use candle_core::{bail, Result};
 use rayon::prelude::*;
 
 use super::avx512::{self, Epilogue, LANES, MR, NR};
+use super::winograd::Winograd;
 use super::{threads, Geometry, SendPtr};
 use crate::model::layers::FoldedConv;
 
@@ -21,6 +22,9 @@ const MAX_TAPS: usize = 9;
 const MIN_DIRECT_CHANNELS: usize = 16;
 /// Bytes of packed weights a task keeps hot while it walks its tiles.
 const PANEL_BUDGET: usize = 1 << 20;
+/// Input channels up to which a stride-1 3x3 convolution also keeps Winograd weights
+/// (16/9 of its own size): past that, resnets run such layers at 7x7, too few tiles.
+const MAX_WINOGRAD_CHANNELS: usize = 256;
 
 /// Which kernel a convolution runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct DirectConv {
     /// One tap per window row (few input channels): a row of the window is `k * c`
     /// contiguous values of a zero-bordered copy of the input.
     by_rows: bool,
+    /// The Winograd form, used when a batch has tiles enough.
+    winograd: Option<Winograd>,
 }
 
 impl DirectConv {
@@ -93,6 +99,9 @@ impl DirectConv {
             bias: c.bias.clone(),
             geo,
             by_rows,
+            winograd: (ipg <= MAX_WINOGRAD_CHANNELS)
+                .then(|| Winograd::new(c))
+                .flatten(),
         })
     }
 
@@ -111,6 +120,9 @@ impl DirectConv {
         let m = n * oh * ow;
         if x.len() != n * h * w * c || residual.is_some_and(|r| r.len() != m * o) {
             bail!("conv: buffer sizes do not match {dims:?}");
+        }
+        if let Some(wg) = self.winograd.as_ref().filter(|wg| wg.worth_it(dims)) {
+            return wg.run(x, dims, &self.bias, residual, relu);
         }
         let padded;
         let src = if self.by_rows {

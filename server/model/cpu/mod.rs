@@ -16,6 +16,8 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod direct;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod winograd;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -445,6 +447,49 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn winograd_matches_the_reference_with_partial_tiles_and_chunks() {
+        if !direct::available() {
+            return;
+        }
+        for (o, i, [n, h, w], chunk) in [
+            (32, 16, [2, 7, 9], MR_TILES),
+            (64, 32, [1, 6, 6], 2 * MR_TILES),
+            (32, 48, [3, 5, 4], 5 * MR_TILES),
+        ] {
+            let folded = FoldedConv {
+                weight: noise(o * i * 9, 5),
+                bias: noise(o, 6),
+                shape: [o, i, 3, 3],
+                stride: 1,
+                padding: 1,
+                groups: 1,
+            };
+            let x = noise(n * h * w * i, 7);
+            let residual = noise(n * h * w * o, 8);
+            let wg = winograd::Winograd::new(&folded).expect("a winograd shape");
+            for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
+                let got = wg
+                    .run_in_chunks(&x, [n, h, w, i], &folded.bias, res, relu, chunk)
+                    .expect("winograd runs");
+                let want = reference(&folded, &x, [n, h, w, i], res, relu);
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{o}x{i} {h}x{w}: {err} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    const MR_TILES: usize = avx512::MR;
 
     #[test]
     fn the_direct_kernels_cover_every_resnet_convolution_shape() {

@@ -9,6 +9,8 @@
 //! Chunks are sized so `V` and `M` stay in L2; when a batch has too few tiles to give
 //! every thread a chunk, the direct kernel is used instead.
 
+use std::cell::RefCell;
+
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
@@ -22,6 +24,21 @@ const XI: usize = 16;
 const CHUNK_BUDGET: usize = 1 << 20;
 /// Chunks each thread should get, where the layer has tiles enough.
 const MIN_CHUNKS_PER_THREAD: usize = 2;
+
+thread_local! {
+    /// Each compute thread's `V` and `M` for its chunk, kept between calls: allocating
+    /// them per call cost a page fault and a memset per chunk.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Makes `v` at least `len` long. Stale values are fine: every row a chunk uses is
+/// written first, except the padding rows of its last kernel tile, whose products are
+/// never read.
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
 
 /// The transformed weights of a stride-1, padding-1 3x3 convolution.
 #[derive(Debug)]
@@ -147,9 +164,10 @@ impl Winograd {
         let mut out: Vec<f32> = Vec::with_capacity(m * o);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let chunks = tiles.div_ceil(chunk);
-        (0..chunks).into_par_iter().for_each_init(
-            || (vec![0f32; XI * chunk * ci], vec![0f32; XI * chunk * o]),
-            |(v, mm), chunk_index| {
+        (0..chunks).into_par_iter().for_each(|chunk_index| {
+            SCRATCH.with_borrow_mut(|(v, mm)| {
+                grow(v, XI * chunk * ci);
+                grow(mm, XI * chunk * o);
                 let out_ptr = &out_ptr;
                 let t0 = chunk_index * chunk;
                 let valid = chunk.min(tiles - t0);
@@ -234,8 +252,8 @@ impl Winograd {
                         )
                     };
                 }
-            },
-        );
+            })
+        });
         // SAFETY: every output pixel lies in exactly one tile, and every tile was
         // transformed back above.
         unsafe { out.set_len(m * o) };

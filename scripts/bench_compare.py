@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Forward-pass images/s on CPU: resnet-serve's models (our GEMM kernels, and Candle's
+"""Forward-pass images/s on CPU: resnet-serve's models (our CPU kernels, and Candle's
 stock ops as the reference path) vs PyTorch eager vs ONNX Runtime, interleaved per
 (model, batch) in one run on the same threads, and the ratio table for BENCHMARKS.md.
 

@@ -61,7 +61,8 @@ impl DirectConv {
         let groups = c.groups;
         let opg = o / groups;
         let taps = k * k;
-        let by_rows = groups == 1 && (ipg < MIN_DIRECT_CHANNELS || taps > MAX_TAPS);
+        let by_rows =
+            groups == 1 && (ipg < MIN_DIRECT_CHANNELS || taps > MAX_TAPS) && k <= MAX_TAPS;
         let form = if opg.is_multiple_of(NR) && (by_rows || taps <= MAX_TAPS) {
             Form::Dense
         } else if ipg == opg && LANES.is_multiple_of(ipg) && taps <= MAX_TAPS && !by_rows {
@@ -220,9 +221,10 @@ impl DirectConv {
                             let b = self.packed[blk * panel..(blk + 1) * panel].as_ptr();
                             // SAFETY: `available()` was checked when this conv was built;
                             // every row pointer reads at most `a_off + kc` (dense) or
-                            // `a_off + LANES` (narrow) values of a pixel of `c` channels, of
-                            // a window row inside the padded copy (`by_rows`), or of `zero`; the panel holds `panel` values; the output rows
-                            // own `width` values each (scratch rows hold MR * NR).
+                            // `a_off + LANES` (narrow) values: of a pixel of `c` channels,
+                            // of a window row inside the padded copy (`by_rows`), or of
+                            // `zero`; the panel holds `panel` values; the output rows own
+                            // `width` values each (scratch rows hold MR * NR).
                             unsafe {
                                 match self.form {
                                     Form::Dense => {

@@ -3,7 +3,7 @@
 //! time; faster kernels replace the bodies of these functions and nothing else.
 //!
 //! Three kernel sets exist ([`Kernels`]): Candle's stock ops (NCHW, any device, the
-//! reference path), GEMM convolutions on NHWC activations for the CPU ([`super::cpu`]),
+//! reference path), our CPU convolutions on NHWC activations ([`super::cpu`]),
 //! and, on CUDA with the `cudnn` feature, fused cuDNN convolutions on NHWC activations
 //! ([`super::cudnn`]). The activation layout is private to this module: the network hands
 //! in NCHW f32 and gets `[N, C]` features back.
@@ -15,8 +15,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 pub enum Kernels {
     /// Candle's own ops, NCHW, on any device.
     Candle,
-    /// GEMM convolutions on packed weights, NHWC, CPU only.
-    CpuGemm,
+    /// Our CPU convolutions on packed weights, NHWC (AVX-512 kernels, or GEMMs).
+    Cpu,
     /// cuDNN: one fused conv + bias (+ shortcut) (+ ReLU) call per convolution, NHWC.
     Cudnn,
 }
@@ -24,7 +24,7 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest set built into this binary for `device`. `RESNET_SERVE_KERNELS=candle`
     /// forces the stock ops (kept as the reference path for comparisons).
-    /// `cpu-gemm` runs f32 only; [`super::Classifier::load`] falls back for other dtypes.
+    /// `cpu` runs f32 only; [`super::Classifier::load`] falls back for other dtypes.
     pub fn default_for(device: &Device) -> Kernels {
         let forced = std::env::var("RESNET_SERVE_KERNELS").ok();
         if forced.as_deref() == Some("candle") {
@@ -33,7 +33,7 @@ impl Kernels {
         if cfg!(feature = "cudnn") && device.is_cuda() {
             Kernels::Cudnn
         } else if device.is_cpu() {
-            Kernels::CpuGemm
+            Kernels::Cpu
         } else {
             Kernels::Candle
         }
@@ -42,7 +42,7 @@ impl Kernels {
     pub fn name(self) -> &'static str {
         match self {
             Kernels::Candle => "candle",
-            Kernels::CpuGemm => "cpu-gemm",
+            Kernels::Cpu => "cpu",
             Kernels::Cudnn => "cudnn",
         }
     }
@@ -52,7 +52,7 @@ impl Kernels {
         let x = x.to_dtype(dtype)?;
         match self {
             Kernels::Candle => Ok(x),
-            Kernels::CpuGemm | Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
+            Kernels::Cpu | Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
         }
     }
 
@@ -60,7 +60,7 @@ impl Kernels {
     pub fn max_pool_3x3_s2(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Candle => max_pool_3x3_s2(x),
-            Kernels::CpuGemm => super::cpu::max_pool_3x3_s2(x),
+            Kernels::Cpu => super::cpu::max_pool_3x3_s2(x),
             #[cfg(feature = "cudnn")]
             Kernels::Cudnn => super::cudnn::max_pool_3x3_s2(x),
             #[cfg(not(feature = "cudnn"))]
@@ -74,7 +74,7 @@ impl Kernels {
         let dtype = x.dtype();
         match self {
             Kernels::Candle => global_avg_pool(x),
-            Kernels::CpuGemm | Kernels::Cudnn => {
+            Kernels::Cpu | Kernels::Cudnn => {
                 let (n, h, w, c) = x.dims4()?;
                 x.to_dtype(DType::F32)?
                     .reshape((n, h * w, c))?
@@ -101,7 +101,7 @@ pub struct FoldedConv {
 #[derive(Debug)]
 pub enum Conv {
     Candle(CandleConv),
-    CpuGemm(super::cpu::CpuConv),
+    Cpu(super::cpu::CpuConv),
     #[cfg(feature = "cudnn")]
     Cudnn(super::cudnn::FusedConv),
 }
@@ -110,11 +110,11 @@ impl Conv {
     pub fn new(c: FoldedConv, device: &Device, dtype: DType, kernels: Kernels) -> Result<Self> {
         match kernels {
             Kernels::Candle => Ok(Conv::Candle(CandleConv::new(c, device, dtype)?)),
-            Kernels::CpuGemm => {
+            Kernels::Cpu => {
                 if !device.is_cpu() || dtype != DType::F32 {
-                    candle_core::bail!("the cpu-gemm kernels run f32 on the CPU");
+                    candle_core::bail!("the CPU kernels run f32 only");
                 }
-                Ok(Conv::CpuGemm(super::cpu::CpuConv::new(c)))
+                Ok(Conv::Cpu(super::cpu::CpuConv::new(c)))
             }
             #[cfg(feature = "cudnn")]
             Kernels::Cudnn => Ok(Conv::Cudnn(super::cudnn::FusedConv::new(c, device, dtype)?)),
@@ -127,7 +127,7 @@ impl Conv {
     pub fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         match self {
             Conv::Candle(c) => c.forward(x, relu),
-            Conv::CpuGemm(c) => c.forward(x, None, relu),
+            Conv::Cpu(c) => c.forward(x, None, relu),
             #[cfg(feature = "cudnn")]
             Conv::Cudnn(c) => c.forward(x, None, relu),
         }
@@ -137,7 +137,7 @@ impl Conv {
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self {
             Conv::Candle(c) => c.forward_add_relu(x, residual),
-            Conv::CpuGemm(c) => c.forward(x, Some(residual), true),
+            Conv::Cpu(c) => c.forward(x, Some(residual), true),
             #[cfg(feature = "cudnn")]
             Conv::Cudnn(c) => c.forward(x, Some(residual), true),
         }

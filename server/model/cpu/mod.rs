@@ -178,7 +178,7 @@ struct ConvOp<'a> {
 
 impl CustomOp1 for ConvOp<'_> {
     fn name(&self) -> &'static str {
-        "cpu-gemm-conv"
+        "cpu-conv"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -189,7 +189,7 @@ impl CustomOp1 for ConvOp<'_> {
 
 impl CustomOp2 for ConvOp<'_> {
     fn name(&self) -> &'static str {
-        "cpu-gemm-conv-add"
+        "cpu-conv-add"
     }
 
     fn cpu_fwd(

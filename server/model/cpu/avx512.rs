@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 /// Output pixels per tile.
-pub const MR: usize = 12;
+pub const MR: usize = 14;
 /// Output channels per dense tile: two vectors.
 pub const NR: usize = 32;
 /// f32 lanes in one vector.

@@ -19,7 +19,8 @@ stamp="$dir/.complete-v1"
 
 mkdir -p "$dir"
 site="$dir/site"
-"$python" -m pip install --quiet --disable-pip-version-check --no-deps --target "$site" \
+# No pip cache: the wheels (1.6 GB) would otherwise be stored twice on a small CI disk.
+"$python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target "$site" \
   nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 \
   nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
   nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cudnn-cu13==9.13.0.50

@@ -46,7 +46,8 @@ impl GemmConv {
         }
     }
 
-    /// `act(conv(x) + bias [+ residual])`, NHWC in and out; `dims` is checked by the caller.
+    /// `act(conv(x) + bias [+ residual])`, NHWC in and out; `dims` and the buffer sizes
+    /// are checked by the caller.
     pub fn run(
         &self,
         x: &[f32],

@@ -138,6 +138,10 @@ impl CpuConv {
             );
         }
         let (oh, ow) = self.geo.out_hw(h, w);
+        let m = n * oh * ow;
+        if x.len() != n * h * w * c || residual.is_some_and(|r| r.len() != m * o) {
+            bail!("conv: buffer sizes do not match {dims:?}");
+        }
         let out = match &self.plan {
             #[cfg(target_arch = "x86_64")]
             Plan::Direct(d) => d.run(x, dims, residual, relu)?,
@@ -308,6 +312,17 @@ mod tests {
         out
     }
 
+    /// The largest absolute difference, and the largest reference magnitude.
+    fn max_error(got: &[f32], want: &[f32]) -> (f32, f32) {
+        assert_eq!(got.len(), want.len(), "output lengths");
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        (err, scale)
+    }
+
     struct Case {
         name: &'static str,
         /// `[out, in, k]`.
@@ -424,11 +439,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let want = reference(&folded, &x, dims, residual.as_deref(), relu);
         assert_eq!(got_dims, [n, oh, ow, o], "{}", case.name);
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        let (err, scale) = max_error(&got, &want);
         assert!(
             err <= 1e-5 * scale,
             "{} on {}: max error {err} (scale {scale})",
@@ -475,11 +486,7 @@ mod tests {
                     .run_in_chunks(&x, [n, h, w, i], &folded.bias, res, relu, chunk)
                     .expect("winograd runs");
                 let want = reference(&folded, &x, [n, h, w, i], res, relu);
-                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                let (err, scale) = max_error(&got, &want);
                 assert!(
                     err <= 1e-5 * scale,
                     "{o}x{i} {h}x{w}: {err} (scale {scale})"

@@ -33,6 +33,30 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
+    /// Asks for tile row `i`'s output (for writing) and shortcut (for reading) ahead of
+    /// the epilogue: rows are far apart in a large activation, so without this the
+    /// stores wait on ownership of each line and the adds on the shortcut loads.
+    ///
+    /// `prefetchw` is written out because its target feature is not stable in Rust;
+    /// every AVX-512 CPU has it.
+    ///
+    /// # Safety
+    /// `i < MR`; prefetches never fault, so the pointers need not be valid.
+    #[inline(always)]
+    unsafe fn prefetch<const V: usize>(&self, i: usize) {
+        for v in 0..V {
+            let out = self.out[i].wrapping_add(v * LANES);
+            // SAFETY: a prefetch touches no architectural state and never faults.
+            unsafe {
+                std::arch::asm!("prefetchw byte ptr [{0}]", in(reg) out,
+                    options(nostack, preserves_flags, readonly));
+                if let Some(r) = &self.residual {
+                    _mm_prefetch::<_MM_HINT_T0>(r[i].wrapping_add(v * LANES) as *const i8);
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// `bias`, and every `out`/`residual` row, hold at least `V * LANES` values.
     #[inline(always)]
@@ -78,12 +102,18 @@ pub unsafe fn dense(
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut bp = b;
+        let mut prefetched = 0;
         for t in 0..taps {
             let mut p = [std::ptr::null::<f32>(); MR];
             for (i, p) in p.iter_mut().enumerate() {
                 *p = a[t * MR + i].add(a_off);
             }
             for k in 0..kc {
+                // One row per step, so the misses overlap the FMAs instead of queueing.
+                if prefetched < MR {
+                    e.prefetch::<2>(prefetched);
+                    prefetched += 1;
+                }
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH + LANES) as *const i8);
                 let b0 = _mm512_loadu_ps(bp);
@@ -128,6 +158,7 @@ pub unsafe fn narrow(
         let group_start = _mm512_andnot_si512(_mm512_set1_epi32(ipg as i32 - 1), lane);
         let mut acc = [[_mm512_setzero_ps(); 1]; MR];
         let mut bp = b;
+        let mut prefetched = 0;
         if ipg == LANES {
             for t in 0..taps {
                 let mut p = [std::ptr::null::<f32>(); MR];
@@ -135,6 +166,10 @@ pub unsafe fn narrow(
                     *p = a[t * MR + i].add(a_off);
                 }
                 for c in 0..LANES {
+                    if prefetched < MR {
+                        e.prefetch::<1>(prefetched);
+                        prefetched += 1;
+                    }
                     let w = _mm512_loadu_ps(bp);
                     bp = bp.add(LANES);
                     for i in 0..MR {
@@ -152,6 +187,10 @@ pub unsafe fn narrow(
                 *x = _mm512_loadu_ps(a[t * MR + i].add(a_off));
             }
             for c in 0..ipg {
+                if prefetched < MR {
+                    e.prefetch::<1>(prefetched);
+                    prefetched += 1;
+                }
                 let w = _mm512_loadu_ps(bp);
                 bp = bp.add(LANES);
                 let idx = _mm512_add_epi32(group_start, _mm512_set1_epi32(c as i32));

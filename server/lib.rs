@@ -31,7 +31,9 @@
 //! - [`server`]: health, reflection, model loading, serving and graceful drain.
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
+//! - [`allocator`]: how the binaries' allocator keeps freed activation memory.
 
+pub mod allocator;
 pub mod device;
 pub mod error;
 pub mod kserve;

@@ -12,7 +12,7 @@ mod config;
 
 // Keeps and reuses freed memory: each layer's output is a fresh multi-MiB buffer that
 // glibc returns to the OS, paying page faults on every forward pass (resnet50 batch 8:
-// 19.2 -> 20.7 img/s, BENCHMARKS.md).
+// 19.2 -> 20.7 img/s, BENCHMARKS.md); `allocator::keep_freed_memory` goes further.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -108,6 +108,7 @@ enum WeightsCommand {
 }
 
 fn main() -> ExitCode {
+    resnet_serve::allocator::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.command.is_none() {

@@ -295,6 +295,7 @@ impl ResNet {
             [NUM_CLASSES, layout.features],
             device,
             dtype,
+            kernels,
         )?;
         Ok(ResNet {
             kernels,

@@ -60,7 +60,7 @@ impl Epilogue {
     /// # Safety
     /// `bias`, and every `out`/`residual` row, hold at least `V * LANES` values.
     #[inline(always)]
-    unsafe fn finish<const V: usize>(&self, acc: &[[__m512; V]; MR]) {
+    unsafe fn finish<const V: usize, const R: usize>(&self, acc: &[[__m512; V]; R]) {
         // SAFETY: the caller's contract covers every pointer read or written here.
         unsafe {
             let zero = _mm512_setzero_ps();
@@ -68,9 +68,9 @@ impl Epilogue {
             for (v, b) in bias.iter_mut().enumerate() {
                 *b = _mm512_loadu_ps(self.bias.add(v * LANES));
             }
-            for i in 0..MR {
+            for (i, acc) in acc.iter().enumerate() {
                 for v in 0..V {
-                    let mut y = _mm512_add_ps(acc[i][v], bias[v]);
+                    let mut y = _mm512_add_ps(acc[v], bias[v]);
                     if let Some(r) = &self.residual {
                         y = _mm512_add_ps(y, _mm512_loadu_ps(r[i].add(v * LANES)));
                     }
@@ -84,13 +84,16 @@ impl Epilogue {
     }
 }
 
-/// A dense tile: `MR x NR` outputs, `sum over taps t, channels k of a[t][i][k] * b[t][k][..]`.
+/// A dense tile: `R x NR` outputs (`R <= MR`; fewer rows for the last tile of a small
+/// layer, so a batch-1 7x7 layer does not compute 7 rows of zeros per 49 pixels),
+/// `sum over taps t, channels k of a[t][i][k] * b[t][k][..]`.
 ///
 /// # Safety
-/// The CPU has AVX-512F. `a` holds `taps * MR` row pointers (tap-major), each valid for
-/// `a_off + kc` reads; `b` holds `taps * kc * NR` packed weights; `e` is valid for `NR`.
+/// The CPU has AVX-512F. `a` holds `taps * MR` row pointers (tap-major, the first `R` of
+/// each tap used), each valid for `a_off + kc` reads; `b` holds `taps * kc * NR` packed
+/// weights; `e` is valid for `NR` and its first `R` rows.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn dense(
+pub unsafe fn dense<const R: usize>(
     a: &[*const f32],
     a_off: usize,
     taps: usize,
@@ -100,17 +103,17 @@ pub unsafe fn dense(
 ) {
     // SAFETY: the caller's contract bounds every read; `finish` gets NR = 2 vectors.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let mut bp = b;
         let mut prefetched = 0;
         for t in 0..taps {
-            let mut p = [std::ptr::null::<f32>(); MR];
+            let mut p = [std::ptr::null::<f32>(); R];
             for (i, p) in p.iter_mut().enumerate() {
                 *p = a[t * MR + i].add(a_off);
             }
             for k in 0..kc {
                 // One row per step, so the misses overlap the FMAs instead of queueing.
-                if prefetched < MR {
+                if prefetched < R {
                     e.prefetch::<2>(prefetched);
                     prefetched += 1;
                 }
@@ -119,14 +122,14 @@ pub unsafe fn dense(
                 let b0 = _mm512_loadu_ps(bp);
                 let b1 = _mm512_loadu_ps(bp.add(LANES));
                 bp = bp.add(NR);
-                for i in 0..MR {
+                for i in 0..R {
                     let x = _mm512_set1_ps(*p[i].add(k));
                     acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
                     acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
                 }
             }
         }
-        e.finish::<2>(&acc);
+        e.finish::<2, R>(&acc);
     }
 }
 
@@ -178,7 +181,7 @@ pub unsafe fn narrow(
                     }
                 }
             }
-            e.finish::<1>(&acc);
+            e.finish::<1, MR>(&acc);
             return;
         }
         for t in 0..taps {
@@ -200,7 +203,7 @@ pub unsafe fn narrow(
                 }
             }
         }
-        e.finish::<1>(&acc);
+        e.finish::<1, MR>(&acc);
     }
 }
 
@@ -294,6 +297,27 @@ pub unsafe fn winograd_output(
                     _mm512_storeu_ps(dst.add(cb), v);
                 }
             }
+        }
+    }
+}
+
+/// `dst = max over windows` (each window as long as `dst`), 16 channels at a time with
+/// the running max in a register; a NaN in a window is skipped, as a comparison-based
+/// pool does.
+///
+/// # Safety
+/// The CPU has AVX-512F; `windows` is not empty; `dst.len()` is a multiple of 16 and
+/// every window at least as long.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn max_of(dst: &mut [f32], windows: &[&[f32]]) {
+    // SAFETY: the caller's contract bounds every access.
+    unsafe {
+        for cb in (0..dst.len()).step_by(LANES) {
+            let mut m = _mm512_loadu_ps(windows[0].as_ptr().add(cb));
+            for w in &windows[1..] {
+                m = _mm512_max_ps(_mm512_loadu_ps(w.as_ptr().add(cb)), m);
+            }
+            _mm512_storeu_ps(dst.as_mut_ptr().add(cb), m);
         }
     }
 }

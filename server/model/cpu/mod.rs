@@ -8,6 +8,8 @@
 //! - [`gemm`]: GEMMs on the `gemm` crate, for CPUs without AVX-512 and any shape the
 //!   direct kernels do not cover.
 //!
+//! [`pool`] holds the layers around them (layout change, max and average pools).
+//!
 //! The choice is made per convolution at load, by CPU feature detection at run time, so
 //! one binary serves every x86-64 machine.
 
@@ -16,11 +18,13 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod direct;
 mod gemm;
+mod pool;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
 
+pub use pool::{global_avg_pool, max_pool_3x3_s2, to_nhwc};
+
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::layers::FoldedConv;
 
@@ -212,39 +216,6 @@ impl CustomOp2 for ConvOp<'_> {
         }
         let (out, dims) = self.conv.run(f32s(s, l)?, dims, Some(z), self.relu)?;
         Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())))
-    }
-}
-
-/// `MaxPool2d(3, stride 2, padding 1)` on NHWC.
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&MaxPool)
-}
-
-struct MaxPool;
-
-impl CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "cpu-max-pool"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l)?;
-        let [n, h, w, c] = nhwc(l)?;
-        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-        let mut out = vec![f32::NEG_INFINITY; n * oh * ow * c];
-        out.par_chunks_mut(c).enumerate().for_each(|(row, dst)| {
-            let b = row / (oh * ow);
-            let (oy, ox) = ((row / ow) % oh, row % ow);
-            for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
-                for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
-                    let src = &x[((b * h + iy) * w + ix) * c..][..c];
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        *d = d.max(*v);
-                    }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
     }
 }
 
@@ -455,6 +426,26 @@ mod tests {
                 check(case, which, false, false);
                 check(case, which, true, true);
                 check(case, which, false, true);
+            }
+        }
+    }
+
+    #[test]
+    fn every_height_of_a_last_tile_matches_the_reference() {
+        // 1..=2 * MR pixels: the last tile has every row count once, so each short-tile
+        // kernel runs, with and without a shortcut.
+        for pixels in 1..=2 * 14 {
+            for (oik, groups) in [([64, 32, 1], 1), ([32, 32, 3], 8)] {
+                let case = Case {
+                    name: "short tile",
+                    oik,
+                    stride: 1,
+                    padding: oik[2] / 2,
+                    groups,
+                    input: [1, 1, pixels],
+                };
+                check(&case, CpuImpl::Best, true, true);
+                check(&case, CpuImpl::Best, false, false);
             }
         }
     }

@@ -217,7 +217,7 @@ impl Winograd {
                             };
                             // SAFETY: as above; r0 + MR <= chunk, so every row is inside
                             // `v` (ci values) and `mm` (o values, NR from j * NR).
-                            unsafe { avx512::dense(&a, 0, 1, ci, u, &e) };
+                            unsafe { avx512::dense::<MR>(&a, 0, 1, ci, u, &e) };
                         }
                     }
                 }

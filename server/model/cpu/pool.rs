@@ -1,0 +1,228 @@
+//! The CPU path's layers around the convolutions: the NCHW batch into NHWC, the stem's
+//! 3x3 max pool and the global average pool. Each is one pass over memory on the compute
+//! threads; the inner loops are plain element-wise loops compiled twice, once for
+//! AVX-512 (16 lanes, chosen at run time) and once for baseline x86-64, so Candle's
+//! strided copies and reductions (a third of a millisecond each at batch 1) are off the
+//! path.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32s, nhwc};
+
+/// `[N, C, H, W]` f32 to `[N, H, W, C]`.
+pub fn to_nhwc(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ToNhwc)
+}
+
+/// `MaxPool2d(3, stride 2, padding 1)` on NHWC.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&MaxPool)
+}
+
+/// `AdaptiveAvgPool2d(1)` + flatten on NHWC: `[N, H, W, C]` to `[N, C]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&AvgPool)
+}
+
+/// Defines `$name($args)` running `$body`, dispatched to a copy compiled for AVX-512
+/// when the CPU has it, so its loops vectorize 16 wide.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `dst = max over windows`, each window a slice as long as `dst`; a NaN is skipped, as
+/// a comparison-based pool does. The AVX-512 kernel keeps the running max in registers;
+/// an auto-vectorized `max` into `dst` compiles to masked stores, each of which the next
+/// window's load of `dst` waits on.
+fn max_of(dst: &mut [f32], windows: &[&[f32]]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::direct::available()
+        && !windows.is_empty()
+        && dst.len().is_multiple_of(super::avx512::LANES)
+        && windows.iter().all(|w| w.len() >= dst.len())
+    {
+        // SAFETY: checked just above: AVX-512F, a window, whole vectors, long windows.
+        return unsafe { super::avx512::max_of(dst, windows) };
+    }
+    dst.fill(f32::NEG_INFINITY);
+    for w in windows {
+        for (d, v) in dst.iter_mut().zip(w.iter()) {
+            *d = if *v > *d { *v } else { *d };
+        }
+    }
+}
+
+multiversion!(
+    /// `dst += src`.
+    fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += *s;
+        }
+    }
+);
+
+struct ToNhwc;
+
+impl CustomOp1 for ToNhwc {
+    fn name(&self) -> &'static str {
+        "cpu-to-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        // Named NHWC by the helper; here the dims are N, C, H, W.
+        let [n, c, h, w] = nhwc(l)?;
+        let plane = h * w;
+        let mut out = vec![0f32; n * plane * c];
+        // One task per image row: each reads `c` input rows and writes one output row.
+        out.par_chunks_mut(w * c)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, y) = (row / h, row % h);
+                for ch in 0..c {
+                    let src = &x[(b * c + ch) * plane + y * w..][..w];
+                    for (px, v) in src.iter().enumerate() {
+                        dst[px * c + ch] = *v;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, h, w, c))))
+    }
+}
+
+struct MaxPool;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "cpu-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let [n, h, w, c] = nhwc(l)?;
+        if h == 0 || w == 0 {
+            bail!("max pool: empty input {:?}", l.dims());
+        }
+        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let mut out = vec![0f32; n * oh * ow * c];
+        // One task per output row.
+        out.par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (b, oy) = (row / oh, row % oh);
+                for (ox, dst) in dst.chunks_exact_mut(c).enumerate() {
+                    let mut windows = [&x[..0]; 9];
+                    let mut count = 0;
+                    for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
+                        let line = &x[(b * h + iy) * w * c..][..w * c];
+                        for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
+                            windows[count] = &line[ix * c..][..c];
+                            count += 1;
+                        }
+                    }
+                    max_of(dst, &windows[..count]);
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
+    }
+}
+
+struct AvgPool;
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "cpu-global-avg-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let [n, h, w, c] = nhwc(l)?;
+        let pixels = h * w;
+        if pixels == 0 {
+            bail!("average pool: empty input {:?}", l.dims());
+        }
+        let mut out = vec![0f32; n * c];
+        out.par_chunks_mut(c).enumerate().for_each(|(b, dst)| {
+            for px in x[b * pixels * c..][..pixels * c].chunks_exact(c) {
+                add_into(dst, px);
+            }
+            let scale = 1.0 / pixels as f32;
+            dst.iter_mut().for_each(|v| *v *= scale);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, D};
+
+    use super::*;
+
+    /// Values with ties, negatives and a spread of magnitudes, NCHW.
+    fn input(dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+        let len = dims.0 * dims.1 * dims.2 * dims.3;
+        let v: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu)
+    }
+
+    fn assert_same(got: &Tensor, want: &Tensor) -> Result<()> {
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff <= 1e-5, "max difference {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn to_nhwc_matches_a_permute() -> Result<()> {
+        let x = input((2, 3, 5, 7))?;
+        assert_same(&to_nhwc(&x)?, &x.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+
+    #[test]
+    fn max_pool_matches_candles_padded_pool_on_even_and_odd_sides() -> Result<()> {
+        for (h, w) in [(8, 8), (7, 9), (1, 2)] {
+            let x = input((2, 32, h, w))?;
+            // The reference: pad with -inf (not zero, so negative inputs are tested).
+            let padded = x
+                .pad_with_same(2, 1, 1)?
+                .pad_with_same(3, 1, 1)?
+                .max_pool2d_with_stride((3, 3), (2, 2))?;
+            let got = max_pool_3x3_s2(&x.permute((0, 2, 3, 1))?)?;
+            assert_same(&got.permute((0, 3, 1, 2))?, &padded)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn global_avg_pool_matches_a_mean() -> Result<()> {
+        let x = input((3, 40, 7, 7))?;
+        let want = x.mean(D::Minus1)?.mean(D::Minus1)?;
+        assert_same(&global_avg_pool(&x.permute((0, 2, 3, 1))?)?, &want)
+    }
+}

@@ -133,6 +133,33 @@ pub unsafe fn dense<const R: usize>(
     }
 }
 
+/// [`dense`] for a tile whose first `rows` rows are wanted (the rest may be computed
+/// into `e`'s rows anyway): the smallest kernel height that covers them.
+///
+/// # Safety
+/// As [`dense`] with `R = MR`.
+#[inline(always)]
+pub unsafe fn dense_rows(
+    rows: usize,
+    a: &[*const f32],
+    a_off: usize,
+    taps: usize,
+    kc: usize,
+    b: *const f32,
+    e: &Epilogue,
+) {
+    // SAFETY: each height reads and writes a prefix of what `R = MR` would.
+    unsafe {
+        match rows {
+            1 => dense::<1>(a, a_off, taps, kc, b, e),
+            2 => dense::<2>(a, a_off, taps, kc, b, e),
+            3..=4 => dense::<4>(a, a_off, taps, kc, b, e),
+            5..=8 => dense::<8>(a, a_off, taps, kc, b, e),
+            _ => dense::<MR>(a, a_off, taps, kc, b, e),
+        }
+    }
+}
+
 /// A tile of a grouped convolution whose groups are narrower than a vector (`ipg` of 4,
 /// 8 or 16 channels, in = out per group): one vector of 16 output channels spans
 /// `16 / ipg` groups, whose inputs are the same 16 channels of each pixel. Each lane

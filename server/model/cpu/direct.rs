@@ -225,16 +225,15 @@ impl DirectConv {
                             // `width` values each (scratch rows hold MR * NR).
                             unsafe {
                                 match self.form {
-                                    Form::Dense => {
-                                        let a = &ptrs[..taps * MR];
-                                        match m - m0 {
-                                            1 => avx512::dense::<1>(a, a_off, taps, kc, b, &e),
-                                            2 => avx512::dense::<2>(a, a_off, taps, kc, b, &e),
-                                            3..=4 => avx512::dense::<4>(a, a_off, taps, kc, b, &e),
-                                            5..=8 => avx512::dense::<8>(a, a_off, taps, kc, b, &e),
-                                            _ => avx512::dense::<MR>(a, a_off, taps, kc, b, &e),
-                                        }
-                                    }
+                                    Form::Dense => avx512::dense_rows(
+                                        m - m0,
+                                        &ptrs[..taps * MR],
+                                        a_off,
+                                        taps,
+                                        kc,
+                                        b,
+                                        &e,
+                                    ),
                                     Form::Narrow => {
                                         avx512::narrow(&ptrs[..taps * MR], a_off, taps, ipg, b, &e)
                                     }

@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn winograd_matches_the_reference_with_partial_tiles_and_chunks() {
+    fn winograd_matches_the_reference_in_chunks_and_spread() {
         if !direct::available() {
             return;
         }
@@ -473,15 +473,20 @@ mod tests {
             let residual = noise(n * h * w * o, 8);
             let wg = winograd::Winograd::new(&folded).expect("a winograd shape");
             for (res, relu) in [(None, false), (Some(&residual[..]), true)] {
-                let got = wg
-                    .run_in_chunks(&x, [n, h, w, i], &folded.bias, res, relu, chunk)
-                    .expect("winograd runs");
                 let want = reference(&folded, &x, [n, h, w, i], res, relu);
-                let (err, scale) = max_error(&got, &want);
-                assert!(
-                    err <= 1e-5 * scale,
-                    "{o}x{i} {h}x{w}: {err} (scale {scale})"
-                );
+                let chunked = wg
+                    .run_in_chunks(&x, [n, h, w, i], &folded.bias, res, relu, chunk)
+                    .expect("winograd runs in chunks");
+                let spread = wg
+                    .run_spread(&x, [n, h, w, i], &folded.bias, res, relu)
+                    .expect("winograd runs spread");
+                for got in [chunked, spread] {
+                    let (err, scale) = max_error(&got, &want);
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{o}x{i} {h}x{w}: {err} (scale {scale})"
+                    );
+                }
             }
         }
     }

@@ -308,6 +308,17 @@ impl ResNet {
 
     /// Logits in the model's dtype for an NCHW f32 batch on the model's device.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kernels == Kernels::Cpu && rayon::current_thread_index().is_none() {
+            // Every CPU layer is a parallel loop on the rayon pool. Called from outside
+            // the pool, each of those ~60 loops would park this thread and wake it when
+            // done (a futex round trip per layer); run the whole pass on a pool thread
+            // instead, so only the pass as a whole crosses threads.
+            return rayon::scope(|_| self.forward_on_this_thread(x));
+        }
+        self.forward_on_this_thread(x)
+    }
+
+    fn forward_on_this_thread(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let k = self.kernels;
         let x = k.enter(x, self.dtype)?;
         let mut x = k.max_pool_3x3_s2(&self.stem.forward(&x, true)?)?;

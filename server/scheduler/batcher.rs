@@ -1,10 +1,10 @@
 //! The batcher task: forms batches from a model's queues by [`BatchPolicy`] and hands
-//! them to the workers, one formed while the others compute. High-priority jobs are
-//! always taken before normal ones.
+//! each to a free worker; the next one fills while the workers compute. High-priority
+//! jobs are always taken before normal ones.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant};
 
 use super::policy::BatchPolicy;
@@ -46,10 +46,22 @@ pub struct Batch {
     pub jobs: Vec<Job>,
 }
 
+/// Worker threads waiting for a batch: each adds a permit before it waits, and a batch
+/// is only closed once it can take one. Shared by a model's batcher and its replicas.
+pub type FreeWorkers = Arc<Semaphore>;
+
 /// Waits for a first live job, then gathers more until the largest allowed batch is
-/// full or the first job has waited `max_queue_delay` since it was queued. Dead jobs
-/// are dropped on arrival. `None` once the queue is closed and empty.
-pub async fn form_batch(rx: &mut Queues, policy: &BatchPolicy) -> Option<Vec<Job>> {
+/// full, or until a worker is free and the first job has waited `max_queue_delay` since
+/// it was queued. While every worker is busy the batch stays open past the delay and
+/// keeps filling: closing it early would leave it waiting anyway, short of images (and
+/// padded with zeros) while later arrivals trail behind in the next one. Dead jobs are
+/// dropped on arrival. Returns the jobs with the taken worker's permit spent; `None`
+/// once the queue is closed and empty.
+pub async fn form_batch(
+    rx: &mut Queues,
+    policy: &BatchPolicy,
+    free: &Semaphore,
+) -> Option<Vec<Job>> {
     let first = loop {
         let job = rx.recv().await?;
         if !job.is_dead(Instant::now()) {
@@ -58,16 +70,33 @@ pub async fn form_batch(rx: &mut Queues, policy: &BatchPolicy) -> Option<Vec<Job
     };
     let dispatch_at = first.enqueued + policy.max_queue_delay;
     let mut jobs = vec![first];
+    let mut worker = None;
     while jobs.len() < policy.max_batch() {
+        if worker.is_some() && Instant::now() >= dispatch_at {
+            break;
+        }
         tokio::select! {
-            // Jobs already waiting are taken before the timer is looked at.
+            // Jobs already waiting are taken before the worker or the timer is looked at.
             biased;
             job = rx.recv() => match job {
                 Some(job) if !job.is_dead(Instant::now()) => jobs.push(job),
                 Some(_) => {}
                 None => break,
             },
-            () = sleep_until(dispatch_at) => break,
+            permit = free.acquire(), if worker.is_none() => match permit {
+                Ok(p) => worker = Some(p),
+                // Closed: no worker will ever come; let the caller find the queue shut.
+                Err(_) => break,
+            },
+            () = sleep_until(dispatch_at), if worker.is_some() => break,
+        }
+    }
+    match worker {
+        Some(p) => p.forget(),
+        None => {
+            if let Ok(p) = free.acquire().await {
+                p.forget();
+            }
         }
     }
     Some(jobs)
@@ -76,23 +105,23 @@ pub async fn form_batch(rx: &mut Queues, policy: &BatchPolicy) -> Option<Vec<Job
 pub async fn batcher_task(
     mut rx: Queues,
     policy: BatchPolicy,
+    free: FreeWorkers,
     to_worker: mpsc::Sender<Batch>,
     metrics: Arc<ModelMetrics>,
 ) {
     loop {
-        // Wait until the worker can take a batch before closing one: exactly one batch
-        // is prepared while the previous computes, and everything that queued up
-        // meanwhile joins it instead of trailing in small batches.
         let Ok(slot) = to_worker.reserve().await else {
             fail_queued(&mut rx);
             break;
         };
-        let Some(mut jobs) = form_batch(&mut rx, &policy).await else {
+        let Some(mut jobs) = form_batch(&mut rx, &policy, &free).await else {
             break;
         };
         let now = Instant::now();
         jobs.retain(|j| !j.is_dead(now));
         if jobs.is_empty() {
+            // The worker that was counted on still waits: give its permit back.
+            free.add_permits(1);
             continue;
         }
         for j in &jobs {
@@ -150,6 +179,69 @@ mod tests {
         BatchPolicy::new(&[1, 2, 4], Duration::from_millis(delay_ms), 16).expect("policy")
     }
 
+    /// Workers enough that none is ever waited for.
+    fn idle() -> Semaphore {
+        Semaphore::new(64)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_worker_is_busy_the_batch_stays_open_and_fills() {
+        let (tx, mut rx) = normal_only(16);
+        let free = Arc::new(Semaphore::new(0));
+        let start = Instant::now();
+        let (j, _r) = job(None);
+        tx.send(j).await.ok();
+        let (tx2, free2) = (tx.clone(), free.clone());
+        let feeder = tokio::spawn(async move {
+            let mut replies = Vec::new();
+            for at in [3, 50] {
+                tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+                let (j, r) = job(None);
+                tx2.send(j).await.ok();
+                replies.push(r);
+            }
+            // The worker comes free long after the first job's 10 ms.
+            tokio::time::sleep_until(start + Duration::from_millis(100)).await;
+            free2.add_permits(1);
+            replies
+        });
+        let batch = form_batch(&mut rx, &policy(10), &free)
+            .await
+            .expect("batch");
+        assert_eq!(
+            batch.len(),
+            3,
+            "everything that came while the worker was busy"
+        );
+        assert_eq!(Instant::now() - start, Duration::from_millis(100));
+        assert_eq!(free.available_permits(), 0, "the worker's permit is spent");
+        drop(feeder.await.expect("feeder"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_waits_for_a_free_worker_and_no_longer() {
+        let (tx, mut rx) = normal_only(16);
+        let free = Arc::new(Semaphore::new(0));
+        let mut replies = Vec::new();
+        for _ in 0..6 {
+            let (j, r) = job(None);
+            tx.send(j).await.ok();
+            replies.push(r);
+        }
+        let start = Instant::now();
+        let later = free.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            later.add_permits(1);
+        });
+        let batch = form_batch(&mut rx, &policy(1000), &free)
+            .await
+            .expect("batch");
+        assert_eq!(batch.len(), 4, "the largest allowed size");
+        assert_eq!(Instant::now() - start, Duration::from_millis(20));
+        assert_eq!(rx.len(), 2);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waits_the_delay_from_the_first_arrival_then_dispatches_what_came() {
         let (tx, mut rx) = normal_only(16);
@@ -168,7 +260,9 @@ mod tests {
             tx.send(j2).await.ok();
             (r, r2, tx)
         });
-        let batch = form_batch(&mut rx, &policy(10)).await.expect("batch");
+        let batch = form_batch(&mut rx, &policy(10), &idle())
+            .await
+            .expect("batch");
         assert_eq!(batch.len(), 2);
         assert_eq!(
             Instant::now() - start,
@@ -176,7 +270,9 @@ mod tests {
             "dispatched at the first job's delay"
         );
         let (_r, _r2, _tx) = sender.await.expect("sender");
-        let next = form_batch(&mut rx, &policy(10)).await.expect("batch");
+        let next = form_batch(&mut rx, &policy(10), &idle())
+            .await
+            .expect("batch");
         assert_eq!(next.len(), 1);
         drop(replies);
     }
@@ -191,10 +287,14 @@ mod tests {
             replies.push(r);
         }
         let start = Instant::now();
-        let batch = form_batch(&mut rx, &policy(1000)).await.expect("batch");
+        let batch = form_batch(&mut rx, &policy(1000), &idle())
+            .await
+            .expect("batch");
         assert_eq!(batch.len(), 4, "the largest allowed size");
         assert_eq!(Instant::now(), start, "no waiting when full");
-        let rest = form_batch(&mut rx, &policy(1000)).await.expect("batch");
+        let rest = form_batch(&mut rx, &policy(1000), &idle())
+            .await
+            .expect("batch");
         assert_eq!(rest.len(), 2);
     }
 
@@ -208,7 +308,9 @@ mod tests {
         tx.send(late).await.ok();
         let (live, _r_live) = job(None);
         tx.send(live).await.ok();
-        let batch = form_batch(&mut rx, &policy(5)).await.expect("batch");
+        let batch = form_batch(&mut rx, &policy(5), &idle())
+            .await
+            .expect("batch");
         assert_eq!(batch.len(), 1);
         assert!(!batch[0].respond.is_closed());
     }
@@ -226,7 +328,9 @@ mod tests {
         }
         let (urgent, urgent_reply) = job(None);
         high_tx.send(urgent).await.ok();
-        let batch = form_batch(&mut rx, &policy(5)).await.expect("batch");
+        let batch = form_batch(&mut rx, &policy(5), &idle())
+            .await
+            .expect("batch");
         assert_eq!(batch.len(), 4);
         // The high-priority job is first although it was queued last.
         let mut batch = batch.into_iter();
@@ -242,6 +346,6 @@ mod tests {
     async fn closed_queue_ends_the_task() {
         let (tx, mut rx) = normal_only(4);
         drop(tx);
-        assert!(form_batch(&mut rx, &policy(5)).await.is_none());
+        assert!(form_batch(&mut rx, &policy(5), &idle()).await.is_none());
     }
 }

@@ -7,10 +7,11 @@
 //!    ▲                                                                          │
 //!    └───────────────────────── oneshot per job ◄────── split batch ◄───────────┘
 //! ```
-//! The `mpsc(1)` between batcher and workers lets one batch be formed while the others
-//! compute; whichever replica is free takes it. A job whose caller has gone (its oneshot closed: cancelled, timed out,
-//! or the rest of its request refused) is skipped when batches form and again right
-//! before compute.
+//! The next batch fills while the workers compute; a semaphore of free workers tells
+//! the batcher when one can take it, and whichever replica is free does, through the
+//! `mpsc(1)`. A job whose caller has gone (its oneshot closed: cancelled, timed out, or
+//! the rest of its request refused) is skipped when batches form and again right before
+//! compute.
 
 pub mod batcher;
 pub mod policy;
@@ -103,6 +104,7 @@ impl ModelHandle {
             info.device = devices.join(",");
         }
         let shared = Arc::new(std::sync::Mutex::new(batch_rx));
+        let free = Arc::new(tokio::sync::Semaphore::new(0));
         for (i, backend) in replicas.into_iter().enumerate() {
             worker::spawn(
                 name,
@@ -110,12 +112,14 @@ impl ModelHandle {
                 backend,
                 policy.clone(),
                 shared.clone(),
+                free.clone(),
                 metrics.clone(),
             );
         }
         tokio::spawn(batcher::batcher_task(
             batcher::Queues { high, normal },
             policy.clone(),
+            free,
             batch_tx,
             metrics.clone(),
         ));

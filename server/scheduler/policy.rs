@@ -1,9 +1,10 @@
 //! The batching policy, in one place: which fixed batch sizes exist, how long the first
 //! waiting request may wait for company, and how many requests may queue.
 //!
-//! A batch is dispatched when the largest allowed size is full or when the oldest
-//! waiting request has waited `max_queue_delay`, whichever comes first; it then runs at
-//! the smallest allowed size that holds what is waiting, padded with zeros. Every batch
+//! A batch is dispatched when the largest allowed size is full, or when a worker is free
+//! and the oldest waiting request has waited `max_queue_delay`; while every worker is
+//! busy it keeps filling (see [`super::batcher::form_batch`]). It then runs at the
+//! smallest allowed size that holds what is waiting, padded with zeros. Every batch
 //! thus has one of a few known shapes (the kernels, plans and CUDA graphs for them are
 //! warm), as in TF Serving's `allowed_batch_sizes` and Triton's dynamic batcher.
 

@@ -1,6 +1,6 @@
 //! The device workers: each owns a model replica on its own OS thread (compute never
-//! runs on tokio's workers), takes the next formed batch from the model's shared batch
-//! queue, pads it to its allowed size, and splits the logits back to the jobs. A panic
+//! runs on tokio's workers), says it is free, takes the next formed batch from the
+//! model's shared batch queue, pads it to its allowed size, and splits the logits back to the jobs. A panic
 //! fails that batch's jobs and the thread is replaced by a fresh one.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::batcher::Batch;
+use super::batcher::{Batch, FreeWorkers};
 use super::{BatchPolicy, ScheduleError};
 use crate::metrics::ModelMetrics;
 use crate::model::{Classifier, ModelError};
@@ -57,6 +57,7 @@ pub fn spawn(
     backend: Arc<dyn Backend>,
     policy: BatchPolicy,
     rx: SharedBatches,
+    free: FreeWorkers,
     metrics: Arc<ModelMetrics>,
 ) {
     let name = name.to_string();
@@ -64,7 +65,7 @@ pub fn spawn(
         .name(format!("supervise-{name}-{replica}"))
         .spawn(move || {
             loop {
-                let rx = rx.clone();
+                let (rx, free) = (rx.clone(), free.clone());
                 let (backend, policy, worker_metrics, thread_name) = (
                     backend.clone(),
                     policy.clone(),
@@ -79,6 +80,7 @@ pub fn spawn(
                             backend.as_ref(),
                             &policy,
                             &rx,
+                            &free,
                             &worker_metrics,
                         )
                     });
@@ -121,9 +123,15 @@ fn worker_loop(
     backend: &dyn Backend,
     policy: &BatchPolicy,
     rx: &SharedBatches,
+    free: &FreeWorkers,
     metrics: &ModelMetrics,
 ) -> Exit {
-    while let Some(batch) = next_batch(rx) {
+    loop {
+        // Tell the batcher one more worker waits, so it may close the batch it fills.
+        free.add_permits(1);
+        let Some(batch) = next_batch(rx) else {
+            break;
+        };
         let now = tokio::time::Instant::now();
         let jobs: Vec<_> = batch.jobs.into_iter().filter(|j| !j.is_dead(now)).collect();
         if jobs.is_empty() {

@@ -141,10 +141,13 @@ fn worker_loop(
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
-        let mut pixels = vec![0f32; size * INPUT_LEN];
-        for (slot, job) in pixels.chunks_exact_mut(INPUT_LEN).zip(&jobs) {
-            slot.copy_from_slice(&job.input);
+        // Copied once, with only the padding zeroed (a zeroed 4.8 MB buffer written
+        // over again showed as 0.6% of a loaded server's time).
+        let mut pixels = Vec::with_capacity(size * INPUT_LEN);
+        for job in &jobs {
+            pixels.extend_from_slice(&job.input);
         }
+        pixels.resize(size * INPUT_LEN, 0.0);
         let started = Instant::now();
         let input_time = started - input_started;
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&pixels, size)));

@@ -92,19 +92,28 @@ impl CustomOp1 for ToNhwc {
         // Named NHWC by the helper; here the dims are N, C, H, W.
         let [n, c, h, w] = nhwc(l)?;
         let plane = h * w;
-        let mut out = vec![0f32; n * plane * c];
+        let len = n * plane * c;
+        if len == 0 || x.len() != len {
+            bail!("to NHWC: {} values for {:?}", x.len(), l.dims());
+        }
+        // Written in place without zeroing first: every value is written exactly once.
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         // One task per image row: each reads `c` input rows and writes one output row.
-        out.par_chunks_mut(w * c)
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(w * c)
             .enumerate()
             .for_each(|(row, dst)| {
                 let (b, y) = (row / h, row % h);
                 for ch in 0..c {
                     let src = &x[(b * c + ch) * plane + y * w..][..w];
                     for (px, v) in src.iter().enumerate() {
-                        dst[px * c + ch] = *v;
+                        dst[px * c + ch].write(*v);
                     }
                 }
             });
+        // SAFETY: the rows cover all `len` values and each (pixel, channel) of a row was
+        // written above.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, c))))
     }
 }
@@ -119,7 +128,7 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
         let [n, h, w, c] = nhwc(l)?;
-        if h == 0 || w == 0 {
+        if h == 0 || w == 0 || c == 0 {
             bail!("max pool: empty input {:?}", l.dims());
         }
         let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
@@ -157,7 +166,7 @@ impl CustomOp1 for AvgPool {
         let x = f32s(s, l)?;
         let [n, h, w, c] = nhwc(l)?;
         let pixels = h * w;
-        if pixels == 0 {
+        if pixels == 0 || c == 0 {
             bail!("average pool: empty input {:?}", l.dims());
         }
         let mut out = vec![0f32; n * c];

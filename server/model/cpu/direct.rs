@@ -161,7 +161,11 @@ impl DirectConv {
         let mut out: Vec<f32> = Vec::with_capacity(m * o);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let tiles = m.div_ceil(MR);
-        let target = threads() * 4;
+        // Eight tasks per thread: in a server, request handling preempts compute threads
+        // now and then, and the layer waits for its last task; finer tasks let the other
+        // threads take over the rest (resnet50 under 16 clients: 39.5 -> 40.0 img/s, the
+        // same in-process, against 4 per thread).
+        let target = threads() * 8;
         // Split the larger operand across tasks, so each task reuses the smaller one from
         // cache: late layers (few pixels, many weights) split over output channels, early
         // layers (many pixels, few weights) over pixels.

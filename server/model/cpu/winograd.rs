@@ -372,12 +372,11 @@ impl Winograd {
     ) -> Result<Vec<f32>> {
         let (ci, o) = (self.inputs, self.outputs);
         let (tiles, m) = self.check(x, dims, bias, residual)?;
-        let c = dims[3];
         if chunk == 0 || !chunk.is_multiple_of(MR) {
             bail!("winograd: chunks of {chunk} tiles are not whole kernel tiles");
         }
         let nb = o / NR;
-        let zero_px = vec![0f32; c];
+        let zero_px = vec![0f32; ci];
         let mut out: Vec<f32> = Vec::with_capacity(m * o);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let chunks = tiles.div_ceil(chunk);

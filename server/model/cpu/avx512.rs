@@ -33,17 +33,26 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// Asks for tile row `i`'s output (for writing) and shortcut (for reading) ahead of
+    /// Asks for tile row `*next`'s output (for writing) and shortcut (for reading) ahead of
     /// the epilogue: rows are far apart in a large activation, so without this the
     /// stores wait on ownership of each line and the adds on the shortcut loads.
     ///
     /// `prefetchw` is written out because its target feature is not stable in Rust;
     /// every AVX-512 CPU has it.
     ///
+    /// Called once per step of a kernel's inner loop, it prefetches row `*next` while
+    /// `*next < rows` and moves on: one row per step, so the misses overlap the FMAs
+    /// instead of queueing.
+    ///
     /// # Safety
-    /// `i < MR`; prefetches never fault, so the pointers need not be valid.
+    /// `rows <= MR`; prefetches never fault, so the pointers need not be valid.
     #[inline(always)]
-    unsafe fn prefetch<const V: usize>(&self, i: usize) {
+    unsafe fn prefetch_next<const V: usize>(&self, next: &mut usize, rows: usize) {
+        if *next >= rows {
+            return;
+        }
+        let i = *next;
+        *next += 1;
         for v in 0..V {
             let out = self.out[i].wrapping_add(v * LANES);
             // SAFETY: a prefetch touches no architectural state and never faults.
@@ -112,11 +121,7 @@ pub unsafe fn dense<const R: usize>(
                 *p = a[t * MR + i].add(a_off);
             }
             for k in 0..kc {
-                // One row per step, so the misses overlap the FMAs instead of queueing.
-                if prefetched < R {
-                    e.prefetch::<2>(prefetched);
-                    prefetched += 1;
-                }
+                e.prefetch_next::<2>(&mut prefetched, R);
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH + LANES) as *const i8);
                 let b0 = _mm512_loadu_ps(bp);
@@ -196,10 +201,7 @@ pub unsafe fn narrow(
                     *p = a[t * MR + i].add(a_off);
                 }
                 for c in 0..LANES {
-                    if prefetched < MR {
-                        e.prefetch::<1>(prefetched);
-                        prefetched += 1;
-                    }
+                    e.prefetch_next::<1>(&mut prefetched, MR);
                     let w = _mm512_loadu_ps(bp);
                     bp = bp.add(LANES);
                     for i in 0..MR {
@@ -217,10 +219,7 @@ pub unsafe fn narrow(
                 *x = _mm512_loadu_ps(a[t * MR + i].add(a_off));
             }
             for c in 0..ipg {
-                if prefetched < MR {
-                    e.prefetch::<1>(prefetched);
-                    prefetched += 1;
-                }
+                e.prefetch_next::<1>(&mut prefetched, MR);
                 let w = _mm512_loadu_ps(bp);
                 bp = bp.add(LANES);
                 let idx = _mm512_add_epi32(group_start, _mm512_set1_epi32(c as i32));

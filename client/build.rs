@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     tonic_prost_build::configure()
         .build_server(false)
+        // `bytes::Bytes` fields: a load test re-sends the same images without copying them.
+        .bytes(".")
         .compile_protos(
             &[
                 "../proto/resnet_serve/v1/classifier.proto",

@@ -3,7 +3,8 @@
 //! synthetic ones the Python scripts regenerate bit for bit, unless `--weights` names a
 //! checkpoint.
 //!
-//! - `bench forward`: images/s of the forward pass, one JSON line per batch size.
+//! - `bench forward`: images/s of the forward pass (eager, and replayed as a CUDA graph
+//!   where one was captured), one JSON line per batch size.
 //! - `bench logits`: raw little-endian f32 logits `[batch, 1000]` for the seeded input.
 
 use std::io::Write;
@@ -125,7 +126,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 dev.synchronize()?;
                 #[cfg(feature = "cudnn")]
                 let _ = resnet_serve::model::cudnn::profile_report(); // warm-up calls out
-                let resident = rate(
+                let eager = rate(
                     seconds,
                     n,
                     || {
@@ -138,6 +139,24 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 if let Some(line) = resnet_serve::model::cudnn::profile_report() {
                     eprintln!("batch {n}: {line}");
                 }
+                // What the server runs: the pass captured as a CUDA graph, where the
+                // kernels allow it.
+                if !dev.is_cpu() {
+                    model.warm_up(&[n], 1)?;
+                }
+                let graph = if model.graph_sizes().contains(&n) {
+                    Some(rate(
+                        seconds,
+                        n,
+                        || {
+                            model.launch_resident(n)?;
+                            Ok(())
+                        },
+                        &dev,
+                    )?)
+                } else {
+                    None
+                };
                 let end_to_end = rate(
                     seconds,
                     n,
@@ -156,7 +175,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                         "device": device::describe(&dev),
                         "dtype": args.dtype.to_string(),
                         "batch": n,
-                        "images_per_s": resident,
+                        "images_per_s": graph.unwrap_or(eager),
+                        "images_per_s_eager": eager,
+                        "cuda_graph": graph.is_some(),
                         "images_per_s_with_copies": end_to_end,
                     })
                 );
@@ -169,6 +190,11 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             out,
         } => {
             let (_, model) = load(&args)?;
+            // The path the server runs: on a GPU, a captured pass where possible
+            // (RESNET_SERVE_CUDA_GRAPHS=0 keeps it eager).
+            if !model.device().is_cpu() {
+                model.warm_up(&[batch], 1)?;
+            }
             let pixels = synthetic::input(args.seed, batch, INPUT_SIZE);
             let logits = model.classify(&pixels, batch)?;
             let bytes: Vec<u8> = logits

@@ -59,7 +59,8 @@ pub struct ServeArgs {
     /// [default: all cores].
     #[arg(long, env = "RESNET_SERVE_COMPUTE_THREADS")]
     pub compute_threads: Option<usize>,
-    /// Worker threads (model replicas sharing weights) per device and model [default: 1].
+    /// Worker threads (model replicas sharing weights) per device and model [default: 1
+    /// on cpu, 2 on a GPU: one stages and copies the next batch while the other's runs].
     #[arg(long, env = "RESNET_SERVE_WORKERS_PER_DEVICE")]
     pub workers_per_device: Option<usize>,
     /// Let KServe clients load and unload models at run time (RepositoryModelLoad /
@@ -210,12 +211,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let device_spec: DeviceSpec = args.device.as_deref().unwrap_or("auto").parse()?;
     let precision = args.dtype.unwrap_or_default();
-    let workers = args.workers_per_device.unwrap_or(1);
+    // Checked before listening, so a bad --device fails at once rather than after bind.
+    let devices = device::resolve(&device_spec, precision)?;
+    let on_gpu = devices.iter().any(|d| !d.is_cpu());
+    let workers = args
+        .workers_per_device
+        .unwrap_or(if on_gpu { 2 } else { 1 });
     if workers == 0 {
         anyhow::bail!("--workers-per-device must be at least 1");
     }
-    // Checked before listening, so a bad --device fails at once rather than after bind.
-    let devices = device::resolve(&device_spec, precision)?;
     let warm_sizes = options.policy.allowed_sizes().to_vec();
     let cache = Downloader::from_env(args.cache_dir.clone(), None);
     let place = Arc::new(Placement {

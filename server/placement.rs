@@ -39,6 +39,15 @@ impl Backend for Pooled {
         self.pool.install(|| self.inner.forward(pixels, n))
     }
 
+    fn forward_images(
+        &self,
+        images: &[&[f32]],
+        size: usize,
+    ) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+        self.pool
+            .install(|| self.inner.forward_images(images, size))
+    }
+
     fn info(&self) -> crate::scheduler::BackendInfo {
         self.inner.info()
     }
@@ -79,7 +88,7 @@ impl Placement {
             // that now, before the model is served.
             if !dev.is_cpu() {
                 model
-                    .warm_up(&self.warm_sizes)
+                    .warm_up(&self.warm_sizes, self.workers)
                     .map_err(|e| format!("warming up {name} on {}: {e}", device::describe(dev)))?;
             }
             tracing::info!(
@@ -87,6 +96,7 @@ impl Placement {
                 device = %device::describe(dev),
                 dtype = %self.precision,
                 kernels = model.kernels().name(),
+                cuda_graphs = ?model.graph_sizes(),
                 seconds = started.elapsed().as_secs_f64(),
                 "loaded"
             );

@@ -200,7 +200,7 @@ fn tensor_images(values: &[f32]) -> Vec<Image> {
         .chunks_exact(IMAGE_LEN)
         .map(|v| Image {
             kind: Some(image::Kind::Tensor(resnet_client::proto::FloatTensor {
-                data: raw_f32(v),
+                data: raw_f32(v).into(),
             })),
         })
         .collect()
@@ -214,7 +214,7 @@ fn tensor_request(model: &str, seed: u64, n: usize) -> (ModelInferRequest, Vec<f
             model_name: model.into(),
             id: format!("req-{seed}"),
             inputs: vec![input("input", "FP32", vec![n as i64, 3, 224, 224])],
-            raw_input_contents: vec![raw_f32(&values)],
+            raw_input_contents: vec![raw_f32(&values).into()],
             ..Default::default()
         },
         values,
@@ -243,7 +243,10 @@ fn named_output(r: &ModelInferResponse, name: &str) -> (Vec<i64>, Vec<u8>) {
         .iter()
         .position(|o| o.name == name)
         .unwrap_or_else(|| panic!("no output {name}"));
-    (r.outputs[i].shape.clone(), r.raw_output_contents[i].clone())
+    (
+        r.outputs[i].shape.clone(),
+        r.raw_output_contents[i].to_vec(),
+    )
 }
 
 /// Our own API's logits for the same images.
@@ -449,7 +452,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
             model_name: format!("{MODEL}_image"),
             inputs: vec![input("image", "BYTES", vec![2, 1])],
             outputs: vec![output("logits", None)],
-            raw_input_contents: vec![raw],
+            raw_input_contents: vec![raw.into()],
             ..Default::default()
         })
         .await
@@ -458,7 +461,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
     let want = classify_logits(
         &server,
         vec![Image {
-            kind: Some(image::Kind::Encoded(EncodedImage { data: jpeg })),
+            kind: Some(image::Kind::Encoded(EncodedImage { data: jpeg.into() })),
         }],
     )
     .await;
@@ -472,7 +475,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
             model_name: format!("{MODEL}_frame"),
             inputs: vec![input("frame", "UINT8", vec![1, 30, 40, 3])],
             outputs: vec![output("logits", None)],
-            raw_input_contents: vec![frame.clone()],
+            raw_input_contents: vec![frame.clone().into()],
             ..Default::default()
         })
         .await
@@ -484,7 +487,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
             kind: Some(image::Kind::Raw(resnet_client::proto::RawFrame {
                 width: 40,
                 height: 30,
-                rgb: frame,
+                rgb: frame.into(),
             })),
         }],
     )
@@ -584,7 +587,7 @@ async fn bad_requests_get_the_codes_triton_clients_expect() {
     let flood = ModelInferRequest {
         model_name: format!("{MODEL}_frame"),
         inputs: vec![input("frame", "UINT8", vec![65, 4, 4, 3])],
-        raw_input_contents: vec![frames],
+        raw_input_contents: vec![frames.into()],
         ..Default::default()
     };
     assert_eq!(code(flood).await.code(), Code::ResourceExhausted);
@@ -819,7 +822,7 @@ async fn tritonclient_drives_the_server() {
         &server,
         vec![Image {
             kind: Some(image::Kind::Encoded(EncodedImage {
-                data: std::fs::read(&jpeg_path).expect("fixture"),
+                data: std::fs::read(&jpeg_path).expect("fixture").into(),
             })),
         }],
     )

@@ -191,7 +191,7 @@ fn options(sizes: &[usize], delay_ms: u64, capacity: usize) -> ServeOptions {
 fn encoded(name: &str) -> Image {
     let data = std::fs::read(common::fixture(&format!("images/{name}"))).expect("fixture");
     Image {
-        kind: Some(image::Kind::Encoded(EncodedImage { data })),
+        kind: Some(image::Kind::Encoded(EncodedImage { data: data.into() })),
     }
 }
 
@@ -238,7 +238,7 @@ async fn classify_returns_what_the_model_computes_for_every_input_kind() {
             kind: Some(image::Kind::Raw(RawFrame {
                 width: rgb.width(),
                 height: rgb.height(),
-                rgb: rgb.as_raw().clone(),
+                rgb: rgb.as_raw().clone().into(),
             })),
         },
         tensor,
@@ -367,7 +367,7 @@ async fn stream_answers_in_order_with_per_frame_errors() {
             inputs.push(None);
             Image {
                 kind: Some(image::Kind::Encoded(EncodedImage {
-                    data: b"definitely not an image".to_vec(),
+                    data: b"definitely not an image".to_vec().into(),
                 })),
             }
         } else {
@@ -867,7 +867,7 @@ async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
                 kind: Some(image::Kind::Raw(RawFrame {
                     width: 10,
                     height: 10,
-                    rgb: vec![0; 299],
+                    rgb: vec![0; 299].into(),
                 })),
             }]),
             Code::InvalidArgument,
@@ -924,7 +924,7 @@ async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
 fn encoded_bytes(data: &[u8]) -> Image {
     Image {
         kind: Some(image::Kind::Encoded(EncodedImage {
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         })),
     }
 }

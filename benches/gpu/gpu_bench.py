@@ -76,13 +76,15 @@ def parity(args, out: pathlib.Path) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch_device(args)
     rows = []
-    configs = [("f32", "auto")]
+    # (dtype, kernels, CUDA graphs): on a GPU `bench logits` replays a captured graph
+    # unless RESNET_SERVE_CUDA_GRAPHS=0.
+    configs = [("f32", "auto", True)]
     if args.stock_max_batch > 0:
-        configs.append(("f32", "candle"))
+        configs.append(("f32", "candle", False))
     if args.device != "cpu":
-        configs += [("f16", "auto"), ("bf16", "auto")]
+        configs += [("f16", "auto", True), ("f16", "auto", False), ("bf16", "auto", True)]
         if args.stock_max_batch > 0:
-            configs.append(("f16", "candle"))
+            configs.append(("f16", "candle", False))
     for arch in args.parity_archs:
         model = synthetic_model(arch)
         x = synthetic_input(SEED, args.parity_batch, 224)
@@ -113,33 +115,35 @@ def parity(args, out: pathlib.Path) -> None:
             rows.append({**base, "engine": "pytorch", "dtype": "f16",
                          "rel_err": float(np.abs(torch_f16 - ref).max() / scale),
                          "top1_agree": a, "top1_agree_decidable": d})
-        for dtype, kernels in configs:
+        for dtype, kernels, graphs in configs:
             with tempfile.NamedTemporaryFile(suffix=".f32") as f:
                 cmd = [args.bin, "bench", "logits", "--model", arch, "--batch", str(args.parity_batch),
                        "--seed", str(SEED), "--device", args.device_arg, "--dtype", dtype,
                        "--kernels", kernels, "--out", f.name]
                 t0 = time.time()
                 try:
-                    p = run(cmd, 300)
+                    p = run(cmd, 300, {"RESNET_SERVE_CUDA_GRAPHS": "1" if graphs else "0"})
                 except subprocess.TimeoutExpired:
                     rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
-                                 "error": "timeout"})
+                                 "graphs": graphs, "error": "timeout"})
                     continue
                 if p.returncode != 0:
                     rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
-                                 "error": p.stderr.strip()[-2000:]})
+                                 "graphs": graphs, "error": p.stderr.strip()[-2000:]})
                     log("parity FAILED", arch, dtype, kernels, p.stderr.strip()[-500:])
                     continue
                 ours = np.fromfile(f.name, dtype="<f4").reshape(args.parity_batch, 1000)
             rel = float(np.abs(ours - ref).max() / scale)
             agree, agree_d = agreement(ours)
             ok = rel <= 1e-4 if dtype == "f32" else (agree_d if agree_d is not None else agree) >= 0.99
+            warned = [line for line in p.stderr.splitlines() if "CUDA graph" in line]
             rows.append({**base, "engine": "resnet-serve", "dtype": dtype, "kernels": kernels,
+                         "graphs": graphs, "graph_warnings": warned[-3:],
                          "rel_err": rel, "top1_agree": agree,
                          "top1_agree_decidable": agree_d, "pass": ok,
                          "seconds": round(time.time() - t0, 2)})
-            log(f"parity {arch} {dtype} {kernels}: rel {rel:.2e} top1 {agree:.3f} "
-                f"(decidable {agree_d}) {'ok' if ok else 'FAIL'}")
+            log(f"parity {arch} {dtype} {kernels} graphs={graphs}: rel {rel:.2e} top1 {agree:.3f} "
+                f"(decidable {agree_d}) {'ok' if ok else 'FAIL'} {' | '.join(warned[-1:])}")
         RESULTS["parity"] = rows
         save(out)
 
@@ -178,6 +182,9 @@ def ours_rate(args, arch: str, batch: int, dtype: str, kernels: str) -> dict:
     profile = [line for line in p.stderr.splitlines() if "cudnn profile" in line]
     if profile:
         out["profile"] = profile[-1]
+    warnings = [line for line in p.stderr.splitlines() if "WARN" in line or "CUDA graph" in line]
+    if warnings:
+        out["warnings"] = warnings[-3:]
     return out
 
 
@@ -200,7 +207,11 @@ def throughput(args, out: pathlib.Path) -> None:
                 row["pytorch_error"] = str(e)[:500]
             fast = ours_rate(args, arch, batch, dtype, "auto")
             row["ours"] = fast.get("images_per_s")
+            row["ours_eager"] = fast.get("images_per_s_eager")
+            row["ours_cuda_graph"] = fast.get("cuda_graph")
             row["ours_with_copies"] = fast.get("images_per_s_with_copies")
+            if fast.get("warnings"):
+                row["ours_warnings"] = fast["warnings"]
             row["ours_kernels"] = fast.get("kernels")
             if "profile" in fast:
                 row["ours_profile"] = fast["profile"]
@@ -223,6 +234,28 @@ def throughput(args, out: pathlib.Path) -> None:
         del model
         if gpu:
             torch.cuda.empty_cache()
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread group of process `pid` (names without their
+    trailing numbers), from /proc: where a loaded server's time goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789-")
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def wait_ready(log_path: pathlib.Path, proc: subprocess.Popen, timeout: float) -> bool:
@@ -267,14 +300,22 @@ def server(args, out: pathlib.Path) -> None:
         for concurrency, per_request in args.load_rows:
             cmd = [args.client, "--endpoint", "http://127.0.0.1:50151", "load",
                    "--concurrency", str(concurrency), "--images-per-request", str(per_request),
+                   "--connections", str(min(concurrency, args.connections)),
                    "--duration", str(args.load_seconds), "--warmup", "2", "--synthetic", "--json",
                    "--metrics", "127.0.0.1:9191"]
+            cpu_before, client_before, t_before = thread_cpu(proc.pid), children_cpu(), time.time()
             try:
                 p = run(cmd, args.load_seconds + 90)
             except subprocess.TimeoutExpired:
                 rows.append({"concurrency": concurrency, "images_per_request": per_request,
                              "error": "timeout"})
                 continue
+            wall = time.time() - t_before
+            cpu_after = thread_cpu(proc.pid)
+            # Cores busy on average over the whole load (warm-up included), per thread group.
+            server_cores = {k: round((v - cpu_before.get(k, 0.0)) / wall, 2)
+                            for k, v in cpu_after.items() if v - cpu_before.get(k, 0.0) > 0.01 * wall}
+            client_cores = round((children_cpu() - client_before) / wall, 2)
             if p.returncode != 0:
                 rows.append({"concurrency": concurrency, "images_per_request": per_request,
                              "error": (p.stdout + p.stderr)[-1500:]})
@@ -282,10 +323,12 @@ def server(args, out: pathlib.Path) -> None:
             report = json.loads(p.stdout)
             report["concurrency"] = concurrency
             report["images_per_request"] = per_request
+            report["server_cores"] = server_cores
+            report["client_cores"] = client_cores
             rows.append(report)
             log(f"load c={concurrency} x{per_request}: {report['images_per_s']:.0f} img/s, "
                 f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
-                f"errors {report['errors']}")
+                f"errors {report['errors']}; cores: client {client_cores}, server {server_cores}")
             RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
                                  "in_process": inproc, "rows": rows}
             save(out)
@@ -320,12 +363,14 @@ def main() -> None:
         args.bench_archs, args.batches, args.seconds = ["resnet18"], [1, 4], 1.0
         args.stock_max_batch = 4
         args.server_batch, args.load_rows, args.load_seconds = 4, [(2, 2)], 4
+        args.connections = 2
     else:
         args.parity_archs, args.parity_batch = ["resnet50", "resnext101_32x8d"], 64
-        args.bench_archs, args.batches, args.seconds = ["resnet50", "resnext101_32x8d"], [1, 8, 64, 256], 2.0
+        args.bench_archs, args.batches, args.seconds = ["resnet50", "resnext101_32x8d"], [1, 8, 64, 256], 1.5
         args.stock_max_batch = 64
         args.server_batch = 64
-        args.load_rows, args.load_seconds = [(4, 64), (16, 16), (64, 1)], 8
+        args.load_rows, args.load_seconds = [(4, 64), (8, 64), (16, 16), (64, 1)], 6
+        args.connections = 16
     cli = p.parse_args()
     if cli.parity_archs:
         args.parity_archs = cli.parity_archs.split(",")

@@ -121,14 +121,20 @@ impl Output {
 /// An encoded image (JPEG, PNG, WebP, BMP, GIF).
 pub fn encoded(data: Vec<u8>) -> proto::Image {
     proto::Image {
-        kind: Some(image::Kind::Encoded(proto::EncodedImage { data })),
+        kind: Some(image::Kind::Encoded(proto::EncodedImage {
+            data: data.into(),
+        })),
     }
 }
 
 /// A raw RGB8 frame, `height x width x 3`.
 pub fn raw(width: u32, height: u32, rgb: Vec<u8>) -> proto::Image {
     proto::Image {
-        kind: Some(image::Kind::Raw(proto::RawFrame { width, height, rgb })),
+        kind: Some(image::Kind::Raw(proto::RawFrame {
+            width,
+            height,
+            rgb: rgb.into(),
+        })),
     }
 }
 
@@ -136,7 +142,11 @@ pub fn raw(width: u32, height: u32, rgb: Vec<u8>) -> proto::Image {
 pub fn tensor(values: &[f32]) -> proto::Image {
     proto::Image {
         kind: Some(image::Kind::Tensor(proto::FloatTensor {
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
         })),
     }
 }
@@ -204,6 +214,11 @@ impl Client {
             kserve,
             config,
         })
+    }
+
+    /// The configuration it connected with (to open more connections like it).
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
     }
 
     /// A KServe v2 / Triton stub on the same connections.

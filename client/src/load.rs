@@ -58,6 +58,8 @@ pub struct LoadConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
     pub mode: String,
+    /// Connections the requests were spread over.
+    pub connections: usize,
     /// `closed` or `open`.
     pub loop_kind: String,
     /// Concurrency (closed loop) or offered requests/s (open loop).
@@ -168,7 +170,7 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
     let tensors: Option<Vec<u8>> = images
         .iter()
         .map(|img| match &img.kind {
-            Some(proto::image::Kind::Tensor(t)) => Some(t.data.as_slice()),
+            Some(proto::image::Kind::Tensor(t)) => Some(&t.data[..]),
             _ => None,
         })
         .collect::<Option<Vec<_>>>()
@@ -215,7 +217,7 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
                 parameters: Default::default(),
             },
         ],
-        raw_input_contents: vec![raw],
+        raw_input_contents: vec![raw.into()],
         ..Default::default()
     };
     client
@@ -262,13 +264,17 @@ fn outcome(r: &proto::StreamResult) -> Result<(), tonic::Code> {
 
 /// Runs the load and reports it. `metrics_addr` (host:port of the server's metrics
 /// endpoint) adds the server's batching statistics over the run.
+/// `clients` are separate connections; requests are spread over them round-robin (one
+/// HTTP/2 connection is read and written by one task on each side, which caps it near
+/// one core's worth of bytes: a load of float tensors needs several).
 pub async fn run(
-    client: &Client,
+    clients: &[Client],
     cfg: &LoadConfig,
     metrics_addr: Option<&str>,
     progress: ProgressBar,
 ) -> LoadReport {
     assert!(!cfg.inputs.is_empty(), "a load needs at least one input");
+    assert!(!clients.is_empty(), "a load needs at least one connection");
     let before = match metrics_addr {
         Some(a) => crate::metrics::scrape(a).await.ok(),
         None => None,
@@ -293,11 +299,11 @@ pub async fn run(
         progress,
     });
     match cfg.mode {
-        Mode::Closed { concurrency } => closed(client, cfg, concurrency, &budget, &recorder).await,
+        Mode::Closed { concurrency } => closed(clients, cfg, concurrency, &budget, &recorder).await,
         Mode::Open {
             rate,
             max_outstanding,
-        } => open(client, cfg, rate, max_outstanding, &budget, &recorder).await,
+        } => open(clients, cfg, rate, max_outstanding, &budget, &recorder).await,
     }
     let elapsed = (Instant::now().max(measure_from) - measure_from)
         .as_secs_f64()
@@ -321,6 +327,7 @@ pub async fn run(
     let requests = ok + errors.values().sum::<u64>();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     LoadReport {
+        connections: clients.len(),
         mode: match cfg.mode {
             Mode::Closed { concurrency } => format!("closed loop, concurrency {concurrency}"),
             Mode::Open { rate, .. } => format!("open loop, {rate} req/s"),
@@ -360,7 +367,7 @@ pub async fn run(
 }
 
 async fn closed(
-    client: &Client,
+    clients: &[Client],
     cfg: &LoadConfig,
     concurrency: usize,
     budget: &Arc<Budget>,
@@ -369,7 +376,7 @@ async fn closed(
     let mut tasks = Vec::new();
     for w in 0..concurrency.max(1) {
         let (client, cfg, budget, recorder) = (
-            client.clone(),
+            clients[w % clients.len()].clone(),
             cfg.clone(),
             budget.clone(),
             recorder.clone(),
@@ -416,7 +423,7 @@ async fn closed(
 }
 
 async fn open(
-    client: &Client,
+    clients: &[Client],
     cfg: &LoadConfig,
     rate: f64,
     max_outstanding: usize,
@@ -431,7 +438,7 @@ async fn open(
     let stream = if cfg.transport == Transport::Stream {
         let (tx, rx) = mpsc::channel::<proto::StreamFrame>(max_outstanding.max(1));
         let intended: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
-        match client.classify_stream(ReceiverStream::new(rx)).await {
+        match clients[0].classify_stream(ReceiverStream::new(rx)).await {
             Ok(mut responses) => {
                 let (intended2, recorder2) = (intended.clone(), recorder.clone());
                 tasks.push(tokio::spawn(async move {
@@ -473,7 +480,8 @@ async fn open(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (client, cfg, recorder) = (client.clone(), cfg.clone(), recorder.clone());
+                let client = clients[(i % clients.len() as u64) as usize].clone();
+                let (cfg, recorder) = (cfg.clone(), recorder.clone());
                 tasks.push(tokio::spawn(async move {
                     let result = unary(&client, &cfg, i).await;
                     recorder.record(intended, result);
@@ -494,8 +502,12 @@ impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} ({}), {:.1} s",
-            self.mode, self.transport, self.duration_s
+            "{} ({}, {} connection{}), {:.1} s",
+            self.mode,
+            self.transport,
+            self.connections,
+            if self.connections == 1 { "" } else { "s" },
+            self.duration_s
         )?;
         writeln!(
             f,

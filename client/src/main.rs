@@ -12,6 +12,9 @@ use resnet_client::load::{self, LoadConfig, Mode, Transport};
 use resnet_client::video::{self, Source};
 use resnet_client::{Client, ClientConfig, Output};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "resnet-client",
@@ -106,6 +109,11 @@ enum Command {
         warmup: f64,
         #[arg(long, default_value_t = 1)]
         images_per_request: usize,
+        /// Connections to spread the requests over (round-robin). One HTTP/2 connection
+        /// carries roughly one core's worth of bytes; float tensors at GPU rates need
+        /// several. Open-loop streams use the first.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
         /// Image files to send (round-robin).
         #[arg(long = "input")]
         inputs: Vec<PathBuf>,
@@ -304,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             requests,
             warmup,
             images_per_request,
+            connections,
             inputs,
             synthetic,
             stream,
@@ -362,7 +371,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 output: Output::TopK(1),
             };
             let bar = progress(requests, "requests");
-            let report = load::run(&client, &cfg, metrics.as_deref(), bar).await;
+            let mut clients = vec![client.clone()];
+            for _ in 1..connections.max(1) {
+                clients.push(
+                    Client::connect(client.config().clone())
+                        .await
+                        .context("connecting")?,
+                );
+            }
+            let report = load::run(&clients, &cfg, metrics.as_deref(), bar).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if csv {

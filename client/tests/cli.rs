@@ -373,6 +373,47 @@ fn the_library_balances_endpoints() {
 }
 
 #[test]
+fn a_load_spreads_its_requests_over_its_connections() {
+    use resnet_client::load::{self, LoadConfig, Mode, Transport};
+    use resnet_client::{tensor, Client, ClientConfig, Output};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Two servers, one connection to each: each server counts what its connection carried.
+    let (a, b) = (Server::start(model()), Server::start(model()));
+    let report = rt.block_on(async {
+        let mut clients = Vec::new();
+        for url in [&a.grpc, &b.grpc] {
+            clients.push(
+                Client::connect(ClientConfig::new([url.clone()]))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let cfg = LoadConfig {
+            mode: Mode::Closed { concurrency: 4 },
+            transport: Transport::Unary,
+            duration: None,
+            requests: Some(12),
+            warmup: Duration::ZERO,
+            model: String::new(),
+            images_per_request: 1,
+            inputs: vec![tensor(&vec![0.25f32; 3 * 224 * 224])],
+            output: Output::TopK(1),
+        };
+        load::run(&clients, &cfg, None, indicatif::ProgressBar::hidden()).await
+    });
+    assert_eq!((report.ok, report.connections), (12, 2));
+    let na = counter(&scrape(&a.metrics), "resnet_serve_requests_total{");
+    let nb = counter(&scrape(&b.metrics), "resnet_serve_requests_total{");
+    // Workers 0 and 2 use the first connection, 1 and 3 the second; each worker sends at
+    // least its first request before any budget runs out.
+    assert_eq!(na + nb, 12.0);
+    assert!(
+        na >= 2.0 && nb >= 2.0,
+        "both connections used: {na} and {nb}"
+    );
+}
+
+#[test]
 fn the_library_retries_unavailable_only() {
     use resnet_client::{tensor, Client, ClientConfig, Output};
     use std::sync::atomic::Ordering::SeqCst;

@@ -220,7 +220,12 @@ impl Drop for ActDesc {
 
 struct PoolDesc(sys::cudnnPoolingDescriptor_t);
 impl PoolDesc {
-    fn max_3x3_s2_p1() -> Result<Self> {
+    fn new(
+        mode: sys::cudnnPoolingMode_t,
+        window: [usize; 2],
+        padding: [usize; 2],
+        stride: [usize; 2],
+    ) -> Result<Self> {
         let d = PoolDesc(
             result::create_pooling_descriptor().map_err(|e| cudnn_err("pooling descriptor", e))?,
         );
@@ -228,16 +233,25 @@ impl PoolDesc {
         unsafe {
             result::set_pooling_descriptor(
                 d.0,
-                sys::cudnnPoolingMode_t::CUDNN_POOLING_MAX,
+                mode,
                 sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
                 2,
-                &[3, 3],
-                &[1, 1],
-                &[2, 2],
+                &window.map(|v| v as i32),
+                &padding.map(|v| v as i32),
+                &stride.map(|v| v as i32),
             )
         }
         .map_err(|e| cudnn_err("pooling", e))?;
         Ok(d)
+    }
+
+    fn max_3x3_s2_p1() -> Result<Self> {
+        Self::new(
+            sys::cudnnPoolingMode_t::CUDNN_POOLING_MAX,
+            [3, 3],
+            [1, 1],
+            [2, 2],
+        )
     }
 }
 impl Drop for PoolDesc {
@@ -639,6 +653,127 @@ impl CustomOp2 for ConvCall<'_> {
         zl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         self.dispatch((x, xl), Some((z, zl)))
+    }
+}
+
+/// NCHW to NHWC in one cuDNN call, dtype unchanged. Unlike Candle's strided copy it
+/// uploads no shape metadata from the host, so a CUDA graph can capture it.
+pub fn to_nhwc(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Reshape::ToNhwc)
+}
+
+/// `AdaptiveAvgPool2d(1)` + flatten on an NHWC tensor: `[N, H, W, C]` to `[N, C]`, as one
+/// cuDNN average pool over the whole plane (cuDNN accumulates in f32 for f16 and bf16).
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (n, _, _, c) = x.dims4()?;
+    x.contiguous()?
+        .apply_op1_no_bwd(&Reshape::GlobalAvgPool)?
+        .reshape((n, c))
+}
+
+/// The two single-input cuDNN calls that change a tensor's shape or layout but hold no
+/// weights.
+enum Reshape {
+    ToNhwc,
+    GlobalAvgPool,
+}
+
+impl Reshape {
+    fn run<T: Elem>(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = &xs.device;
+        let &[n, d1, d2, d3] = xl.dims() else {
+            bail!("expected a 4-d tensor, got {:?}", xl.dims())
+        };
+        let x_slice = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let (len, shape) = match self {
+            Reshape::ToNhwc => (n * d1 * d2 * d3, Shape::from((n, d2, d3, d1))),
+            Reshape::GlobalAvgPool => (n * d3, Shape::from((n, 1, 1, d3))),
+        };
+        // SAFETY: fully written by the cuDNN call below.
+        let mut y = unsafe { dev.alloc::<T>(len) }?;
+        with_handle(dev, |handle| {
+            let stream = dev.cuda_stream();
+            let (xp, _gx) = x_slice.device_ptr(&stream);
+            let (yp, _gy) = y.device_ptr_mut(&stream);
+            let (alpha, beta) = (1f32, 0f32);
+            let (alpha, beta) = (
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+            );
+            match self {
+                Reshape::ToNhwc => {
+                    let (c, h, w) = (d1, d2, d3);
+                    let x_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], false)?;
+                    let y_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], true)?;
+                    // SAFETY: live allocations matching the descriptors.
+                    unsafe {
+                        sys::cudnnTransformTensor(
+                            handle,
+                            alpha,
+                            x_desc.0,
+                            xp as *const c_void,
+                            beta,
+                            y_desc.0,
+                            yp as *mut c_void,
+                        )
+                    }
+                    .result()
+                    .map_err(|e| cudnn_err("NCHW to NHWC", e))
+                }
+                Reshape::GlobalAvgPool => {
+                    let (h, w, c) = (d1, d2, d3);
+                    let x_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], true)?;
+                    let y_desc = TensorDesc::new(T::CUDNN, [n, c, 1, 1], true)?;
+                    let pool = PoolDesc::new(
+                        sys::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING,
+                        [h, w],
+                        [0, 0],
+                        [h, w],
+                    )?;
+                    // SAFETY: live allocations matching the descriptors.
+                    unsafe {
+                        result::pooling_forward(
+                            handle,
+                            pool.0,
+                            alpha,
+                            x_desc.0,
+                            xp as *const c_void,
+                            beta,
+                            y_desc.0,
+                            yp as *mut c_void,
+                        )
+                    }
+                    .map_err(|e| cudnn_err("global average pool", e))
+                }
+            }
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+    }
+}
+
+impl CustomOp1 for Reshape {
+    fn name(&self) -> &'static str {
+        match self {
+            Reshape::ToNhwc => "cudnn-to-nhwc",
+            Reshape::GlobalAvgPool => "cudnn-global-avg-pool",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{} runs on CUDA devices only", self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => self.run::<f32>(x, xl),
+            DType::F16 => self.run::<half::f16>(x, xl),
+            DType::BF16 => self.run::<half::bf16>(x, xl),
+            other => bail!("{}: unsupported dtype {other:?}", self.name()),
+        }
     }
 }
 

@@ -53,7 +53,11 @@ impl Kernels {
         match self {
             Kernels::Candle => Ok(x),
             Kernels::Cpu if dtype == DType::F32 => super::cpu::to_nhwc(&x),
-            Kernels::Cpu | Kernels::Cudnn => x.permute((0, 2, 3, 1))?.contiguous(),
+            #[cfg(feature = "cudnn")]
+            Kernels::Cudnn => super::cudnn::to_nhwc(&x),
+            #[cfg(not(feature = "cudnn"))]
+            Kernels::Cudnn => candle_core::bail!("this build has no cuDNN kernels"),
+            Kernels::Cpu => x.permute((0, 2, 3, 1))?.contiguous(),
         }
     }
 
@@ -76,7 +80,11 @@ impl Kernels {
         match self {
             Kernels::Candle => global_avg_pool(x),
             Kernels::Cpu if dtype == DType::F32 => super::cpu::global_avg_pool(x),
-            Kernels::Cpu | Kernels::Cudnn => {
+            #[cfg(feature = "cudnn")]
+            Kernels::Cudnn => super::cudnn::global_avg_pool(x),
+            #[cfg(not(feature = "cudnn"))]
+            Kernels::Cudnn => candle_core::bail!("this build has no cuDNN kernels"),
+            Kernels::Cpu => {
                 let (n, h, w, c) = x.dims4()?;
                 x.to_dtype(DType::F32)?
                     .reshape((n, h * w, c))?
@@ -217,6 +225,10 @@ pub enum Linear {
         conv: Box<super::cpu::CpuConv>,
         outputs: usize,
     },
+    /// A fused cuDNN 1x1 convolution over `[N, 1, 1, in]`: no separate bias pass, and
+    /// nothing uploaded from the host per call, so a CUDA graph can capture it.
+    #[cfg(feature = "cudnn")]
+    Cudnn(Box<super::cudnn::FusedConv>),
 }
 
 impl Linear {
@@ -252,6 +264,22 @@ impl Linear {
             }));
             return Ok(Linear::Cpu { conv, outputs });
         }
+        #[cfg(feature = "cudnn")]
+        if kernels == Kernels::Cudnn {
+            let conv = super::cudnn::FusedConv::new(
+                FoldedConv {
+                    weight,
+                    bias,
+                    shape: [outputs, inputs, 1, 1],
+                    stride: 1,
+                    padding: 0,
+                    groups: 1,
+                },
+                device,
+                dtype,
+            )?;
+            return Ok(Linear::Cudnn(Box::new(conv)));
+        }
         let w = Tensor::from_vec(weight, shape.to_vec(), device)?.to_dtype(dtype)?;
         let b = Tensor::from_vec(bias, shape[0], device)?.to_dtype(dtype)?;
         Ok(Linear::Candle(candle_nn::Linear::new(w, Some(b))))
@@ -266,6 +294,13 @@ impl Linear {
                 let y = conv.forward(&x.reshape((n, 1, 1, inputs))?, None, false)?;
                 let padded = y.dim(3)?;
                 y.reshape((n, padded))?.narrow(1, 0, *outputs)?.contiguous()
+            }
+            #[cfg(feature = "cudnn")]
+            Linear::Cudnn(conv) => {
+                let (n, inputs) = x.dims2()?;
+                let y = conv.forward(&x.reshape((n, 1, 1, inputs))?, None, false)?;
+                let outputs = y.dim(3)?;
+                y.reshape((n, outputs))
             }
         }
     }

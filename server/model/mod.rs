@@ -7,13 +7,16 @@
 //! - [`batchnorm`]: folding eval-mode batch-norm into the preceding convolution.
 //! - [`layers`]: the seam where layer compute happens; everything above it is
 //!   kernel-agnostic. [`cpu`] holds the CPU GEMM kernels; on CUDA builds with `cudnn`,
-//!   `cudnn` holds the fused GPU kernels.
+//!   `cudnn` holds the fused GPU kernels and `cuda_graph` the captured passes that
+//!   replay them per batch size.
 //! - [`params`]: where parameters come from ([`ParamSource`]): checkpoints, or
 //! - [`synthetic`]: the seeded generator the parity fixtures share with PyTorch.
 
 pub mod arch;
 pub mod batchnorm;
 pub mod cpu;
+#[cfg(feature = "cudnn")]
+pub mod cuda_graph;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
 pub mod layers;
@@ -59,6 +62,9 @@ pub struct Classifier {
     device: Device,
     dtype: DType,
     kernels: Kernels,
+    /// Captured forward passes by batch size (cuDNN kernels only; made by `warm_up`).
+    #[cfg(feature = "cudnn")]
+    graphs: cuda_graph::Graphs,
 }
 
 impl Classifier {
@@ -94,6 +100,8 @@ impl Classifier {
             device: device.clone(),
             dtype,
             kernels,
+            #[cfg(feature = "cudnn")]
+            graphs: cuda_graph::Graphs::default(),
         })
     }
 
@@ -124,12 +132,79 @@ impl Classifier {
     }
 
     /// Runs each batch size once on zeros, so the first real request of each size pays
-    /// for no kernel loading or cuDNN algorithm selection.
-    pub fn warm_up(&self, batch_sizes: &[usize]) -> Result<(), ModelError> {
+    /// for no kernel loading or cuDNN algorithm selection. With cuDNN kernels it then
+    /// captures each size's pass as a CUDA graph, `copies` times (one per worker that may
+    /// run it at once), checked against the eager pass; a size whose capture fails is
+    /// logged and keeps running eagerly.
+    pub fn warm_up(&self, batch_sizes: &[usize], copies: usize) -> Result<(), ModelError> {
         for &n in batch_sizes {
             self.classify(&vec![0f32; n * 3 * INPUT_SIZE * INPUT_SIZE], n)?;
         }
+        #[cfg(feature = "cudnn")]
+        if self.kernels == Kernels::Cudnn && cuda_graph::Graphs::enabled() {
+            for &n in batch_sizes {
+                if let Err(e) = self
+                    .graphs
+                    .capture(&self.net, &self.device, self.dtype, n, copies)
+                {
+                    tracing::warn!(batch = n, error = %e, "no CUDA graph; this size runs eagerly");
+                }
+            }
+        }
+        #[cfg(not(feature = "cudnn"))]
+        let _ = copies;
         Ok(())
+    }
+
+    /// Batch sizes that replay a captured CUDA graph.
+    pub fn graph_sizes(&self) -> Vec<usize> {
+        #[cfg(feature = "cudnn")]
+        return self.graphs.batch_sizes();
+        #[cfg(not(feature = "cudnn"))]
+        Vec::new()
+    }
+
+    /// Replays the captured pass of `n` on the input it already holds, without copies or
+    /// waiting for the GPU; false when there is none. For benchmarks against engines
+    /// timed with resident inputs.
+    pub fn launch_resident(&self, n: usize) -> Result<bool, ModelError> {
+        #[cfg(feature = "cudnn")]
+        if let Some(done) = self.graphs.launch_resident(n) {
+            done?;
+            return Ok(true);
+        }
+        let _ = n;
+        Ok(false)
+    }
+
+    /// Logits for `images` (each one flat `3 x 224 x 224` input) padded with zero images
+    /// to `size` rows. A captured pass of that size copies each image once, straight
+    /// into its pinned staging buffer; otherwise the images are gathered into one buffer
+    /// for [`Classifier::classify`].
+    pub fn classify_images(
+        &self,
+        images: &[&[f32]],
+        size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let len = 3 * INPUT_SIZE * INPUT_SIZE;
+        if images.len() > size || images.iter().any(|i| i.len() != len) {
+            return Err(ModelError::BadInput(vec![
+                images.len(),
+                3,
+                INPUT_SIZE,
+                INPUT_SIZE,
+            ]));
+        }
+        #[cfg(feature = "cudnn")]
+        if let Some(rows) = self.graphs.run(images, size) {
+            return Ok(rows?);
+        }
+        let mut pixels = Vec::with_capacity(size * len);
+        for image in images {
+            pixels.extend_from_slice(image);
+        }
+        pixels.resize(size * len, 0.0);
+        self.classify(&pixels, size)
     }
 
     /// Logits for `n` images given as one flat, contiguous `n x 3 x 224 x 224` buffer.
@@ -143,8 +218,48 @@ impl Classifier {
                 INPUT_SIZE,
             ]));
         }
+        #[cfg(feature = "cudnn")]
+        {
+            let images: Vec<&[f32]> = pixels.chunks(3 * INPUT_SIZE * INPUT_SIZE).collect();
+            if let Some(rows) = self.graphs.run(&images, n) {
+                return Ok(rows?);
+            }
+        }
         // One contiguous host-to-device copy of the whole batch.
         let input = Tensor::from_slice(pixels, (n, 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
         Ok(self.forward(&input)?.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synthetic::SyntheticWeights;
+
+    #[test]
+    fn classify_images_pads_with_zero_images_and_checks_its_input() {
+        let arch = Architecture::Resnet18;
+        let model = Classifier::load(
+            arch,
+            &SyntheticWeights::new(arch, 7),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .expect("model");
+        let len = 3 * INPUT_SIZE * INPUT_SIZE;
+        let pixels = synthetic::input(3, 2, INPUT_SIZE);
+        let images: Vec<&[f32]> = pixels.chunks(len).collect();
+        let rows = model.classify_images(&images, 3).expect("logits");
+        let mut padded = pixels.clone();
+        padded.resize(3 * len, 0.0);
+        assert_eq!(rows, model.classify(&padded, 3).expect("logits"));
+        assert_eq!(rows.len(), 3);
+
+        for bad in [
+            model.classify_images(&images, 1),
+            model.classify_images(&[&pixels[..len - 1]], 1),
+        ] {
+            assert!(matches!(bad, Err(ModelError::BadInput(_))), "{bad:?}");
+        }
     }
 }

@@ -29,11 +29,29 @@ pub trait Backend: Send + Sync + 'static {
     /// `pixels` holds `n` contiguous `3 x 224 x 224` inputs; returns `n` logit rows.
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError>;
     fn info(&self) -> BackendInfo;
+
+    /// Logits for `images` (each one flat input) padded with zero images to `size` rows.
+    /// By default they are gathered into one buffer for [`Backend::forward`]; a backend
+    /// with staging of its own (pinned memory for a GPU) takes them one by one instead.
+    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut pixels = Vec::with_capacity(size * INPUT_LEN);
+        for image in images {
+            pixels.extend_from_slice(image);
+        }
+        // Only the padding is zeroed (a zeroed 4.8 MB buffer written over again showed
+        // as 0.6% of a loaded server's time).
+        pixels.resize(size * INPUT_LEN, 0.0);
+        self.forward(&pixels, size)
+    }
 }
 
 impl Backend for Classifier {
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         self.classify(pixels, n)
+    }
+
+    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.classify_images(images, size)
     }
 
     fn info(&self) -> BackendInfo {
@@ -141,16 +159,10 @@ fn worker_loop(
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
-        // Copied once, with only the padding zeroed (a zeroed 4.8 MB buffer written
-        // over again showed as 0.6% of a loaded server's time).
-        let mut pixels = Vec::with_capacity(size * INPUT_LEN);
-        for job in &jobs {
-            pixels.extend_from_slice(&job.input);
-        }
-        pixels.resize(size * INPUT_LEN, 0.0);
+        let images: Vec<&[f32]> = jobs.iter().map(|j| &j.input[..]).collect();
         let started = Instant::now();
         let input_time = started - input_started;
-        let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&pixels, size)));
+        let result = catch_unwind(AssertUnwindSafe(|| backend.forward_images(&images, size)));
         let infer_time = started.elapsed();
         metrics.observe_compute(size, infer_time.as_secs_f64());
         let output_started = Instant::now();

@@ -1,0 +1,397 @@
+//! CUDA graphs for the fixed batch sizes (feature `cudnn`). cuDNN's legacy entry point
+//! spends 100-270 µs of host time per convolution call, which made a ResNet-50 forward
+//! pass host-bound below batch 256 (BENCHMARKS.md). Capturing each allowed batch size's
+//! whole forward pass once, at warm-up, and replaying it costs one launch per batch.
+//!
+//! A captured pass owns everything that must keep its address between replays: the
+//! input and output tensors on the device and two pinned host buffers. A replay converts
+//! the f32 images straight into the pinned input buffer in the model's dtype (so half
+//! precision moves half the bytes), copies it up in one transfer, launches the graph and
+//! copies the logits back. Intermediate activations are allocated inside the graph
+//! (stream-ordered allocation nodes) and freed inside it.
+//!
+//! Several workers may share one model on a GPU, each on its own per-thread stream, so
+//! each batch size has a pool of captured passes; a worker that finds none free runs the
+//! pass eagerly rather than wait.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use candle_core::cuda::cudarc::driver::{result as cu, sys, CudaGraph, DevicePtr};
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::resnet::ResNet;
+use super::{INPUT_SIZE, NUM_CLASSES};
+
+const IMAGE_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Cuda(format!("CUDA graph, {what}: {e:?}").into())
+}
+
+/// Page-locked host memory: transfers from it run at full bus speed, asynchronously.
+struct Pinned {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+// SAFETY: a plain host allocation, used by one thread at a time (the pool hands each
+// captured pass to one worker).
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: the caller's context is current (bound before any capture).
+        let ptr = unsafe { cu::malloc_host(bytes, 0) }.map_err(|e| driver_err("pinned", e))?;
+        Ok(Pinned { ptr, bytes })
+    }
+
+    fn as_mut<T: Copy>(&mut self) -> &mut [T] {
+        // SAFETY: `bytes` bytes allocated by `cuMemHostAlloc` (page-aligned), exclusively
+        // borrowed; every element type used here is plain data.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr as *mut T,
+                self.bytes / std::mem::size_of::<T>(),
+            )
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `cuMemHostAlloc` in `new`, freed once.
+        let _ = unsafe { cu::free_host(self.ptr) };
+    }
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+fn device_ptr(t: &Tensor) -> Result<sys::CUdeviceptr> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!("not a CUDA tensor")
+    };
+    let stream = s.device.cuda_stream();
+    let offset = layout.start_offset();
+    let ptr = match t.dtype() {
+        DType::F32 => {
+            s.as_cuda_slice::<f32>()?
+                .slice(offset..)
+                .device_ptr(&stream)
+                .0
+        }
+        DType::F16 => {
+            s.as_cuda_slice::<half::f16>()?
+                .slice(offset..)
+                .device_ptr(&stream)
+                .0
+        }
+        DType::BF16 => {
+            s.as_cuda_slice::<half::bf16>()?
+                .slice(offset..)
+                .device_ptr(&stream)
+                .0
+        }
+        other => bail!("no CUDA graph for {other:?}"),
+    };
+    Ok(ptr)
+}
+
+/// One batch size's forward pass, captured.
+struct Captured {
+    graph: CudaGraph,
+    batch: usize,
+    dtype: DType,
+    device: Device,
+    /// `[batch, 3, 224, 224]` in the model's dtype; the graph reads it.
+    input: Tensor,
+    /// `[batch, 1000]` in the model's dtype; the graph's last node writes it. Held so
+    /// that its memory (at `output_ptr`) lives as long as the graph.
+    _output: Tensor,
+    input_ptr: sys::CUdeviceptr,
+    output_ptr: sys::CUdeviceptr,
+    staging_in: Pinned,
+    staging_out: Pinned,
+}
+
+// SAFETY: CUDA graph objects may be used from any thread as long as calls on one graph
+// are serialized; a `Captured` is only reachable through `Graphs`, which hands it to one
+// thread at a time (taken out of the pool under its mutex, put back after use).
+unsafe impl Send for Captured {}
+
+impl Captured {
+    fn capture(net: &ResNet, device: &Device, dtype: DType, batch: usize) -> Result<Self> {
+        let cuda = device.as_cuda_device()?;
+        let stream = cuda.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind", e))?;
+        let size = dtype.size_in_bytes();
+        let input = Tensor::zeros((batch, 3, INPUT_SIZE, INPUT_SIZE), dtype, device)?;
+        let output = Tensor::zeros((batch, NUM_CLASSES), dtype, device)?;
+        let (input_ptr, output_ptr) = (device_ptr(&input)?, device_ptr(&output)?);
+        // One eager pass first: cuDNN's plans and Candle's modules are chosen and loaded
+        // outside the capture.
+        drop(net.forward(&input)?);
+        device.synchronize()?;
+        stream
+            .context()
+            .check_err()
+            .map_err(|e| driver_err("before capture", e))?;
+        // Relaxed: a library call that is not capturable but harmless (say, a host-side
+        // query) must not invalidate the capture.
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| driver_err("begin capture", e))?;
+        let recorded = (|| -> Result<()> {
+            let logits = net.forward(&input)?;
+            if logits.dims() != [batch, NUM_CLASSES] || logits.dtype() != dtype {
+                bail!("unexpected logits {:?} {:?}", logits.dims(), logits.dtype());
+            }
+            let from = device_ptr(&logits)?;
+            // SAFETY: both are live device allocations of `batch * 1000` elements of
+            // `dtype`; the copy is recorded on the capturing stream.
+            unsafe {
+                cu::memcpy_dtod_async(
+                    output_ptr,
+                    from,
+                    batch * NUM_CLASSES * size,
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(|e| driver_err("logits copy", e))?;
+            // `logits` drops here, inside the capture: its free becomes a graph node.
+            Ok(())
+        })();
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = ended
+            .map_err(|e| driver_err("end capture", e))?
+            .ok_or_else(|| driver_err("end capture", "nothing was captured"))?;
+        stream
+            .context()
+            .check_err()
+            .map_err(|e| driver_err("during capture", e))?;
+        graph.upload().map_err(|e| driver_err("upload", e))?;
+        Ok(Captured {
+            graph,
+            batch,
+            dtype,
+            device: device.clone(),
+            input,
+            _output: output,
+            input_ptr,
+            output_ptr,
+            staging_in: Pinned::new(batch * IMAGE_LEN * size)?,
+            staging_out: Pinned::new(batch * NUM_CLASSES * size)?,
+        })
+    }
+
+    /// Converts `images` (each `3 x 224 x 224` f32, zero images after them up to the
+    /// batch size) into the pinned input buffer in the model's dtype.
+    fn stage(&mut self, images: &[&[f32]]) -> Result<()> {
+        if images.len() > self.batch || images.iter().any(|i| i.len() != IMAGE_LEN) {
+            bail!(
+                "a captured batch of {} takes up to {} images of {IMAGE_LEN} values",
+                self.batch,
+                self.batch
+            );
+        }
+        fn fill<T: Copy + Send + Sync>(
+            dst: &mut [T],
+            images: &[&[f32]],
+            zero: T,
+            convert: impl Fn(&mut [T], &[f32]) + Sync,
+        ) {
+            dst.par_chunks_mut(IMAGE_LEN)
+                .enumerate()
+                .for_each(|(i, d)| match images.get(i) {
+                    Some(src) => convert(d, src),
+                    None => d.fill(zero),
+                });
+        }
+        use half::slice::HalfFloatSliceExt;
+        match self.dtype {
+            DType::F32 => fill(self.staging_in.as_mut::<f32>(), images, 0.0, |d, s| {
+                d.copy_from_slice(s)
+            }),
+            DType::F16 => fill(
+                self.staging_in.as_mut::<half::f16>(),
+                images,
+                half::f16::ZERO,
+                |d, s| d.convert_from_f32_slice(s),
+            ),
+            DType::BF16 => fill(
+                self.staging_in.as_mut::<half::bf16>(),
+                images,
+                half::bf16::ZERO,
+                |d, s| d.convert_from_f32_slice(s),
+            ),
+            other => bail!("no CUDA graph for {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// Copy up, replay, copy back: the logits of `images` (padding rows included).
+    fn run(&mut self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        self.stage(images)?;
+        let stream = self.device.as_cuda_device()?.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind", e))?;
+        let cu_stream = stream.cu_stream();
+        // SAFETY: the pinned buffers and device tensors are live, sized for this batch,
+        // and not touched by the host again until the stream is synchronized below.
+        unsafe { cu::memcpy_htod_async(self.input_ptr, self.staging_in.as_mut::<u8>(), cu_stream) }
+            .map_err(|e| driver_err("input copy", e))?;
+        self.graph.launch().map_err(|e| driver_err("launch", e))?;
+        // SAFETY: as above.
+        unsafe {
+            cu::memcpy_dtoh_async(self.staging_out.as_mut::<u8>(), self.output_ptr, cu_stream)
+        }
+        .map_err(|e| driver_err("logits copy", e))?;
+        stream.synchronize().map_err(|e| driver_err("sync", e))?;
+        let rows = match self.dtype {
+            DType::F32 => self
+                .staging_out
+                .as_mut::<f32>()
+                .chunks(NUM_CLASSES)
+                .map(<[f32]>::to_vec)
+                .collect(),
+            DType::F16 => rows_of(self.staging_out.as_mut::<half::f16>(), half::f16::to_f32),
+            DType::BF16 => rows_of(self.staging_out.as_mut::<half::bf16>(), half::bf16::to_f32),
+            other => bail!("no CUDA graph for {other:?}"),
+        };
+        Ok(rows)
+    }
+
+    /// The replay alone, with the input already on the device (what a benchmark against
+    /// PyTorch with resident inputs measures). Does not wait for the GPU.
+    fn launch(&self) -> Result<()> {
+        self.graph.launch().map_err(|e| driver_err("launch", e))
+    }
+
+    /// The replay's logits must match the eager pass's on the same input.
+    fn verify(&mut self, net: &ResNet) -> Result<()> {
+        let images: Vec<Vec<f32>> = (0..self.batch)
+            .map(|b| {
+                (0..IMAGE_LEN)
+                    .map(|i| ((i * 7 + b * 13) % 251) as f32 / 125.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
+        let replayed = self.run(&refs)?;
+        // The eager pass reads the same staged (already converted) input.
+        let eager = net
+            .forward(&self.input)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let scale = eager
+            .iter()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-6);
+        let diff = eager
+            .iter()
+            .flatten()
+            .zip(replayed.iter().flatten())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        if replayed.iter().flatten().any(|v| !v.is_finite()) || diff > 1e-3 * scale {
+            bail!("replayed logits differ from the eager pass by {diff} (scale {scale})");
+        }
+        Ok(())
+    }
+}
+
+fn rows_of<T: Copy>(values: &[T], to_f32: impl Fn(T) -> f32) -> Vec<Vec<f32>> {
+    values
+        .chunks(NUM_CLASSES)
+        .map(|row| row.iter().map(|&v| to_f32(v)).collect())
+        .collect()
+}
+
+/// The captured passes of one model, by batch size.
+#[derive(Default)]
+pub struct Graphs {
+    free: Mutex<HashMap<usize, Vec<Captured>>>,
+}
+
+impl std::fmt::Debug for Graphs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graphs")
+            .field("batch_sizes", &self.batch_sizes())
+            .finish()
+    }
+}
+
+impl Graphs {
+    /// `RESNET_SERVE_CUDA_GRAPHS=0` turns capture off (every pass runs eagerly).
+    pub fn enabled() -> bool {
+        std::env::var("RESNET_SERVE_CUDA_GRAPHS").as_deref() != Ok("0")
+    }
+
+    /// Captures `copies` passes of batch size `batch` and checks one against the eager
+    /// pass. On failure nothing is kept and the size keeps running eagerly.
+    pub fn capture(
+        &self,
+        net: &ResNet,
+        device: &Device,
+        dtype: DType,
+        batch: usize,
+        copies: usize,
+    ) -> Result<()> {
+        let mut made = Vec::with_capacity(copies);
+        for _ in 0..copies.max(1) {
+            made.push(Captured::capture(net, device, dtype, batch)?);
+        }
+        if let Some(first) = made.first_mut() {
+            first.verify(net)?;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.entry(batch).or_default().extend(made);
+        Ok(())
+    }
+
+    pub fn batch_sizes(&self) -> Vec<usize> {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sizes: Vec<usize> = free.keys().copied().collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
+    fn take(&self, batch: usize) -> Option<Captured> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.get_mut(&batch).and_then(Vec::pop)
+    }
+
+    fn give_back(&self, c: Captured) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.entry(c.batch).or_default().push(c);
+    }
+
+    /// The logits of `images` padded to `batch`, by replay; `None` when no captured pass
+    /// of that size is free (the caller runs it eagerly). A pass whose replay failed is
+    /// dropped rather than reused.
+    pub fn run(&self, images: &[&[f32]], batch: usize) -> Option<Result<Vec<Vec<f32>>>> {
+        let mut c = self.take(batch)?;
+        let out = c.run(images);
+        if out.is_ok() {
+            self.give_back(c);
+        }
+        Some(out)
+    }
+
+    /// Launches the captured pass of `batch` on whatever input it holds, without copies
+    /// or waiting; `None` when none is free.
+    pub fn launch_resident(&self, batch: usize) -> Option<Result<()>> {
+        let c = self.take(batch)?;
+        let out = c.launch();
+        self.give_back(c);
+        Some(out)
+    }
+}

@@ -16,9 +16,9 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::cuda::cudarc::driver::{result as cu, sys, CudaGraph, DevicePtr};
+use candle_core::cuda::cudarc::driver::{result as cu, sys, CudaContext, CudaGraph, DevicePtr};
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -35,6 +35,8 @@ fn driver_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
 struct Pinned {
     ptr: *mut c_void,
     bytes: usize,
+    /// Made current again to free it: a model may be dropped on any thread.
+    ctx: Arc<CudaContext>,
 }
 
 // SAFETY: a plain host allocation, used by one thread at a time (the pool hands each
@@ -42,10 +44,15 @@ struct Pinned {
 unsafe impl Send for Pinned {}
 
 impl Pinned {
-    fn new(bytes: usize) -> Result<Self> {
-        // SAFETY: the caller's context is current (bound before any capture).
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        ctx.bind_to_thread().map_err(|e| driver_err("bind", e))?;
+        // SAFETY: the context is current; the size is what the caller asked for.
         let ptr = unsafe { cu::malloc_host(bytes, 0) }.map_err(|e| driver_err("pinned", e))?;
-        Ok(Pinned { ptr, bytes })
+        Ok(Pinned {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        })
     }
 
     fn as_mut<T: Copy>(&mut self) -> &mut [T] {
@@ -62,8 +69,10 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // SAFETY: allocated by `cuMemHostAlloc` in `new`, freed once.
-        let _ = unsafe { cu::free_host(self.ptr) };
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `cuMemHostAlloc` in `new`, freed once, its context current.
+            let _ = unsafe { cu::free_host(self.ptr) };
+        }
     }
 }
 
@@ -185,8 +194,8 @@ impl Captured {
             _output: output,
             input_ptr,
             output_ptr,
-            staging_in: Pinned::new(batch * IMAGE_LEN * size)?,
-            staging_out: Pinned::new(batch * NUM_CLASSES * size)?,
+            staging_in: Pinned::new(stream.context(), batch * IMAGE_LEN * size)?,
+            staging_out: Pinned::new(stream.context(), batch * NUM_CLASSES * size)?,
         })
     }
 

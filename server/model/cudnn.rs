@@ -656,10 +656,16 @@ impl CustomOp2 for ConvCall<'_> {
     }
 }
 
+/// `MaxPool2d(3, stride 2, padding 1)` on an NHWC tensor; cuDNN pads with -inf as PyTorch
+/// does.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Weightless::MaxPool3x3S2)
+}
+
 /// NCHW to NHWC in one cuDNN call, dtype unchanged. Unlike Candle's strided copy it
 /// uploads no shape metadata from the host, so a CUDA graph can capture it.
 pub fn to_nhwc(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Reshape::ToNhwc)
+    x.contiguous()?.apply_op1_no_bwd(&Weightless::ToNhwc)
 }
 
 /// `AdaptiveAvgPool2d(1)` + flatten on an NHWC tensor: `[N, H, W, C]` to `[N, C]`, as one
@@ -667,27 +673,32 @@ pub fn to_nhwc(x: &Tensor) -> Result<Tensor> {
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (n, _, _, c) = x.dims4()?;
     x.contiguous()?
-        .apply_op1_no_bwd(&Reshape::GlobalAvgPool)?
+        .apply_op1_no_bwd(&Weightless::GlobalAvgPool)?
         .reshape((n, c))
 }
 
-/// The two single-input cuDNN calls that change a tensor's shape or layout but hold no
-/// weights.
-enum Reshape {
+/// The single-input cuDNN calls without weights: layout change and pools.
+enum Weightless {
     ToNhwc,
+    MaxPool3x3S2,
     GlobalAvgPool,
 }
 
-impl Reshape {
+impl Weightless {
     fn run<T: Elem>(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = &xs.device;
         let &[n, d1, d2, d3] = xl.dims() else {
             bail!("expected a 4-d tensor, got {:?}", xl.dims())
         };
         let x_slice = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+        let pooled = |v: usize| (v - 1) / 2 + 1;
         let (len, shape) = match self {
-            Reshape::ToNhwc => (n * d1 * d2 * d3, Shape::from((n, d2, d3, d1))),
-            Reshape::GlobalAvgPool => (n * d3, Shape::from((n, 1, 1, d3))),
+            Weightless::ToNhwc => (n * d1 * d2 * d3, Shape::from((n, d2, d3, d1))),
+            Weightless::MaxPool3x3S2 => (
+                n * pooled(d1) * pooled(d2) * d3,
+                Shape::from((n, pooled(d1), pooled(d2), d3)),
+            ),
+            Weightless::GlobalAvgPool => (n * d3, Shape::from((n, 1, 1, d3))),
         };
         // SAFETY: fully written by the cuDNN call below.
         let mut y = unsafe { dev.alloc::<T>(len) }?;
@@ -701,7 +712,7 @@ impl Reshape {
                 &beta as *const f32 as *const c_void,
             );
             match self {
-                Reshape::ToNhwc => {
+                Weightless::ToNhwc => {
                     let (c, h, w) = (d1, d2, d3);
                     let x_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], false)?;
                     let y_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], true)?;
@@ -720,16 +731,26 @@ impl Reshape {
                     .result()
                     .map_err(|e| cudnn_err("NCHW to NHWC", e))
                 }
-                Reshape::GlobalAvgPool => {
+                Weightless::MaxPool3x3S2 | Weightless::GlobalAvgPool => {
                     let (h, w, c) = (d1, d2, d3);
                     let x_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], true)?;
-                    let y_desc = TensorDesc::new(T::CUDNN, [n, c, 1, 1], true)?;
-                    let pool = PoolDesc::new(
-                        sys::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING,
-                        [h, w],
-                        [0, 0],
-                        [h, w],
-                    )?;
+                    let (pool, y_desc, what) = match self {
+                        Weightless::MaxPool3x3S2 => (
+                            PoolDesc::max_3x3_s2_p1()?,
+                            TensorDesc::new(T::CUDNN, [n, c, pooled(h), pooled(w)], true)?,
+                            "max pool",
+                        ),
+                        _ => (
+                            PoolDesc::new(
+                                sys::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING,
+                                [h, w],
+                                [0, 0],
+                                [h, w],
+                            )?,
+                            TensorDesc::new(T::CUDNN, [n, c, 1, 1], true)?,
+                            "global average pool",
+                        ),
+                    };
                     // SAFETY: live allocations matching the descriptors.
                     unsafe {
                         result::pooling_forward(
@@ -743,7 +764,7 @@ impl Reshape {
                             yp as *mut c_void,
                         )
                     }
-                    .map_err(|e| cudnn_err("global average pool", e))
+                    .map_err(|e| cudnn_err(what, e))
                 }
             }
         })?;
@@ -751,11 +772,12 @@ impl Reshape {
     }
 }
 
-impl CustomOp1 for Reshape {
+impl CustomOp1 for Weightless {
     fn name(&self) -> &'static str {
         match self {
-            Reshape::ToNhwc => "cudnn-to-nhwc",
-            Reshape::GlobalAvgPool => "cudnn-global-avg-pool",
+            Weightless::ToNhwc => "cudnn-to-nhwc",
+            Weightless::MaxPool3x3S2 => "cudnn-max-pool",
+            Weightless::GlobalAvgPool => "cudnn-global-avg-pool",
         }
     }
 
@@ -773,77 +795,6 @@ impl CustomOp1 for Reshape {
             DType::F16 => self.run::<half::f16>(x, xl),
             DType::BF16 => self.run::<half::bf16>(x, xl),
             other => bail!("{}: unsupported dtype {other:?}", self.name()),
-        }
-    }
-}
-
-/// `MaxPool2d(3, stride 2, padding 1)` on an NHWC tensor; cuDNN pads with -inf as PyTorch
-/// does.
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&MaxPool)
-}
-
-struct MaxPool;
-
-impl MaxPool {
-    fn run<T: Elem>(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = &xs.device;
-        let &[n, h, w, c] = xl.dims() else {
-            bail!("max pool expects NHWC input, got {:?}", xl.dims())
-        };
-        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-        let x_desc = TensorDesc::new(T::CUDNN, [n, c, h, w], true)?;
-        let y_desc = TensorDesc::new(T::CUDNN, [n, c, oh, ow], true)?;
-        let pool = PoolDesc::max_3x3_s2_p1()?;
-        let x_slice = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        // SAFETY: fully written by the pooling call.
-        let mut y = unsafe { dev.alloc::<T>(n * oh * ow * c) }?;
-        with_handle(dev, |handle| {
-            let stream = dev.cuda_stream();
-            let (xp, _gx) = x_slice.device_ptr(&stream);
-            let (yp, _gy) = y.device_ptr_mut(&stream);
-            let (alpha, beta) = (1f32, 0f32);
-            // SAFETY: live allocations matching the descriptors.
-            unsafe {
-                result::pooling_forward(
-                    handle,
-                    pool.0,
-                    &alpha as *const f32 as *const c_void,
-                    x_desc.0,
-                    xp as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    y_desc.0,
-                    yp as *mut c_void,
-                )
-            }
-            .map_err(|e| cudnn_err("max pool", e))
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev.clone()),
-            Shape::from((n, oh, ow, c)),
-        ))
-    }
-}
-
-impl CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "cudnn-max-pool"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("the cuDNN max pool runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>(x, xl),
-            DType::F16 => self.run::<half::f16>(x, xl),
-            DType::BF16 => self.run::<half::bf16>(x, xl),
-            other => bail!("max pool: unsupported dtype {other:?}"),
         }
     }
 }

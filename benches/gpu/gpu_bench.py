@@ -339,7 +339,11 @@ def server(args, out: pathlib.Path) -> None:
             log(f"load c={concurrency} x{per_request}{' (transport only)' if transport_only else ''}: "
                 f"{report['images_per_s']:.0f} img/s, "
                 f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
-                f"errors {report['errors']}; cores: client {client_cores}, server {server_cores}")
+                f"errors {report['errors']}; server ms: request "
+                f"{(report.get('server') or {}).get('mean_request_ms', 0):.1f}, queue "
+                f"{(report.get('server') or {}).get('mean_queue_ms', 0):.1f}, compute/batch "
+                f"{(report.get('server') or {}).get('mean_compute_ms', 0):.1f}; "
+                f"cores: client {client_cores}, server {server_cores}")
             RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
                                  "in_process": inproc, "rows": rows}
             save(out)

@@ -18,6 +18,60 @@ pub struct BatchStats {
     pub mean_live_per_batch: f64,
     /// Batches run at each size (`le` bucket -> count, not cumulative).
     pub batch_sizes: BTreeMap<u32, f64>,
+    /// Mean time the server spent on a request, receipt to reply (so the client's
+    /// latency minus this is the network and the client itself).
+    pub mean_request_ms: f64,
+    /// Mean time an image waited in the model's queue for its batch.
+    pub mean_queue_ms: f64,
+    /// Mean forward-pass time per batch (staging and copies included).
+    pub mean_compute_ms: f64,
+    #[serde(skip)]
+    sums: Timings,
+}
+
+/// Sums and counts of the server's latency histograms (seconds).
+#[derive(Debug, Clone, Copy, Default)]
+struct Timings {
+    request: (f64, f64),
+    queue: (f64, f64),
+    compute: (f64, f64),
+}
+
+impl Timings {
+    fn since(&self, before: &Timings) -> Timings {
+        let d = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0, a.1 - b.1);
+        Timings {
+            request: d(self.request, before.request),
+            queue: d(self.queue, before.queue),
+            compute: d(self.compute, before.compute),
+        }
+    }
+
+    /// Means in milliseconds: request, queue, compute.
+    fn means_ms(&self) -> (f64, f64, f64) {
+        let ms = |(sum, count): (f64, f64)| {
+            if count > 0.0 {
+                1000.0 * sum / count
+            } else {
+                0.0
+            }
+        };
+        (ms(self.request), ms(self.queue), ms(self.compute))
+    }
+
+    /// Adds `value` when `name` is one of the three histograms' `_sum` or `_count`.
+    fn add(&mut self, name: &str, value: f64) {
+        let slot = match name.split('{').next().unwrap_or(name) {
+            "resnet_serve_request_duration_seconds_sum" => &mut self.request.0,
+            "resnet_serve_request_duration_seconds_count" => &mut self.request.1,
+            "resnet_serve_queue_duration_seconds_sum" => &mut self.queue.0,
+            "resnet_serve_queue_duration_seconds_count" => &mut self.queue.1,
+            "resnet_serve_compute_duration_seconds_sum" => &mut self.compute.0,
+            "resnet_serve_compute_duration_seconds_count" => &mut self.compute.1,
+            _ => return,
+        };
+        *slot += value;
+    }
 }
 
 impl BatchStats {
@@ -32,7 +86,13 @@ impl BatchStats {
             .map(|(k, v)| (*k, v - before.batch_sizes.get(k).copied().unwrap_or(0.0)))
             .filter(|(_, v)| *v > 0.0)
             .collect();
+        let sums = self.sums.since(&before.sums);
+        let (mean_request_ms, mean_queue_ms, mean_compute_ms) = sums.means_ms();
         BatchStats {
+            mean_request_ms,
+            mean_queue_ms,
+            mean_compute_ms,
+            sums,
             batches,
             slots,
             padded_slots: padded,
@@ -57,6 +117,7 @@ impl BatchStats {
             let Ok(value) = value.parse::<f64>() else {
                 continue;
             };
+            s.sums.add(name, value);
             if name.starts_with("resnet_serve_batches_total") {
                 s.batches += value;
             } else if name.starts_with("resnet_serve_batch_slots_total") {
@@ -85,6 +146,7 @@ impl BatchStats {
         } else {
             0.0
         };
+        (s.mean_request_ms, s.mean_queue_ms, s.mean_compute_ms) = s.sums.means_ms();
         s
     }
 }
@@ -108,7 +170,12 @@ impl std::fmt::Display for BatchStats {
             .iter()
             .map(|(k, v)| format!("{k}: {v:.0}"))
             .collect();
-        writeln!(f, "server batch sizes: {}", sizes.join(", "))
+        writeln!(f, "server batch sizes: {}", sizes.join(", "))?;
+        writeln!(
+            f,
+            "server time: {:.2} ms per request, {:.2} ms queued per image, {:.2} ms compute per batch",
+            self.mean_request_ms, self.mean_queue_ms, self.mean_compute_ms
+        )
     }
 }
 
@@ -137,14 +204,33 @@ resnet_serve_padded_slots_total{model=\"a\"} 4\n\
 resnet_serve_batch_size_bucket{model=\"a\",le=\"1\"} 2\n\
 resnet_serve_batch_size_bucket{model=\"a\",le=\"2\"} 6\n\
 resnet_serve_batch_size_bucket{model=\"a\",le=\"4\"} 10\n\
-resnet_serve_batch_size_bucket{model=\"a\",le=\"+Inf\"} 10\n";
+resnet_serve_batch_size_bucket{model=\"a\",le=\"+Inf\"} 10\n\
+resnet_serve_request_duration_seconds_sum{model=\"a\",rpc=\"classify\"} 0.5\n\
+resnet_serve_request_duration_seconds_count{model=\"a\",rpc=\"classify\"} 20\n\
+resnet_serve_queue_duration_seconds_sum{model=\"a\"} 0.024\n\
+resnet_serve_queue_duration_seconds_count{model=\"a\"} 20\n\
+resnet_serve_compute_duration_seconds_sum{model=\"a\",batch_size=\"4\"} 0.03\n\
+resnet_serve_compute_duration_seconds_count{model=\"a\",batch_size=\"4\"} 4\n\
+resnet_serve_compute_duration_seconds_sum{model=\"a\",batch_size=\"2\"} 0.02\n\
+resnet_serve_compute_duration_seconds_count{model=\"a\",batch_size=\"2\"} 6\n";
         let s = BatchStats::parse(text);
         assert_eq!((s.batches, s.slots, s.padded_slots), (10.0, 24.0, 4.0));
         assert_eq!(s.batch_sizes.get(&1), Some(&2.0));
         assert_eq!(s.batch_sizes.get(&2), Some(&4.0));
         assert_eq!(s.batch_sizes.get(&4), Some(&4.0));
         assert!((s.mean_live_per_batch - 2.0).abs() < 1e-9);
+        let ms = (s.mean_request_ms, s.mean_queue_ms, s.mean_compute_ms);
+        assert!(
+            (ms.0 - 25.0).abs() < 1e-9 && (ms.1 - 1.2).abs() < 1e-9,
+            "{ms:?}"
+        );
+        assert!(
+            (ms.2 - 5.0).abs() < 1e-9,
+            "compute summed over batch sizes: {ms:?}"
+        );
         let d = s.since(&BatchStats::default());
         assert_eq!(d.batches, 10.0);
+        assert!((d.mean_compute_ms - 5.0).abs() < 1e-9);
+        assert_eq!(s.since(&s).mean_request_ms, 0.0, "no requests in between");
     }
 }

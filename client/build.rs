@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         // `bytes::Bytes` fields: a load test re-sends the same images without copying them.
         .bytes(".")
+        // Requests encoded into a buffer sized once (src/codec.rs).
+        .codec_path("crate::codec::PresizedCodec")
         .compile_protos(
             &[
                 "../proto/resnet_serve/v1/classifier.proto",

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod codec;
 pub mod load;
 pub mod metrics;
 pub mod video;

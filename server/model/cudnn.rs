@@ -93,8 +93,27 @@ impl Elem for half::bf16 {
     }
 }
 
-// RAII wrappers for the descriptors one call needs.
-struct TensorDesc(sys::cudnnTensorDescriptor_t);
+/// An owned cuDNN descriptor (the ones a call needs), destroyed on drop.
+macro_rules! descriptor {
+    ($($name:ident($raw:ty) = $destroy:path;)*) => {$(
+        struct $name($raw);
+        impl Drop for $name {
+            fn drop(&mut self) {
+                // SAFETY: created by the type's constructor and destroyed only here.
+                let _ = unsafe { $destroy(self.0) };
+            }
+        }
+    )*};
+}
+
+descriptor! {
+    TensorDesc(sys::cudnnTensorDescriptor_t) = result::destroy_tensor_descriptor;
+    FilterDesc(sys::cudnnFilterDescriptor_t) = result::destroy_filter_descriptor;
+    ConvDesc(sys::cudnnConvolutionDescriptor_t) = result::destroy_convolution_descriptor;
+    ActDesc(sys::cudnnActivationDescriptor_t) = sys::cudnnDestroyActivationDescriptor;
+    PoolDesc(sys::cudnnPoolingDescriptor_t) = sys::cudnnDestroyPoolingDescriptor;
+}
+
 impl TensorDesc {
     /// `dims` in NCHW order; `nhwc` picks the memory layout.
     fn new(dtype: sys::cudnnDataType_t, dims: [usize; 4], nhwc: bool) -> Result<Self> {
@@ -112,14 +131,7 @@ impl TensorDesc {
         Ok(d)
     }
 }
-impl Drop for TensorDesc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once.
-        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
-    }
-}
 
-struct FilterDesc(sys::cudnnFilterDescriptor_t);
 impl FilterDesc {
     fn new(dtype: sys::cudnnDataType_t, kcrs: [usize; 4]) -> Result<Self> {
         let d = FilterDesc(
@@ -138,14 +150,7 @@ impl FilterDesc {
         Ok(d)
     }
 }
-impl Drop for FilterDesc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once.
-        let _ = unsafe { result::destroy_filter_descriptor(self.0) };
-    }
-}
 
-struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
 impl ConvDesc {
     fn new(padding: usize, stride: usize, groups: usize, tensor_cores: bool) -> Result<Self> {
         let d = ConvDesc(
@@ -179,14 +184,7 @@ impl ConvDesc {
         Ok(d)
     }
 }
-impl Drop for ConvDesc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once.
-        let _ = unsafe { result::destroy_convolution_descriptor(self.0) };
-    }
-}
 
-struct ActDesc(sys::cudnnActivationDescriptor_t);
 impl ActDesc {
     fn new(relu: bool) -> Result<Self> {
         let d = ActDesc(
@@ -211,14 +209,7 @@ impl ActDesc {
         Ok(d)
     }
 }
-impl Drop for ActDesc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once.
-        let _ = unsafe { sys::cudnnDestroyActivationDescriptor(self.0) };
-    }
-}
 
-struct PoolDesc(sys::cudnnPoolingDescriptor_t);
 impl PoolDesc {
     fn new(
         mode: sys::cudnnPoolingMode_t,
@@ -252,12 +243,6 @@ impl PoolDesc {
             [1, 1],
             [2, 2],
         )
-    }
-}
-impl Drop for PoolDesc {
-    fn drop(&mut self) {
-        // SAFETY: created by `new` and destroyed once.
-        let _ = unsafe { sys::cudnnDestroyPoolingDescriptor(self.0) };
     }
 }
 

@@ -338,6 +338,26 @@ impl std::fmt::Debug for Graphs {
     }
 }
 
+impl Drop for Graphs {
+    /// Graph allocations stay reserved in the device's graph memory pool after their
+    /// graphs are gone; an unloaded model's activations go back to the device here.
+    fn drop(&mut self) {
+        let free = std::mem::take(self.free.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let ctx = free
+            .values()
+            .flatten()
+            .next()
+            .map(|c| c.staging_in.ctx.clone());
+        drop(free);
+        if let Some(ctx) = ctx {
+            if ctx.bind_to_thread().is_ok() {
+                // SAFETY: a valid device of a live context; no graph of it is left here.
+                let _ = unsafe { sys::cuDeviceGraphMemTrim(ctx.cu_device()) };
+            }
+        }
+    }
+}
+
 impl Graphs {
     /// `RESNET_SERVE_CUDA_GRAPHS=0` turns capture off (every pass runs eagerly).
     pub fn enabled() -> bool {

@@ -676,7 +676,8 @@ impl Weightless {
             bail!("expected a 4-d tensor, got {:?}", xl.dims())
         };
         let x_slice = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        let pooled = |v: usize| (v - 1) / 2 + 1;
+        // 3x3, stride 2, padding 1: ceil(v / 2).
+        let pooled = |v: usize| v.div_ceil(2);
         let (len, shape) = match self {
             Weightless::ToNhwc => (n * d1 * d2 * d3, Shape::from((n, d2, d3, d1))),
             Weightless::MaxPool3x3S2 => (

@@ -7,7 +7,8 @@ a run cut short still reports what it measured.
 
 Rehearse on CPU (no GPU needed; small sizes):
     python benches/gpu/gpu_bench.py --bin target/release/resnet-serve \
-        --client target/release/resnet-client --device cpu --out /tmp/gpu-rehearsal --quick
+        --client target/release/resnet-client --overhead target/release/examples/server_overhead \
+        --device cpu --out /tmp/gpu-rehearsal --quick
 """
 
 from __future__ import annotations
@@ -358,14 +359,50 @@ def server(args, out: pathlib.Path) -> None:
             proc.kill()
 
 
+def overhead(args, out: pathlib.Path) -> None:
+    """The serving path's ceiling on this machine: examples/server_overhead (the real
+    server and load client, a model that costs a fixed time per batch and computes
+    nothing) at the server step's loads."""
+    if not args.overhead or not pathlib.Path(args.overhead).exists():
+        RESULTS["overhead"] = {"error": f"no server_overhead binary at {args.overhead}"}
+        return
+    # The device time of one batch of the server step's largest size, from the
+    # in-process measurement when there is one.
+    inproc = (RESULTS.get("server") or {}).get("in_process") or {}
+    rate = inproc.get("images_per_s_with_copies")
+    batch_ms = 1000.0 * args.server_batch / rate if rate else 2.0
+    cmd = [args.overhead, "--batch-ms", f"{batch_ms:.3f}", "--seconds", str(args.load_seconds),
+           "--connections", str(args.connections),
+           "--batch-sizes", ",".join(map(str, sorted({1, 8, 16, 32, args.server_batch})))]
+    cmd += [f"{c}x{n}" for c, n in args.load_rows]
+    try:
+        p = run(cmd, 60 + 15 * len(args.load_rows) * args.load_seconds)
+    except subprocess.TimeoutExpired:
+        RESULTS["overhead"] = {"error": "timeout"}
+        return
+    rows = []
+    for line in p.stdout.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    for r in rows:
+        log(f"ceiling c={r['concurrency']} x{r['images_per_request']} ({batch_ms:.2f} ms per batch): "
+            f"{r['images_per_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}")
+    RESULTS["overhead"] = {"batch_ms": batch_ms, "rows": rows,
+                           "stderr": p.stderr[-1500:] if p.returncode else ""}
+    save(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bin", required=True)
     p.add_argument("--client", required=True)
+    p.add_argument("--overhead", help="examples/server_overhead binary (the serving path's ceiling)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="CPU rehearsal sizes")
-    p.add_argument("--steps", default="parity,throughput,server")
+    p.add_argument("--steps", default="parity,throughput,server,overhead")
     p.add_argument("--parity-archs")
     p.add_argument("--bench-archs")
     p.add_argument("--batches")
@@ -401,7 +438,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     environment(args)
     save(out)
-    steps = {"parity": parity, "throughput": throughput, "server": server}
+    steps = {"parity": parity, "throughput": throughput, "server": server, "overhead": overhead}
     for name in args.steps.split(","):
         t0 = time.time()
         try:

@@ -36,4 +36,4 @@ if grep -q "not found" "$OUT/ldd.txt"; then
   grep "not found" "$OUT/ldd.txt" >&2
 fi
 PYTHONUNBUFFERED=1 python3 benches/gpu/gpu_bench.py --bin "$bin/resnet-serve" \
-  --client "$bin/resnet-client" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+  --client "$bin/resnet-client" --overhead "$bin/server_overhead" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

@@ -5,7 +5,8 @@
 #
 # release: `cargo build --release --features cudnn` into $RESNET_SERVE_CUDA_TARGET (outside
 #          the checkout, so a fresh clone reuses the compiled kernels), then a stripped copy
-#          of the server and the load client packed in target/cuda-dist/resnet-serve-cuda.tar.xz
+#          of the server, the load client and examples/server_overhead packed in
+#          target/cuda-dist/resnet-serve-cuda.tar.xz
 #          (what benches/gpu/run.sh unpacks on a GPU machine).
 # check:   compiles and links the CUDA build of every target (what CI runs), no dist copy.
 # The first build costs ~25 min on 2 cores, most of it nvcc on Candle's kernels.
@@ -24,15 +25,17 @@ case "$mode" in
   release)
     cargo build --locked --release --features cudnn --bin resnet-serve --target-dir "$RESNET_SERVE_CUDA_TARGET"
     cargo build --locked --release -p resnet-client --target-dir "$RESNET_SERVE_CUDA_TARGET"
+    # The serving path's ceiling with a fixed-cost model (no device needed).
+    cargo build --locked --release --features cudnn --example server_overhead --target-dir "$RESNET_SERVE_CUDA_TARGET"
     # One xz archive of the stripped binaries: Candle's PTX is text and packs ~5x, which
     # keeps the tree that travels to a GPU machine small.
     dist=target/cuda-dist
     stage=$(mktemp -d)
     mkdir -p "$dist"
-    for b in resnet-serve resnet-client; do
-      strip -o "$stage/$b" "$RESNET_SERVE_CUDA_TARGET/release/$b"
+    for b in resnet-serve resnet-client examples/server_overhead; do
+      strip -o "$stage/$(basename "$b")" "$RESNET_SERVE_CUDA_TARGET/release/$b"
     done
-    tar -cJf "$dist/resnet-serve-cuda.tar.xz" -C "$stage" resnet-serve resnet-client
+    tar -cJf "$dist/resnet-serve-cuda.tar.xz" -C "$stage" resnet-serve resnet-client server_overhead
     rm -rf "$stage"
     ls -la "$dist"
     ;;

@@ -54,6 +54,19 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// `images` (each `3 x 224 x 224`) gathered into one contiguous buffer of `size` inputs,
+/// the ones after them zero. Only the padding is zeroed (a zeroed 4.8 MB buffer written
+/// over again showed as 0.6% of a loaded server's time).
+pub fn padded_batch(images: &[&[f32]], size: usize) -> Vec<f32> {
+    let len = 3 * INPUT_SIZE * INPUT_SIZE;
+    let mut pixels = Vec::with_capacity(size * len);
+    for image in images {
+        pixels.extend_from_slice(image);
+    }
+    pixels.resize(size * len, 0.0);
+    pixels
+}
+
 /// A loaded model on one device, ready to classify batches.
 #[derive(Debug)]
 pub struct Classifier {
@@ -199,12 +212,7 @@ impl Classifier {
         if let Some(rows) = self.graphs.run(images, size) {
             return Ok(rows?);
         }
-        let mut pixels = Vec::with_capacity(size * len);
-        for image in images {
-            pixels.extend_from_slice(image);
-        }
-        pixels.resize(size * len, 0.0);
-        self.classify(&pixels, size)
+        self.classify(&padded_batch(images, size), size)
     }
 
     /// Logits for `n` images given as one flat, contiguous `n x 3 x 224 x 224` buffer.

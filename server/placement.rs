@@ -43,7 +43,7 @@ impl Backend for Pooled {
         &self,
         images: &[&[f32]],
         size: usize,
-    ) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+    ) -> Result<crate::scheduler::Logits, crate::model::ModelError> {
         self.pool
             .install(|| self.inner.forward_images(images, size))
     }

@@ -678,6 +678,8 @@ async fn statistics_count_what_was_sent() {
     assert_eq!(count(is.fail), Some((1, true)));
     assert_eq!(s.inference_count, 6, "images computed");
     assert_eq!(count(is.compute_infer), Some((6, true)));
+    // Gathering the batch's images is its input time, apart from the forward pass.
+    assert_eq!(count(is.compute_input), Some((6, true)));
     assert_eq!(is.queue.map(|d| d.count), Some(6));
     let executions: u64 = s
         .batch_stats

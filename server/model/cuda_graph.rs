@@ -23,7 +23,7 @@ use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::resnet::ResNet;
-use super::{INPUT_SIZE, NUM_CLASSES};
+use super::{Logits, INPUT_SIZE, NUM_CLASSES};
 
 const IMAGE_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
 
@@ -244,9 +244,12 @@ impl Captured {
         Ok(())
     }
 
-    /// Copy up, replay, copy back: the logits of `images` (padding rows included).
-    fn run(&mut self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+    /// Copy up, replay, copy back: the logits of `images` (padding rows included), with
+    /// the host time spent staging them.
+    fn run(&mut self, images: &[&[f32]]) -> Result<Logits> {
+        let started = std::time::Instant::now();
         self.stage(images)?;
+        let input_time = started.elapsed();
         let stream = self.device.as_cuda_device()?.cuda_stream();
         stream
             .context()
@@ -275,7 +278,7 @@ impl Captured {
             DType::BF16 => rows_of(self.staging_out.as_mut::<half::bf16>(), half::bf16::to_f32),
             other => bail!("no CUDA graph for {other:?}"),
         };
-        Ok(rows)
+        Ok(Logits { rows, input_time })
     }
 
     /// The replay alone, with the input already on the device (what a benchmark against
@@ -294,7 +297,7 @@ impl Captured {
             })
             .collect();
         let refs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
-        let replayed = self.run(&refs)?;
+        let replayed = self.run(&refs)?.rows;
         // The eager pass reads the same staged (already converted) input.
         let eager = net
             .forward(&self.input)?
@@ -406,7 +409,7 @@ impl Graphs {
     /// The logits of `images` padded to `batch`, by replay; `None` when no captured pass
     /// of that size is free (the caller runs it eagerly). A pass whose replay failed is
     /// dropped rather than reused.
-    pub fn run(&self, images: &[&[f32]], batch: usize) -> Option<Result<Vec<Vec<f32>>>> {
+    pub fn run(&self, images: &[&[f32]], batch: usize) -> Option<Result<Logits>> {
         let mut c = self.take(batch)?;
         let out = c.run(images);
         if out.is_ok() {

@@ -67,6 +67,15 @@ pub fn padded_batch(images: &[&[f32]], size: usize) -> Vec<f32> {
     pixels
 }
 
+/// A batch's logit rows, and how long of its compute went to preparing the input
+/// (gathering it, or staging it for a device): the split KServe statistics report as
+/// `compute_input` and `compute_infer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub rows: Vec<Vec<f32>>,
+    pub input_time: std::time::Duration,
+}
+
 /// A loaded model on one device, ready to classify batches.
 #[derive(Debug)]
 pub struct Classifier {
@@ -194,11 +203,7 @@ impl Classifier {
     /// to `size` rows. A captured pass of that size copies each image once, straight
     /// into its pinned staging buffer; otherwise the images are gathered into one buffer
     /// for [`Classifier::classify`].
-    pub fn classify_images(
-        &self,
-        images: &[&[f32]],
-        size: usize,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn classify_batch(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
         let len = 3 * INPUT_SIZE * INPUT_SIZE;
         if images.len() > size || images.iter().any(|i| i.len() != len) {
             return Err(ModelError::BadInput(vec![
@@ -209,10 +214,16 @@ impl Classifier {
             ]));
         }
         #[cfg(feature = "cudnn")]
-        if let Some(rows) = self.graphs.run(images, size) {
-            return Ok(rows?);
+        if let Some(out) = self.graphs.run(images, size) {
+            return Ok(out?);
         }
-        self.classify(&padded_batch(images, size), size)
+        let started = std::time::Instant::now();
+        let pixels = padded_batch(images, size);
+        let input_time = started.elapsed();
+        Ok(Logits {
+            rows: self.classify(&pixels, size)?,
+            input_time,
+        })
     }
 
     /// Logits for `n` images given as one flat, contiguous `n x 3 x 224 x 224` buffer.
@@ -229,8 +240,8 @@ impl Classifier {
         #[cfg(feature = "cudnn")]
         {
             let images: Vec<&[f32]> = pixels.chunks(3 * INPUT_SIZE * INPUT_SIZE).collect();
-            if let Some(rows) = self.graphs.run(&images, n) {
-                return Ok(rows?);
+            if let Some(out) = self.graphs.run(&images, n) {
+                return Ok(out?.rows);
             }
         }
         // One contiguous host-to-device copy of the whole batch.
@@ -245,7 +256,7 @@ mod tests {
     use synthetic::SyntheticWeights;
 
     #[test]
-    fn classify_images_pads_with_zero_images_and_checks_its_input() {
+    fn classify_batch_pads_with_zero_images_and_checks_its_input() {
         let arch = Architecture::Resnet18;
         let model = Classifier::load(
             arch,
@@ -257,15 +268,15 @@ mod tests {
         let len = 3 * INPUT_SIZE * INPUT_SIZE;
         let pixels = synthetic::input(3, 2, INPUT_SIZE);
         let images: Vec<&[f32]> = pixels.chunks(len).collect();
-        let rows = model.classify_images(&images, 3).expect("logits");
+        let rows = model.classify_batch(&images, 3).expect("logits").rows;
         let mut padded = pixels.clone();
         padded.resize(3 * len, 0.0);
         assert_eq!(rows, model.classify(&padded, 3).expect("logits"));
         assert_eq!(rows.len(), 3);
 
         for bad in [
-            model.classify_images(&images, 1),
-            model.classify_images(&[&pixels[..len - 1]], 1),
+            model.classify_batch(&images, 1),
+            model.classify_batch(&[&pixels[..len - 1]], 1),
         ] {
             assert!(matches!(bad, Err(ModelError::BadInput(_))), "{bad:?}");
         }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+pub use crate::model::Logits;
 pub use batcher::Queues;
 pub use policy::BatchPolicy;
 pub use worker::{Backend, BackendInfo};

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::batcher::{Batch, FreeWorkers};
 use super::{BatchPolicy, ScheduleError};
 use crate::metrics::ModelMetrics;
-use crate::model::{Classifier, ModelError};
+use crate::model::{Classifier, Logits, ModelError};
 
 /// What a model reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,11 +29,18 @@ pub trait Backend: Send + Sync + 'static {
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError>;
     fn info(&self) -> BackendInfo;
 
-    /// Logits for `images` (each one flat input) padded with zero images to `size` rows.
-    /// By default they are gathered into one buffer for [`Backend::forward`]; a backend
-    /// with staging of its own (pinned memory for a GPU) takes them one by one instead.
-    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward(&crate::model::padded_batch(images, size), size)
+    /// Logits for `images` (each one flat input) padded with zero images to `size` rows,
+    /// with the time spent getting the input ready. By default the images are gathered
+    /// into one buffer for [`Backend::forward`]; a backend with staging of its own
+    /// (pinned memory for a GPU) takes them one by one instead.
+    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
+        let started = Instant::now();
+        let pixels = crate::model::padded_batch(images, size);
+        let input_time = started.elapsed();
+        Ok(Logits {
+            rows: self.forward(&pixels, size)?,
+            input_time,
+        })
     }
 }
 
@@ -42,8 +49,8 @@ impl Backend for Classifier {
         self.classify(pixels, n)
     }
 
-    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.classify_images(images, size)
+    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
+        self.classify_batch(images, size)
     }
 
     fn info(&self) -> BackendInfo {
@@ -147,23 +154,21 @@ fn worker_loop(
         if jobs.is_empty() {
             continue;
         }
-        let input_started = Instant::now();
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
         let images: Vec<&[f32]> = jobs.iter().map(|j| &j.input[..]).collect();
         let started = Instant::now();
-        let input_time = started - input_started;
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward_images(&images, size)));
-        let infer_time = started.elapsed();
-        metrics.observe_compute(size, infer_time.as_secs_f64());
+        let compute_time = started.elapsed();
+        metrics.observe_compute(size, compute_time.as_secs_f64());
         let output_started = Instant::now();
         let fail = |message: String| ScheduleError::Compute {
             model: name.to_string(),
             message,
         };
         match result {
-            Ok(Ok(rows)) if rows.len() == size => {
+            Ok(Ok(Logits { rows, input_time })) if rows.len() == size => {
                 for (job, row) in jobs.into_iter().zip(rows) {
                     let _ = job.respond.send(Ok(row));
                 }
@@ -171,11 +176,11 @@ fn worker_loop(
                     live,
                     size,
                     input_time,
-                    infer_time,
+                    compute_time.saturating_sub(input_time),
                     output_started.elapsed(),
                 );
             }
-            Ok(Ok(rows)) => {
+            Ok(Ok(Logits { rows, .. })) => {
                 let e = fail(format!(
                     "backend returned {} rows for a batch of {size}",
                     rows.len()

@@ -8,7 +8,9 @@
 //!         [--batch-sizes 1,8,16,32,64] [--seconds 6] [--connections 16] [ROWS...]
 //!
 //! ROWS are CONCURRENCYxIMAGES (default 4x64 16x16 64x1); each prints one JSON line:
-//! images/s of 3x224x224 float tensors and the latency percentiles.
+//! images/s of 3x224x224 float tensors and the latency percentiles. `--refused` names a
+//! model the server lacks, so each request is received and decoded, then refused: the
+//! transport alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +68,9 @@ struct Args {
     sizes: Vec<usize>,
     seconds: f64,
     connections: usize,
+    /// Requests name a model the server lacks: decoded in full, then refused (the
+    /// transport alone).
+    refused: bool,
     rows: Vec<(usize, usize)>,
 }
 
@@ -76,6 +81,7 @@ fn parse() -> anyhow::Result<Args> {
         sizes: vec![1, 8, 16, 32, 64],
         seconds: 6.0,
         connections: 16,
+        refused: false,
         rows: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -86,6 +92,7 @@ fn parse() -> anyhow::Result<Args> {
             "--workers" => args.workers = value()?.parse()?,
             "--seconds" => args.seconds = value()?.parse()?,
             "--connections" => args.connections = value()?.parse()?,
+            "--refused" => args.refused = true,
             "--batch-sizes" => {
                 args.sizes = value()?
                     .split(',')
@@ -153,7 +160,12 @@ async fn main() -> anyhow::Result<()> {
             duration: Some(Duration::from_secs_f64(args.seconds)),
             requests: None,
             warmup: Duration::from_secs(1),
-            model: "fixed".into(),
+            model: if args.refused {
+                "no-such-model"
+            } else {
+                "fixed"
+            }
+            .into(),
             images_per_request: images,
             inputs: vec![input.clone()],
             output: Output::TopK(1),
@@ -173,7 +185,13 @@ async fn main() -> anyhow::Result<()> {
                 "connections": report.connections,
                 "batch_ms": args.batch_ms,
                 "workers": args.workers,
-                "images_per_s": report.images_per_s,
+                // Refused requests count as carried: they crossed the wire in full.
+                "images_per_s": if args.refused {
+                    report.requests as f64 * images as f64 / report.duration_s
+                } else {
+                    report.images_per_s
+                },
+                "refused": args.refused,
                 "errors": report.errors,
                 "latency_ms": report.latency_ms,
                 "server": report.server,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 
 use crate::kserve::{KServeService, Repository};
@@ -149,7 +150,7 @@ pub async fn run(
             .add_service(reflection)
             .add_service(classifier)
             .add_service(kserve)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(without_nagle(listener), async {
                 let _ = stop_rx.await;
             }),
     );
@@ -247,5 +248,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+/// The accepted connections, with Nagle's algorithm off. A reply goes out as several
+/// small writes (headers, message, trailers); with Nagle on, the later ones wait for the
+/// client to acknowledge the first, and the client delays that acknowledgement by up to
+/// 40 ms. That was ~36 ms of every 64-tensor request's 73 ms at concurrency 1.
+fn without_nagle(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = Box::pin(without_nagle(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming.next().await.expect("one").expect("accepted");
+        assert!(accepted.nodelay().expect("option"));
     }
 }

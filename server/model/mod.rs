@@ -205,7 +205,7 @@ impl Classifier {
     /// for [`Classifier::classify`].
     pub fn classify_batch(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
         let len = 3 * INPUT_SIZE * INPUT_SIZE;
-        if images.len() > size || images.iter().any(|i| i.len() != len) {
+        if size == 0 || images.len() > size || images.iter().any(|i| i.len() != len) {
             return Err(ModelError::BadInput(vec![
                 images.len(),
                 3,
@@ -220,8 +220,9 @@ impl Classifier {
         let started = std::time::Instant::now();
         let pixels = padded_batch(images, size);
         let input_time = started.elapsed();
+        // Checked above and no captured pass was free: straight to the eager pass.
         Ok(Logits {
-            rows: self.classify(&pixels, size)?,
+            rows: self.classify_eager(&pixels, size)?,
             input_time,
         })
     }
@@ -244,7 +245,12 @@ impl Classifier {
                 return Ok(out?.rows);
             }
         }
-        // One contiguous host-to-device copy of the whole batch.
+        self.classify_eager(pixels, n)
+    }
+
+    /// [`Classifier::classify`] without a captured pass: one contiguous host-to-device
+    /// copy of the whole (already checked) batch, then the layers one by one.
+    fn classify_eager(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
         let input = Tensor::from_slice(pixels, (n, 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
         Ok(self.forward(&input)?.to_vec2::<f32>()?)
     }

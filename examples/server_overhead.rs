@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
 use resnet_client::{tensor, Client, ClientConfig, Output};
-use resnet_serve::model::{Logits, ModelError, NUM_CLASSES};
+use resnet_serve::model::{InputView, Logits, ModelError, Rejected, NUM_CLASSES};
 use resnet_serve::preprocess::INPUT_LEN;
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
 use resnet_serve::server::{self, ServeOptions};
@@ -26,30 +26,53 @@ use resnet_serve::server::{self, ServeOptions};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// A model that holds its worker for `per_batch` and answers zeros.
+/// A model that holds its worker for `per_batch` and answers zeros, after staging its
+/// input as the GPU path does: each image checked and converted to f16 into one batch
+/// buffer.
 struct FixedCost {
     per_batch: Duration,
 }
 
+thread_local! {
+    /// Each worker's staging buffer (the GPU path's is pinned, one per captured pass).
+    static STAGING: std::cell::RefCell<Vec<half::f16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Backend for FixedCost {
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        let images: Vec<&[f32]> = pixels.chunks(INPUT_LEN).collect();
+        let images: Vec<InputView<'_>> = pixels.chunks(INPUT_LEN).map(InputView::from).collect();
         Ok(self.forward_images(&images, n)?.rows)
     }
 
-    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
-        // Reads every image once, as staging them for a device would.
+    fn forward_images(&self, images: &[InputView<'_>], size: usize) -> Result<Logits, ModelError> {
+        use half::slice::HalfFloatSliceExt;
+        use rayon::prelude::*;
         let started = Instant::now();
-        let checksum: f32 = images
-            .iter()
-            .map(|i| i.iter().step_by(64).sum::<f32>())
-            .sum();
-        std::hint::black_box(checksum);
+        let rejected = STAGING.with_borrow_mut(|staging| {
+            staging.resize(size * INPUT_LEN, half::f16::ZERO);
+            let rejected: Vec<Rejected> = staging
+                .par_chunks_mut(INPUT_LEN)
+                .enumerate()
+                .filter_map(|(image, d)| match images.get(image) {
+                    Some(src) => src
+                        .convert_checked(d, |d, s| d.convert_from_f32_slice(s))
+                        .err()
+                        .map(|element| Rejected { image, element }),
+                    None => {
+                        d.fill(half::f16::ZERO);
+                        None
+                    }
+                })
+                .collect();
+            std::hint::black_box(&staging[..]);
+            rejected
+        });
         let input_time = started.elapsed();
         std::thread::sleep(self.per_batch);
         Ok(Logits {
             rows: vec![vec![0f32; NUM_CLASSES]; size],
             input_time,
+            rejected,
         })
     }
 
@@ -113,11 +136,41 @@ fn parse() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// CPU time (ns) the server's threads have used so far: its runtime's (named `serve`,
+/// blocking pool included) and its model workers'. The load client runs on a runtime of
+/// its own, so what the server costs per image can be told apart from what the client
+/// costs, on a machine where the two share the cores.
+fn server_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            if !(comm.starts_with("serve") || comm.starts_with("worker-")) {
+                return None;
+            }
+            // schedstat: time on a CPU (ns), time waiting for one, timeslices.
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+fn main() -> anyhow::Result<()> {
+    resnet_serve::allocator::keep_freed_memory();
     let args = parse()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("serve")
+        .enable_all()
+        .build()?;
+    let (listener, metrics) = server_rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        ))
+    })?;
     let (url, metrics_addr) = (
         format!("http://{}", listener.local_addr()?),
         metrics.local_addr()?.to_string(),
@@ -138,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
             .collect())
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::run(
+    let serving = server_rt.spawn(server::run(
         options,
         loader,
         listener,
@@ -147,12 +200,24 @@ async fn main() -> anyhow::Result<()> {
             let _ = stopped.await;
         },
     ));
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load-client")
+        .enable_all()
+        .build()?;
+    client_rt.block_on(drive(&args, &url, &metrics_addr))?;
+    let _ = stop.send(());
+    server_rt.block_on(serving)??;
+    Ok(())
+}
+
+/// Runs each load row against the server and prints its JSON line.
+async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let input = tensor(&vec![0.5f32; 3 * 224 * 224]);
-    for (concurrency, images) in args.rows {
+    for &(concurrency, images) in &args.rows {
         let mut clients = Vec::new();
         for _ in 0..args.connections.clamp(1, concurrency.max(1)) {
-            clients.push(Client::connect(ClientConfig::new([url.clone()])).await?);
+            clients.push(Client::connect(ClientConfig::new([url.to_string()])).await?);
         }
         let cfg = LoadConfig {
             mode: Mode::Closed { concurrency },
@@ -170,13 +235,19 @@ async fn main() -> anyhow::Result<()> {
             inputs: vec![input.clone()],
             output: Output::TopK(1),
         };
+        let cpu_before = server_cpu_ns();
         let report = load::run(
             &clients,
             &cfg,
-            Some(&metrics_addr),
+            Some(metrics_addr),
             indicatif::ProgressBar::hidden(),
         )
         .await;
+        // The warm-up's images are not in the report's count: its CPU is left out by
+        // scaling to the measured span.
+        let span = report.duration_s / (report.duration_s + cfg.warmup.as_secs_f64());
+        let server_cpu_s = (server_cpu_ns() - cpu_before) as f64 * 1e-9 * span;
+        let carried = report.requests as f64 * images as f64;
         println!(
             "{}",
             serde_json::json!({
@@ -187,10 +258,11 @@ async fn main() -> anyhow::Result<()> {
                 "workers": args.workers,
                 // Refused requests count as carried: they crossed the wire in full.
                 "images_per_s": if args.refused {
-                    report.requests as f64 * images as f64 / report.duration_s
+                    carried / report.duration_s
                 } else {
                     report.images_per_s
                 },
+                "server_cpu_us_per_image": server_cpu_s * 1e6 / carried.max(1.0),
                 "refused": args.refused,
                 "errors": report.errors,
                 "latency_ms": report.latency_ms,
@@ -198,7 +270,5 @@ async fn main() -> anyhow::Result<()> {
             })
         );
     }
-    let _ = stop.send(());
-    serving.await??;
     Ok(())
 }

@@ -31,7 +31,9 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             ServeError::UnknownModel { .. } => Code::NotFound,
-            ServeError::Image { .. } | ServeError::InvalidArgument(_) => Code::InvalidArgument,
+            ServeError::Image { .. }
+            | ServeError::InvalidArgument(_)
+            | ServeError::Schedule(ScheduleError::NonFinite { .. }) => Code::InvalidArgument,
             ServeError::Schedule(ScheduleError::QueueFull { .. }) => Code::ResourceExhausted,
             ServeError::Schedule(ScheduleError::DeadlineExceeded(_)) => Code::DeadlineExceeded,
             ServeError::Schedule(ScheduleError::Stopped(_)) | ServeError::Draining => {

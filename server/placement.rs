@@ -41,7 +41,7 @@ impl Backend for Pooled {
 
     fn forward_images(
         &self,
-        images: &[&[f32]],
+        images: &[crate::model::InputView<'_>],
         size: usize,
     ) -> Result<crate::scheduler::Logits, crate::model::ModelError> {
         self.pool

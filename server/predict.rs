@@ -95,7 +95,9 @@ pub fn predict(
                         path: path.clone(),
                         source,
                     })?;
-            pixels.extend_from_slice(&input);
+            input
+                .view()
+                .for_each_run(|run| pixels.extend_from_slice(run));
         }
         let logits = classifier.classify(&pixels, chunk.len())?;
         for (path, logits) in chunk.iter().zip(logits) {

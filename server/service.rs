@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::error::ServeError;
 use crate::labels;
 use crate::metrics::Metrics;
-use crate::model::{INPUT_SIZE, NUM_CLASSES};
+use crate::model::{ModelInput, INPUT_SIZE, NUM_CLASSES};
 use crate::preprocess::{Input, Preprocessor};
 use crate::proto::{self, classifier_server::Classifier, image, stream_result, OutputKind};
 use crate::registry::Registry;
@@ -136,7 +136,7 @@ impl State {
         self: &Arc<Self>,
         index: usize,
         image: proto::Image,
-    ) -> Result<Vec<f32>, ServeError> {
+    ) -> Result<ModelInput, ServeError> {
         let _slot = self
             .preprocess_slots
             .acquire()
@@ -171,7 +171,7 @@ impl State {
     pub(crate) async fn prepare_all(
         self: &Arc<Self>,
         images: Vec<proto::Image>,
-    ) -> Result<Vec<Vec<f32>>, ServeError> {
+    ) -> Result<Vec<ModelInput>, ServeError> {
         let tasks: Vec<_> = images
             .into_iter()
             .enumerate()

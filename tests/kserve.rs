@@ -551,6 +551,19 @@ async fn bad_requests_get_the_codes_triton_clients_expect() {
         "{}",
         e.message()
     );
+    let (mut nan, _) = tensor_request(MODEL, 1, 2);
+    let mut raw = nan.raw_input_contents[0].to_vec();
+    let at = 4 * (IMAGE_LEN + 3);
+    raw[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    nan.raw_input_contents[0] = raw.into();
+    let e = code(nan).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("image 1: float tensor holds a NaN or infinite value at element 3"),
+        "{}",
+        e.message()
+    );
     let (mut wrong_name, _) = tensor_request(MODEL, 1, 1);
     wrong_name.inputs[0].name = "INPUT__0".into();
     assert_eq!(code(wrong_name).await.code(), Code::InvalidArgument);

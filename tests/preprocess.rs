@@ -80,7 +80,8 @@ fn same_top5_as_torchvision_end_to_end() {
             .expect("reference logits");
         let input = pre
             .prepare(Input::Encoded(&image_bytes(name)))
-            .expect("preprocesses");
+            .expect("preprocesses")
+            .into_values();
         let got = model.classify(&input, 1).expect("forward").remove(0);
         let top = |v: &[f32]| -> Vec<usize> {
             resnet_serve::labels::top_k(v, 5)

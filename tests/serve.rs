@@ -248,7 +248,10 @@ async fn classify_returns_what_the_model_computes_for_every_input_kind() {
     let resp = client.classify(req).await.expect("classify").into_inner();
     assert_eq!(resp.model, MODEL);
     assert_eq!(resp.request_id, "my-id");
-    let png_input = pre.prepare(Input::Encoded(&png)).expect("pre");
+    let png_input = pre
+        .prepare(Input::Encoded(&png))
+        .expect("pre")
+        .into_values();
     let want = [alone(&png_input), alone(&png_input), alone(&values)];
     for (i, (got, want)) in resp.results.iter().zip(&want).enumerate() {
         let err = common::relative_error(&got.values, want);
@@ -816,6 +819,46 @@ async fn a_worker_panic_fails_its_batch_and_the_worker_is_restarted() {
     server.stop().await;
 }
 
+/// Tensors are checked for NaN and infinity where their batch is assembled (each value
+/// is read there anyway): a bad one fails its own request and no other in its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_finite_tensor_fails_its_request_not_its_batch() {
+    // A long delay and room for all three images: both requests share one batch.
+    let server = TestServer::start(options(&[4], 300, 64), model()).await;
+    let (mut a, mut b) = (server.client().await, server.client().await);
+    let (good, good_values) = tensor_image(5);
+    let mut bad = synthetic::input(6, 1, 224);
+    bad[INPUT_LEN - 1] = f32::INFINITY;
+    let bad = Image {
+        kind: Some(image::Kind::Tensor(FloatTensor {
+            data: bad.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })),
+    };
+    let batches_before = server.metric("resnet_serve_batches_total{").await;
+    let (ok, refused) = tokio::join!(
+        a.classify(logits_request(vec![good])),
+        b.classify(logits_request(vec![tensor_image(7).0, bad])),
+    );
+    let ok = ok.expect("the good request").into_inner();
+    assert!(common::relative_error(&ok.results[0].values, &alone(&good_values)) <= 1e-5);
+    let refused = refused.expect_err("the bad request");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+    assert!(
+        refused.message().contains(&format!(
+            "image 1: float tensor holds a NaN or infinite value at element {}",
+            INPUT_LEN - 1
+        )),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        server.metric("resnet_serve_batches_total{").await - batches_before,
+        1.0,
+        "the three images were one batch"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
@@ -857,9 +900,9 @@ async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
         ),
         (
             "NaN tensor",
-            logits_request(vec![tensor_bytes(nan)]),
+            logits_request(vec![tensor_image(2).0, tensor_bytes(nan)]),
             Code::InvalidArgument,
-            "NaN",
+            "image 1: float tensor holds a NaN or infinite value at element 7",
         ),
         (
             "bad raw frame",

@@ -5,9 +5,9 @@
 //!
 //! A captured pass owns everything that must keep its address between replays: the
 //! input and output tensors on the device and two pinned host buffers. A replay converts
-//! the f32 images straight into the pinned input buffer in the model's dtype (so half
-//! precision moves half the bytes), copies it up in one transfer, launches the graph and
-//! copies the logits back. Intermediate activations are allocated inside the graph
+//! the images (f32 values, or a tensor's bytes as received) straight into the pinned
+//! input buffer in the model's dtype (so half precision moves half the bytes), copies it
+//! up in one transfer, launches the graph and copies the logits back. Intermediate activations are allocated inside the graph
 //! (stream-ordered allocation nodes) and freed inside it.
 //!
 //! Several workers may share one model on a GPU, each on its own per-thread stream, so
@@ -23,9 +23,7 @@ use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::resnet::ResNet;
-use super::{Logits, INPUT_SIZE, NUM_CLASSES};
-
-const IMAGE_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
+use super::{InputView, Logits, Rejected, IMAGE_LEN, INPUT_SIZE, NUM_CLASSES};
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Cuda(format!("CUDA graph, {what}: {e:?}").into())
@@ -199,9 +197,11 @@ impl Captured {
         })
     }
 
-    /// Converts `images` (each `3 x 224 x 224` f32, zero images after them up to the
-    /// batch size) into the pinned input buffer in the model's dtype.
-    fn stage(&mut self, images: &[&[f32]]) -> Result<()> {
+    /// Converts `images` (each `3 x 224 x 224`, zero images after them up to the batch
+    /// size) into the pinned input buffer in the model's dtype: one pass per image, from
+    /// the bytes a tensor arrived in where it did, each value checked finite on the way.
+    /// An image that is not is left out (its slot zeroed) and returned.
+    fn stage(&mut self, images: &[InputView<'_>]) -> Result<Vec<Rejected>> {
         if images.len() > self.batch || images.iter().any(|i| i.len() != IMAGE_LEN) {
             bail!(
                 "a captured batch of {} takes up to {} images of {IMAGE_LEN} values",
@@ -211,19 +211,29 @@ impl Captured {
         }
         fn fill<T: Copy + Send + Sync>(
             dst: &mut [T],
-            images: &[&[f32]],
+            images: &[InputView<'_>],
             zero: T,
             convert: impl Fn(&mut [T], &[f32]) + Sync,
-        ) {
+        ) -> Vec<Rejected> {
             dst.par_chunks_mut(IMAGE_LEN)
                 .enumerate()
-                .for_each(|(i, d)| match images.get(i) {
-                    Some(src) => convert(d, src),
-                    None => d.fill(zero),
-                });
+                .filter_map(|(image, d)| {
+                    let checked = match images.get(image) {
+                        Some(src) => src.convert_checked(d, &convert),
+                        None => {
+                            d.fill(zero);
+                            Ok(())
+                        }
+                    };
+                    checked.err().map(|element| {
+                        d.fill(zero);
+                        Rejected { image, element }
+                    })
+                })
+                .collect()
         }
         use half::slice::HalfFloatSliceExt;
-        match self.dtype {
+        Ok(match self.dtype {
             DType::F32 => fill(self.staging_in.as_mut::<f32>(), images, 0.0, |d, s| {
                 d.copy_from_slice(s)
             }),
@@ -240,15 +250,14 @@ impl Captured {
                 |d, s| d.convert_from_f32_slice(s),
             ),
             other => bail!("no CUDA graph for {other:?}"),
-        }
-        Ok(())
+        })
     }
 
     /// Copy up, replay, copy back: the logits of `images` (padding rows included), with
     /// the host time spent staging them.
-    fn run(&mut self, images: &[&[f32]]) -> Result<Logits> {
+    fn run(&mut self, images: &[InputView<'_>]) -> Result<Logits> {
         let started = std::time::Instant::now();
-        self.stage(images)?;
+        let rejected = self.stage(images)?;
         let input_time = started.elapsed();
         let stream = self.device.as_cuda_device()?.cuda_stream();
         stream
@@ -278,7 +287,11 @@ impl Captured {
             DType::BF16 => rows_of(self.staging_out.as_mut::<half::bf16>(), half::bf16::to_f32),
             other => bail!("no CUDA graph for {other:?}"),
         };
-        Ok(Logits { rows, input_time })
+        Ok(Logits {
+            rows,
+            input_time,
+            rejected,
+        })
     }
 
     /// The replay alone, with the input already on the device (what a benchmark against
@@ -296,7 +309,7 @@ impl Captured {
                     .collect()
             })
             .collect();
-        let refs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
+        let refs: Vec<InputView<'_>> = images.iter().map(|i| InputView::from(&i[..])).collect();
         let replayed = self.run(&refs)?.rows;
         // The eager pass reads the same staged (already converted) input.
         let eager = net
@@ -409,7 +422,7 @@ impl Graphs {
     /// The logits of `images` padded to `batch`, by replay; `None` when no captured pass
     /// of that size is free (the caller runs it eagerly). A pass whose replay failed is
     /// dropped rather than reused.
-    pub fn run(&self, images: &[&[f32]], batch: usize) -> Option<Result<Logits>> {
+    pub fn run(&self, images: &[InputView<'_>], batch: usize) -> Option<Result<Logits>> {
         let mut c = self.take(batch)?;
         let out = c.run(images);
         if out.is_ok() {

@@ -2,6 +2,7 @@
 //! names, built strictly from a state dict with batch-norm folded into each convolution.
 //!
 //! - [`arch`]: architectures and hub names.
+//! - [`input`]: one image's input as it reached the server (values, or a tensor's bytes).
 //! - [`resnet`]: the network's layout (one description drives both the strict key check
 //!   and the build) and its forward pass.
 //! - [`batchnorm`]: folding eval-mode batch-norm into the preceding convolution.
@@ -19,12 +20,14 @@ pub mod cpu;
 pub mod cuda_graph;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod input;
 pub mod layers;
 pub mod params;
 pub mod resnet;
 pub mod synthetic;
 
 pub use arch::{Architecture, ModelName, Training, UnknownModel};
+pub use input::{InputView, ModelInput, Rejected, IMAGE_LEN};
 pub use layers::Kernels;
 pub use params::ParamSource;
 
@@ -54,17 +57,44 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// A batch in one contiguous buffer, and the images left out of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gathered {
+    pub pixels: Vec<f32>,
+    /// Images holding a NaN or infinite value: their slots are zero.
+    pub rejected: Vec<Rejected>,
+}
+
 /// `images` (each `3 x 224 x 224`) gathered into one contiguous buffer of `size` inputs,
-/// the ones after them zero. Only the padding is zeroed (a zeroed 4.8 MB buffer written
-/// over again showed as 0.6% of a loaded server's time).
-pub fn padded_batch(images: &[&[f32]], size: usize) -> Vec<f32> {
-    let len = 3 * INPUT_SIZE * INPUT_SIZE;
-    let mut pixels = Vec::with_capacity(size * len);
-    for image in images {
-        pixels.extend_from_slice(image);
+/// the ones after them zero, each value checked finite as it is copied. Only the padding
+/// is zeroed (a zeroed 4.8 MB buffer written over again showed as 0.6% of a loaded
+/// server's time).
+pub fn padded_batch(images: &[InputView<'_>], size: usize) -> Result<Gathered, ModelError> {
+    check_batch(images, size)?;
+    let mut pixels = Vec::with_capacity(size * IMAGE_LEN);
+    let mut rejected = Vec::new();
+    for (image, input) in images.iter().enumerate() {
+        if let Err(element) = input.extend_checked(&mut pixels) {
+            rejected.push(Rejected { image, element });
+            pixels.resize(pixels.len() + IMAGE_LEN, 0.0);
+        }
     }
-    pixels.resize(size * len, 0.0);
-    pixels
+    pixels.resize(size * IMAGE_LEN, 0.0);
+    Ok(Gathered { pixels, rejected })
+}
+
+/// Refuses a batch that is empty, larger than `size`, or holds an image of the wrong
+/// length.
+fn check_batch(images: &[InputView<'_>], size: usize) -> Result<(), ModelError> {
+    if size == 0 || images.len() > size || images.iter().any(|i| i.len() != IMAGE_LEN) {
+        return Err(ModelError::BadInput(vec![
+            images.len(),
+            3,
+            INPUT_SIZE,
+            INPUT_SIZE,
+        ]));
+    }
+    Ok(())
 }
 
 /// A batch's logit rows, and how long of its compute went to preparing the input
@@ -74,6 +104,8 @@ pub fn padded_batch(images: &[&[f32]], size: usize) -> Vec<f32> {
 pub struct Logits {
     pub rows: Vec<Vec<f32>>,
     pub input_time: std::time::Duration,
+    /// Images left out for values that are not finite: their rows mean nothing.
+    pub rejected: Vec<Rejected>,
 }
 
 /// A loaded model on one device, ready to classify batches.
@@ -199,31 +231,28 @@ impl Classifier {
         Ok(false)
     }
 
-    /// Logits for `images` (each one flat `3 x 224 x 224` input) padded with zero images
-    /// to `size` rows. A captured pass of that size copies each image once, straight
-    /// into its pinned staging buffer; otherwise the images are gathered into one buffer
-    /// for [`Classifier::classify`].
-    pub fn classify_batch(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
-        let len = 3 * INPUT_SIZE * INPUT_SIZE;
-        if size == 0 || images.len() > size || images.iter().any(|i| i.len() != len) {
-            return Err(ModelError::BadInput(vec![
-                images.len(),
-                3,
-                INPUT_SIZE,
-                INPUT_SIZE,
-            ]));
-        }
+    /// Logits for `images` (each one `3 x 224 x 224` input) padded with zero images to
+    /// `size` rows. A captured pass of that size converts each image once, straight into
+    /// its pinned staging buffer; otherwise the images are gathered into one buffer for
+    /// the eager pass.
+    pub fn classify_batch(
+        &self,
+        images: &[InputView<'_>],
+        size: usize,
+    ) -> Result<Logits, ModelError> {
+        check_batch(images, size)?;
         #[cfg(feature = "cudnn")]
         if let Some(out) = self.graphs.run(images, size) {
             return Ok(out?);
         }
         let started = std::time::Instant::now();
-        let pixels = padded_batch(images, size);
+        let Gathered { pixels, rejected } = padded_batch(images, size)?;
         let input_time = started.elapsed();
         // Checked above and no captured pass was free: straight to the eager pass.
         Ok(Logits {
             rows: self.classify_eager(&pixels, size)?,
             input_time,
+            rejected,
         })
     }
 
@@ -240,9 +269,15 @@ impl Classifier {
         }
         #[cfg(feature = "cudnn")]
         {
-            let images: Vec<&[f32]> = pixels.chunks(3 * INPUT_SIZE * INPUT_SIZE).collect();
+            let images: Vec<InputView<'_>> =
+                pixels.chunks(IMAGE_LEN).map(InputView::from).collect();
             if let Some(out) = self.graphs.run(&images, n) {
-                return Ok(out?.rows);
+                let out = out?;
+                // Values that are not finite go through as they are here, as they do on
+                // the eager pass: only the serving path refuses them.
+                if out.rejected.is_empty() {
+                    return Ok(out.rows);
+                }
             }
         }
         self.classify_eager(pixels, n)
@@ -273,16 +308,25 @@ mod tests {
         .expect("model");
         let len = 3 * INPUT_SIZE * INPUT_SIZE;
         let pixels = synthetic::input(3, 2, INPUT_SIZE);
-        let images: Vec<&[f32]> = pixels.chunks(len).collect();
+        let images: Vec<InputView<'_>> = pixels.chunks(len).map(InputView::from).collect();
         let rows = model.classify_batch(&images, 3).expect("logits").rows;
         let mut padded = pixels.clone();
         padded.resize(3 * len, 0.0);
         assert_eq!(rows, model.classify(&padded, 3).expect("logits"));
         assert_eq!(rows.len(), 3);
+        // The same images as a tensor's little-endian bytes, off 4-byte alignment.
+        let mut bytes = vec![0u8];
+        bytes.extend(pixels.iter().flat_map(|v| v.to_le_bytes()));
+        let as_bytes: Vec<InputView<'_>> =
+            bytes[1..].chunks(4 * len).map(InputView::LeBytes).collect();
+        assert_eq!(
+            model.classify_batch(&as_bytes, 3).expect("logits").rows,
+            rows
+        );
 
         for bad in [
             model.classify_batch(&images, 1),
-            model.classify_batch(&[&pixels[..len - 1]], 1),
+            model.classify_batch(&[InputView::from(&pixels[..len - 1])], 1),
         ] {
             assert!(matches!(bad, Err(ModelError::BadInput(_))), "{bad:?}");
         }

@@ -160,7 +160,8 @@ mod tests {
     fn job(deadline: Option<Instant>) -> (Job, Reply) {
         let (respond, rx) = oneshot::channel();
         let job = Job {
-            input: vec![],
+            input: crate::model::ModelInput::Values(vec![]),
+            index: 0,
             enqueued: Instant::now(),
             deadline,
             respond,

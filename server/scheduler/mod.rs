@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-pub use crate::model::Logits;
+pub use crate::model::{Logits, ModelInput};
 pub use batcher::Queues;
 pub use policy::BatchPolicy;
 pub use worker::{Backend, BackendInfo};
@@ -40,11 +40,16 @@ pub enum ScheduleError {
     Compute { model: String, message: String },
     #[error("model '{0}' is shutting down")]
     Stopped(String),
+    /// Found while its batch was assembled, where each value is read anyway.
+    #[error("image {image}: float tensor holds a NaN or infinite value at element {element}")]
+    NonFinite { image: usize, element: usize },
 }
 
 /// One image waiting for compute.
 pub struct Job {
-    pub input: Vec<f32>,
+    pub input: ModelInput,
+    /// Its position in its request (an error about it names it).
+    pub index: usize,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub respond: oneshot::Sender<Result<Vec<f32>, ScheduleError>>,
@@ -162,7 +167,7 @@ impl ModelHandle {
     /// queueing anything, when the queue cannot take every image.
     pub async fn classify(
         &self,
-        inputs: Vec<Vec<f32>>,
+        inputs: Vec<ModelInput>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>, ScheduleError> {
         self.classify_with_priority(inputs, deadline, Priority::Normal)
@@ -172,7 +177,7 @@ impl ModelHandle {
     /// [`ModelHandle::classify`] at a given priority.
     pub async fn classify_with_priority(
         &self,
-        inputs: Vec<Vec<f32>>,
+        inputs: Vec<ModelInput>,
         deadline: Option<Instant>,
         priority: Priority,
     ) -> Result<Vec<Vec<f32>>, ScheduleError> {
@@ -194,10 +199,11 @@ impl ModelHandle {
         };
         let now = Instant::now();
         let mut receivers = Vec::with_capacity(inputs.len());
-        for (permit, input) in permits.zip(inputs) {
+        for (index, (permit, input)) in permits.zip(inputs).enumerate() {
             let (respond, rx) = oneshot::channel();
             permit.send(Job {
                 input,
+                index,
                 enqueued: now,
                 deadline,
                 respond,

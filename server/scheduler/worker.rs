@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::batcher::{Batch, FreeWorkers};
 use super::{BatchPolicy, ScheduleError};
 use crate::metrics::ModelMetrics;
-use crate::model::{Classifier, Logits, ModelError};
+use crate::model::{Classifier, InputView, Logits, ModelError};
 
 /// What a model reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,17 +29,18 @@ pub trait Backend: Send + Sync + 'static {
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError>;
     fn info(&self) -> BackendInfo;
 
-    /// Logits for `images` (each one flat input) padded with zero images to `size` rows,
-    /// with the time spent getting the input ready. By default the images are gathered
-    /// into one buffer for [`Backend::forward`]; a backend with staging of its own
-    /// (pinned memory for a GPU) takes them one by one instead.
-    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
+    /// Logits for `images` padded with zero images to `size` rows, with the time spent
+    /// getting the input ready. By default the images are gathered into one buffer for
+    /// [`Backend::forward`]; a backend with staging of its own (pinned memory for a GPU)
+    /// takes them one by one instead.
+    fn forward_images(&self, images: &[InputView<'_>], size: usize) -> Result<Logits, ModelError> {
         let started = Instant::now();
-        let pixels = crate::model::padded_batch(images, size);
+        let crate::model::Gathered { pixels, rejected } = crate::model::padded_batch(images, size)?;
         let input_time = started.elapsed();
         Ok(Logits {
             rows: self.forward(&pixels, size)?,
             input_time,
+            rejected,
         })
     }
 }
@@ -49,7 +50,7 @@ impl Backend for Classifier {
         self.classify(pixels, n)
     }
 
-    fn forward_images(&self, images: &[&[f32]], size: usize) -> Result<Logits, ModelError> {
+    fn forward_images(&self, images: &[InputView<'_>], size: usize) -> Result<Logits, ModelError> {
         self.classify_batch(images, size)
     }
 
@@ -157,7 +158,7 @@ fn worker_loop(
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
-        let images: Vec<&[f32]> = jobs.iter().map(|j| &j.input[..]).collect();
+        let images: Vec<InputView<'_>> = jobs.iter().map(|j| j.input.view()).collect();
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward_images(&images, size)));
         let compute_time = started.elapsed();
@@ -168,9 +169,24 @@ fn worker_loop(
             message,
         };
         match result {
-            Ok(Ok(Logits { rows, input_time })) if rows.len() == size => {
-                for (job, row) in jobs.into_iter().zip(rows) {
-                    let _ = job.respond.send(Ok(row));
+            Ok(Ok(Logits {
+                rows,
+                input_time,
+                rejected,
+            })) if rows.len() == size => {
+                let mut refused = vec![None; live];
+                for r in rejected.iter().filter(|r| r.image < live) {
+                    refused[r.image] = Some(r.element);
+                }
+                for ((job, row), refused) in jobs.into_iter().zip(rows).zip(refused) {
+                    let answer = match refused {
+                        None => Ok(row),
+                        Some(element) => Err(ScheduleError::NonFinite {
+                            image: job.index,
+                            element,
+                        }),
+                    };
+                    let _ = job.respond.send(answer);
                 }
                 metrics.stats.record_batch(
                     live,

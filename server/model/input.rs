@@ -1,0 +1,269 @@
+//! One image's input to a model, in the form it reached the server: values a
+//! preprocessing step produced, or a client's ready tensor still as the little-endian
+//! bytes it arrived in. Keeping the bytes means a tensor is converted once, straight
+//! into wherever the batch is assembled (a gathered f32 buffer on the CPU, a pinned
+//! half-precision staging buffer for a GPU), instead of first into an f32 copy of its
+//! own (a 602 KB allocation and an extra pass per image).
+
+use prost::bytes::Bytes;
+
+use super::INPUT_SIZE;
+
+/// Values in one `3 x 224 x 224` model input.
+pub const IMAGE_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
+
+/// An owned model input (what a queued job holds).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelInput {
+    /// CHW f32 values.
+    Values(Vec<f32>),
+    /// CHW f32 values as little-endian bytes (a slice of the received request).
+    LeBytes(Bytes),
+}
+
+impl ModelInput {
+    pub fn view(&self) -> InputView<'_> {
+        match self {
+            ModelInput::Values(v) => InputView::Values(v),
+            ModelInput::LeBytes(b) => InputView::LeBytes(b),
+        }
+    }
+
+    /// The values as f32 (a tensor's bytes decoded into a copy of their own).
+    pub fn into_values(self) -> Vec<f32> {
+        match self {
+            ModelInput::Values(v) => v,
+            ModelInput::LeBytes(_) => {
+                let mut out = Vec::with_capacity(self.view().len());
+                self.view().for_each_run(|run| out.extend_from_slice(run));
+                out
+            }
+        }
+    }
+}
+
+impl From<Vec<f32>> for ModelInput {
+    fn from(values: Vec<f32>) -> Self {
+        ModelInput::Values(values)
+    }
+}
+
+/// A borrowed model input: what a batch is assembled from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputView<'a> {
+    Values(&'a [f32]),
+    LeBytes(&'a [u8]),
+}
+
+impl<'a> From<&'a [f32]> for InputView<'a> {
+    fn from(values: &'a [f32]) -> Self {
+        InputView::Values(values)
+    }
+}
+
+/// The longest run of values handed on at once: 16 KiB, which stays in L1 between being
+/// checked and being converted, so checking costs no pass over memory of its own.
+const CHUNK: usize = 4096;
+
+/// An image of a batch that holds a NaN or infinite value: it is left out (its slot
+/// zeroed) and its caller answered with an error, the rest of the batch computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejected {
+    /// Its position in the batch.
+    pub image: usize,
+    /// The first value that is not finite.
+    pub element: usize,
+}
+
+impl InputView<'_> {
+    /// Number of f32 values (a byte input whose length is not a multiple of 4 counts
+    /// its whole values only, and then never matches a model's input length).
+    pub fn len(&self) -> usize {
+        match self {
+            InputView::Values(v) => v.len(),
+            InputView::LeBytes(b) if b.len() % 4 == 0 => b.len() / 4,
+            // Never equal to a valid length: `len` is compared, never used to index.
+            InputView::LeBytes(_) => usize::MAX,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` on consecutive runs of at most [`CHUNK`] values, in order, until it
+    /// fails. Values given as f32, and bytes already aligned on a little-endian
+    /// machine, are handed on in place; other bytes are decoded a run at a time.
+    pub fn try_for_each_run<E>(&self, mut f: impl FnMut(&[f32]) -> Result<(), E>) -> Result<(), E> {
+        let aligned = match *self {
+            InputView::Values(v) => Some(v),
+            InputView::LeBytes(b) if cfg!(target_endian = "little") => {
+                bytemuck::try_cast_slice::<u8, f32>(b).ok()
+            }
+            InputView::LeBytes(_) => None,
+        };
+        if let Some(values) = aligned {
+            return values.chunks(CHUNK).try_for_each(f);
+        }
+        let InputView::LeBytes(b) = *self else {
+            return Ok(());
+        };
+        let mut buf = [0f32; CHUNK];
+        for bytes in b.chunks(CHUNK * 4) {
+            let n = bytes.len() / 4;
+            let whole = &bytes[..n * 4];
+            if cfg!(target_endian = "little") {
+                bytemuck::cast_slice_mut::<f32, u8>(&mut buf[..n]).copy_from_slice(whole);
+            } else {
+                for (v, le) in buf.iter_mut().zip(whole.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([le[0], le[1], le[2], le[3]]);
+                }
+            }
+            f(&buf[..n])?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` on consecutive runs of the values, in order (see
+    /// [`InputView::try_for_each_run`]).
+    pub fn for_each_run(&self, mut f: impl FnMut(&[f32])) {
+        let _ = self.try_for_each_run(|run| {
+            f(run);
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+
+    /// Appends the values to `out`, checking every value is finite on the way. Fails
+    /// with the index of the first that is not, `out` then left as it was.
+    pub fn extend_checked(&self, out: &mut Vec<f32>) -> Result<(), usize> {
+        let start = out.len();
+        let mut at = 0;
+        let checked = self.try_for_each_run(|run| {
+            if let Some(k) = first_non_finite(run) {
+                return Err(at + k);
+            }
+            out.extend_from_slice(run);
+            at += run.len();
+            Ok(())
+        });
+        if checked.is_err() {
+            out.truncate(start);
+        }
+        checked
+    }
+
+    /// Writes the values into `dst` (exactly [`InputView::len`] elements) through
+    /// `convert`, which turns each run of f32 values into the same number of `T`,
+    /// checking every value is finite on the way. Fails with the index of the first
+    /// value that is not, `dst` then written only in part.
+    pub fn convert_checked<T>(
+        &self,
+        dst: &mut [T],
+        mut convert: impl FnMut(&mut [T], &[f32]),
+    ) -> Result<(), usize> {
+        let mut at = 0;
+        self.try_for_each_run(|run| {
+            if let Some(k) = first_non_finite(run) {
+                return Err(at + k);
+            }
+            convert(&mut dst[at..at + run.len()], run);
+            at += run.len();
+            Ok(())
+        })
+    }
+}
+
+/// The index of the first NaN or infinite value in `values`, if any. Checked a block at
+/// a time without an early exit inside the block, which the compiler vectorizes (~20 µs
+/// less per 602 KB tensor than an element-wise search).
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 256;
+    let bad_block = values
+        .chunks(BLOCK)
+        .position(|b| b.iter().fold(false, |bad, v| bad | !v.is_finite()))?;
+    let in_block = values[bad_block * BLOCK..]
+        .iter()
+        .position(|v| !v.is_finite())
+        .unwrap_or(0);
+    Some(bad_block * BLOCK + in_block)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n).map(|i| i as f32 * 0.25 - 3.0).collect()
+    }
+
+    fn le_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn bytes_aligned_or_not_read_as_their_values() {
+        let v = values(3 * CHUNK + 17);
+        let bytes = le_bytes(&v);
+        // One byte in front puts the same bytes off 4-byte alignment.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        for b in [&bytes[..], &shifted[1..]] {
+            let view = InputView::LeBytes(b);
+            assert_eq!(view.len(), v.len());
+            let mut out = vec![0f32; v.len()];
+            assert_eq!(
+                view.convert_checked(&mut out, |d, s| d.copy_from_slice(s)),
+                Ok(())
+            );
+            assert_eq!(out, v);
+            let mut halves = vec![half::f16::ZERO; v.len()];
+            let to_half = |d: &mut [half::f16], s: &[f32]| {
+                d.iter_mut()
+                    .zip(s)
+                    .for_each(|(d, s)| *d = half::f16::from_f32(*s))
+            };
+            assert_eq!(view.convert_checked(&mut halves, to_half), Ok(()));
+            assert!(halves
+                .iter()
+                .zip(&v)
+                .all(|(h, f)| *h == half::f16::from_f32(*f)));
+            let mut runs = Vec::new();
+            view.for_each_run(|r| runs.extend_from_slice(r));
+            assert_eq!(runs, v);
+        }
+        assert_eq!(InputView::LeBytes(&bytes[1..]).len(), usize::MAX);
+    }
+
+    #[test]
+    fn the_first_non_finite_value_is_named_wherever_it_falls() {
+        let n = 3 * CHUNK + 17;
+        for (at, bad) in [
+            (0, f32::NAN),
+            (1000, f32::INFINITY),
+            (CHUNK - 1, f32::NAN),
+            (CHUNK + 3, f32::NAN),
+            (n - 1, f32::NEG_INFINITY),
+        ] {
+            let mut v = values(n);
+            v[at] = bad;
+            if at + 5 < n {
+                v[at + 5] = f32::NAN; // only the first counts
+            }
+            let bytes = le_bytes(&v);
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            for view in [
+                InputView::Values(&v),
+                InputView::LeBytes(&bytes),
+                InputView::LeBytes(&shifted[1..]),
+            ] {
+                let mut out = vec![0f32; n];
+                assert_eq!(
+                    view.convert_checked(&mut out, |d, s| d.copy_from_slice(s)),
+                    Err(at),
+                    "{at}"
+                );
+            }
+        }
+    }
+}

@@ -131,12 +131,17 @@ impl State {
         }
     }
 
-    /// Decodes one image on the blocking pool.
+    /// One image's model input. A ready tensor is only length-checked (its values are
+    /// checked where its batch is assembled), which is no work worth a thread; encoded
+    /// images and raw frames are decoded and resized on the blocking pool.
     async fn prepare(
         self: &Arc<Self>,
         index: usize,
         image: proto::Image,
     ) -> Result<ModelInput, ServeError> {
+        if let Some(image::Kind::Tensor(t)) = &image.kind {
+            return self.prepare_tensor(index, t);
+        }
         let _slot = self
             .preprocess_slots
             .acquire()
@@ -167,22 +172,45 @@ impl State {
         .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
     }
 
-    /// Preprocesses all images in parallel, keeping their order.
+    fn prepare_tensor(
+        &self,
+        index: usize,
+        tensor: &proto::FloatTensor,
+    ) -> Result<ModelInput, ServeError> {
+        self.preprocessor
+            .prepare(Input::Tensor(&tensor.data))
+            .map_err(|source| ServeError::Image { index, source })
+    }
+
+    /// Preprocesses all images, those that need decoding in parallel, keeping their
+    /// order. Tensors are taken as they are, without a task each (a 64-tensor request
+    /// spawned 128 tasks before).
     pub(crate) async fn prepare_all(
         self: &Arc<Self>,
         images: Vec<proto::Image>,
     ) -> Result<Vec<ModelInput>, ServeError> {
-        let tasks: Vec<_> = images
-            .into_iter()
-            .enumerate()
-            .map(|(i, img)| {
-                let st = self.clone();
-                tokio::spawn(async move { st.prepare(i, img).await })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            out.push(t.await.map_err(|e| ServeError::Internal(e.to_string()))??);
+        enum Pending {
+            Ready(ModelInput),
+            Decoding(tokio::task::JoinHandle<Result<ModelInput, ServeError>>),
+        }
+        let mut pending = Vec::with_capacity(images.len());
+        for (i, img) in images.into_iter().enumerate() {
+            pending.push(match &img.kind {
+                Some(image::Kind::Tensor(t)) => Pending::Ready(self.prepare_tensor(i, t)?),
+                _ => {
+                    let st = self.clone();
+                    Pending::Decoding(tokio::spawn(async move { st.prepare(i, img).await }))
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Pending::Ready(input) => input,
+                Pending::Decoding(task) => task
+                    .await
+                    .map_err(|e| ServeError::Internal(e.to_string()))??,
+            });
         }
         Ok(out)
     }

@@ -336,6 +336,10 @@ def server(args, out: pathlib.Path) -> None:
             if transport_only:
                 report["transport_only"] = True
                 report["images_per_s"] = report["requests"] * per_request / report["duration_s"]
+            # What the server spends per image (all its threads, worker and staging
+            # included): cores busy divided by images per second.
+            report["server_cpu_us_per_image"] = round(
+                1e6 * sum(server_cores.values()) / max(report["images_per_s"], 1e-9), 1)
             rows.append(report)
             log(f"load c={concurrency} x{per_request}{' (transport only)' if transport_only else ''}: "
                 f"{report['images_per_s']:.0f} img/s, "
@@ -344,7 +348,8 @@ def server(args, out: pathlib.Path) -> None:
                 f"{(report.get('server') or {}).get('mean_request_ms', 0):.1f}, queue "
                 f"{(report.get('server') or {}).get('mean_queue_ms', 0):.1f}, compute/batch "
                 f"{(report.get('server') or {}).get('mean_compute_ms', 0):.1f}; "
-                f"cores: client {client_cores}, server {server_cores}")
+                f"cores: client {client_cores}, server {server_cores} "
+                f"({report['server_cpu_us_per_image']:.0f} µs of server CPU per image)")
             RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
                                  "in_process": inproc, "rows": rows}
             save(out)
@@ -388,7 +393,8 @@ def overhead(args, out: pathlib.Path) -> None:
             continue
     for r in rows:
         log(f"ceiling c={r['concurrency']} x{r['images_per_request']} ({batch_ms:.2f} ms per batch): "
-            f"{r['images_per_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}")
+            f"{r['images_per_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}, "
+            f"{r.get('server_cpu_us_per_image', 0):.0f} µs of server CPU per image")
     RESULTS["overhead"] = {"batch_ms": batch_ms, "rows": rows,
                            "stderr": p.stderr[-1500:] if p.returncode else ""}
     save(out)

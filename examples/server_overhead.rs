@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
 use resnet_client::{tensor, Client, ClientConfig, Output};
+use resnet_serve::local::LocalServer;
 use resnet_serve::model::{InputView, Logits, ModelError, Rejected, NUM_CLASSES};
 use resnet_serve::preprocess::INPUT_LEN;
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
@@ -165,16 +166,6 @@ fn main() -> anyhow::Result<()> {
         .thread_name("serve")
         .enable_all()
         .build()?;
-    let (listener, metrics) = server_rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        ))
-    })?;
-    let (url, metrics_addr) = (
-        format!("http://{}", listener.local_addr()?),
-        metrics.local_addr()?.to_string(),
-    );
     let largest = args.sizes.iter().copied().max().unwrap_or(1);
     let options = ServeOptions {
         policy: BatchPolicy::new(&args.sizes, Duration::from_millis(2), 64 * largest)?,
@@ -190,29 +181,24 @@ fn main() -> anyhow::Result<()> {
             .map(|b| ("fixed".to_string(), b))
             .collect())
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = server_rt.spawn(server::run(
-        options,
-        loader,
-        listener,
-        Some(metrics),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    // Started inside the server's runtime, so it serves on that runtime's threads.
+    let server = server_rt.block_on(async {
+        let server = LocalServer::start(options, loader).await?;
+        server.ready(Duration::from_secs(60)).await?;
+        anyhow::Ok(server)
+    })?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("load-client")
         .enable_all()
         .build()?;
-    client_rt.block_on(drive(&args, &url, &metrics_addr))?;
-    let _ = stop.send(());
-    server_rt.block_on(serving)??;
+    let metrics_addr = server.metrics_addr.to_string();
+    client_rt.block_on(drive(&args, &server.url, &metrics_addr))?;
+    server_rt.block_on(server.stop())?;
     Ok(())
 }
 
 /// Runs each load row against the server and prints its JSON line.
 async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let input = tensor(&vec![0.5f32; 3 * 224 * 224]);
     for &(concurrency, images) in &args.rows {
         let mut clients = Vec::new();

@@ -28,7 +28,8 @@
 //! - [`error`]: request errors and their single mapping to gRPC statuses.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
 //!   per-model totals KServe's `ModelStatistics` reports.
-//! - [`server`]: health, reflection, model loading, serving and graceful drain.
+//! - [`server`]: health, reflection, model loading, serving and graceful drain;
+//!   [`local`]: one on ephemeral loopback ports in the background (tests, benchmarks).
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 //! - [`allocator`]: how the binaries' allocator keeps freed activation memory.
@@ -38,6 +39,7 @@ pub mod device;
 pub mod error;
 pub mod kserve;
 pub mod labels;
+pub mod local;
 pub mod metrics;
 pub mod model;
 pub mod placement;

@@ -80,6 +80,9 @@ pub enum RunError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A [`crate::local::LocalServer`] that did not come up.
+    #[error("{0}")]
+    NotReady(String),
 }
 
 /// Serves on `listener` (and metrics on `metrics_listener`) until `shutdown` resolves,

@@ -20,18 +20,18 @@ use resnet_client::proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelReadyRequest,
     ModelRepositoryParameter, ModelStatisticsRequest, RepositoryIndexRequest,
     RepositoryModelLoadRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
-    ServerMetadataRequest, ServerReadyRequest,
+    ServerMetadataRequest,
 };
 use resnet_client::proto::{image, ClassifyRequest, EncodedImage, Image, OutputKind, OutputSpec};
 use resnet_serve::device::Precision;
+use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic;
 use resnet_serve::model::Architecture;
 use resnet_serve::model::ModelError;
 use resnet_serve::placement::Placement;
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, ModelFactory, RunError, ServeOptions};
+use resnet_serve::server::{self, ModelFactory, ServeOptions};
 use resnet_serve::weights::download::Downloader;
-use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -67,12 +67,11 @@ impl Drop for Tracked {
 }
 
 struct KServer {
+    server: LocalServer,
     addr: String,
     /// Replicas loaded through the repository API and not yet freed.
     alive: Arc<Alive>,
     dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
 impl KServer {
@@ -115,8 +114,6 @@ impl KServer {
             }),
             ..ServeOptions::default()
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = format!("http://{}", listener.local_addr().expect("addr"));
         let loader: server::ModelLoader = Box::new(move || {
             let replicas =
                 placement.load(MODEL.parse().map_err(|e| format!("{e}"))?, Some(weights))?;
@@ -125,33 +122,14 @@ impl KServer {
                 .map(|b| (MODEL.to_string(), b))
                 .collect())
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(options, loader, listener, None, async {
-            let _ = stopped.await;
-        }));
-        let s = KServer {
-            addr,
+        let server = LocalServer::start(options, loader).await.expect("bind");
+        server.ready(Duration::from_secs(60)).await.expect("ready");
+        KServer {
+            addr: server.url.clone(),
+            server,
             alive,
             dir,
-            stop: Some(stop),
-            task,
-        };
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut c) = KClient::connect(s.addr.clone()).await {
-                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
-                    if r.into_inner().ready {
-                        break;
-                    }
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < give_up,
-                "server never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        s
     }
 
     async fn kserve(&self) -> KClient<Channel> {
@@ -167,11 +145,8 @@ impl KServer {
             .expect("connect")
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.expect("join").expect("clean shutdown");
+    async fn stop(self) {
+        self.server.stop().await.expect("clean shutdown");
     }
 }
 

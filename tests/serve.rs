@@ -13,12 +13,12 @@ use resnet_client::proto::{
     image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
     ListModelsRequest, OutputKind, OutputSpec, RawFrame, StreamFrame,
 };
+use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, ModelError};
 use resnet_serve::preprocess::{Input, Preprocessor, INPUT_LEN};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, RunError, ServeOptions};
-use tokio::net::TcpListener;
+use resnet_serve::server::{self, ServeOptions};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -60,11 +60,25 @@ where
     }
 }
 
+/// The classifier service's health status at `addr` (-1 when it cannot be asked).
+async fn health(addr: &str) -> i32 {
+    let channel = Channel::from_shared(addr.to_string())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "resnet_serve.v1.Classifier".into(),
+    })
+    .await
+    .map(|r| r.into_inner().status)
+    .unwrap_or(-1)
+}
+
 struct TestServer {
+    server: LocalServer,
     addr: String,
-    metrics_addr: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
 impl TestServer {
@@ -74,31 +88,16 @@ impl TestServer {
 
     /// One model served by several replicas (as on several GPUs).
     async fn start_replicas(options: ServeOptions, replicas: Vec<Arc<dyn Backend>>) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = format!("http://{}", listener.local_addr().expect("addr"));
-        let metrics_addr = format!("{}", metrics.local_addr().expect("addr"));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let loader: server::ModelLoader = Box::new(move || {
             Ok(replicas
                 .into_iter()
                 .map(|b| (MODEL.to_string(), b))
                 .collect())
         });
-        let task = tokio::spawn(server::run(
-            options,
-            loader,
-            listener,
-            Some(metrics),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let server = LocalServer::start(options, loader).await.expect("bind");
         let s = TestServer {
-            addr,
-            metrics_addr,
-            stop: Some(stop),
-            task,
+            addr: server.url.clone(),
+            server,
         };
         s.wait_serving().await;
         s
@@ -111,18 +110,7 @@ impl TestServer {
     }
 
     async fn health(&self) -> i32 {
-        let channel = Channel::from_shared(self.addr.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-        h.check(tonic_health::pb::HealthCheckRequest {
-            service: "resnet_serve.v1.Classifier".into(),
-        })
-        .await
-        .map(|r| r.into_inner().status)
-        .unwrap_or(-1)
+        health(&self.addr).await
     }
 
     async fn wait_serving(&self) {
@@ -151,7 +139,7 @@ impl TestServer {
 
     async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr)
+        let mut s = tokio::net::TcpStream::connect(self.server.metrics_addr)
             .await
             .expect("metrics connect");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -171,11 +159,8 @@ impl TestServer {
             .sum()
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.expect("join").expect("clean shutdown");
+    async fn stop(self) {
+        self.server.stop().await.expect("clean shutdown");
     }
 }
 
@@ -682,27 +667,14 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
     })
     .await;
     let mut late = server.client().await;
-    let TestServer {
-        addr,
-        metrics_addr,
-        mut stop,
-        task,
-    } = server;
-    if let Some(s) = stop.take() {
-        let _ = s.send(());
-    }
+    let TestServer { server, addr } = server;
+    let stopping = tokio::spawn(server.stop());
     // Draining: health goes NOT_SERVING and new requests are refused.
-    let probe = TestServer {
-        addr: addr.clone(),
-        metrics_addr,
-        stop: None,
-        task: tokio::spawn(async { Ok(()) }),
-    };
     eventually("health leaves SERVING", || async {
-        probe.health().await != 1
+        health(&addr).await != 1
     })
     .await;
-    assert_eq!(probe.health().await, 2, "NOT_SERVING while draining");
+    assert_eq!(health(&addr).await, 2, "NOT_SERVING while draining");
     let err = late
         .classify(logits_request(vec![tensor_image(9).0]))
         .await
@@ -714,7 +686,7 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
             .expect("task")
             .expect("every in-flight request is answered");
     }
-    task.await.expect("join").expect("clean shutdown");
+    stopping.await.expect("join").expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

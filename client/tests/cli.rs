@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
+use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
 use resnet_serve::predict::{self, OutputKind};
@@ -50,38 +51,27 @@ impl Server {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async move {
-                let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let addrs = (
-                    grpc.local_addr().expect("addr"),
-                    metrics.local_addr().expect("addr"),
-                );
                 let options = ServeOptions {
                     policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 256)
                         .expect("policy"),
                     preprocess_threads: 2,
                     ..ServeOptions::default()
                 };
-                let backend = model;
                 let loader: server::ModelLoader =
-                    Box::new(move || Ok(vec![("resnet18_swsl".to_string(), backend)]));
-                ready_tx.send(addrs).expect("ready");
-                server::run(options, loader, grpc, Some(metrics), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("server runs");
+                    Box::new(move || Ok(vec![("resnet18_swsl".to_string(), model)]));
+                let server = LocalServer::start(options, loader).await.expect("bind");
+                server.ready(Duration::from_secs(60)).await.expect("ready");
+                ready_tx
+                    .send((server.url.clone(), server.metrics_addr.to_string()))
+                    .expect("ready");
+                let _ = stopped.await;
+                server.stop().await.expect("server runs");
             });
         });
         let (grpc, metrics) = ready_rx.recv().expect("addresses");
-        wait_ready(&format!("http://{grpc}"));
         Server {
-            grpc: format!("http://{grpc}"),
-            metrics: metrics.to_string(),
+            grpc,
+            metrics,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -92,31 +82,6 @@ impl Server {
         c.args(["--endpoint", &self.grpc]);
         c
     }
-}
-
-/// Blocks until the server reports ready (models loaded), through its KServe
-/// ServerReady; requests sent earlier would find no model.
-fn wait_ready(url: &str) {
-    use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-    use resnet_client::proto::inference::ServerReadyRequest;
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let give_up = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await {
-                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
-                    if r.into_inner().ready {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                std::time::Instant::now() < give_up,
-                "server at {url} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
 }
 
 impl Drop for Server {

@@ -1,0 +1,117 @@
+//! A server on ephemeral loopback ports, serving in the background of the current tokio
+//! runtime until stopped: what the integration tests, the client's tests and the
+//! serving-path benchmark (`examples/server_overhead`) start, so that none of them
+//! repeats how.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::proto::inference::ServerReadyRequest;
+use crate::server::{self, ModelLoader, RunError, ServeOptions};
+
+/// A running server on `127.0.0.1`, gRPC and metrics each on a port of their own.
+pub struct LocalServer {
+    /// `http://127.0.0.1:PORT`, for clients.
+    pub url: String,
+    /// The metrics endpoint (`GET /metrics`).
+    pub metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), RunError>>,
+}
+
+impl LocalServer {
+    /// Binds both ports and starts serving; the models load in the background (see
+    /// [`LocalServer::ready`]).
+    pub async fn start(options: ServeOptions, loader: ModelLoader) -> std::io::Result<Self> {
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", grpc.local_addr()?);
+        let metrics_addr = metrics.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(options, loader, grpc, Some(metrics), async {
+            let _ = stopped.await;
+        }));
+        Ok(LocalServer {
+            url,
+            metrics_addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Waits until the models are loaded and served (KServe's `ServerReady`), at most
+    /// `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), RunError> {
+        let give_up = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.task.is_finished() {
+                return Err(RunError::NotReady(
+                    "the server stopped before it was ready".into(),
+                ));
+            }
+            if let Ok(mut c) = GrpcInferenceServiceClient::connect(self.url.clone()).await {
+                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
+                    if r.into_inner().ready {
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(RunError::NotReady(format!(
+                    "{} was not ready after {timeout:?}",
+                    self.url
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the server (it drains first) and returns how its run ended.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| RunError::NotReady(format!("the server task failed: {e}")))?
+    }
+}
+
+impl Drop for LocalServer {
+    /// A server dropped without [`LocalServer::stop`] is stopped without waiting for it.
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::scheduler::{Backend, BatchPolicy};
+
+    #[tokio::test]
+    async fn a_server_that_cannot_load_is_never_ready() {
+        let options = ServeOptions {
+            policy: BatchPolicy::new(&[1], Duration::from_millis(1), 4).expect("policy"),
+            ..ServeOptions::default()
+        };
+        let loader: ModelLoader =
+            Box::new(|| Err::<Vec<(String, Arc<dyn Backend>)>, _>("no weights".into()));
+        let server = LocalServer::start(options, loader).await.expect("binds");
+        let err = server
+            .ready(Duration::from_secs(30))
+            .await
+            .expect_err("not ready");
+        assert!(err.to_string().contains("stopped before"), "{err}");
+        assert!(matches!(server.stop().await, Err(RunError::Load(_))));
+    }
+}

@@ -270,8 +270,11 @@ def wait_ready(log_path: pathlib.Path, proc: subprocess.Popen, timeout: float) -
     return False
 
 
-def server(args, out: pathlib.Path) -> None:
-    """The real server and `resnet-client load` on this machine, tensor inputs."""
+def server(args, out: pathlib.Path, sync: str = "block") -> None:
+    """The real server and `resnet-client load` on this machine, tensor inputs. `sync`
+    is how its GPU workers wait for a replay (RESNET_SERVE_CUDA_SYNC): results go under
+    "server" for the default (block), "server_spin" for spin."""
+    key = "server" if sync == "block" else f"server_{sync}"
     gpu = args.device != "cpu"
     dtype = "f16" if gpu else "f32"
     arch = "resnet50"
@@ -280,24 +283,27 @@ def server(args, out: pathlib.Path) -> None:
     torch.save(synthetic_model(arch).state_dict(), weights)
     batch = args.server_batch
     sizes = sorted({1, 8, 16, 32, batch})
-    server_log = out / "server.log"
+    server_log = out / f"{key}.log"
     cmd = [args.bin, "--model", f"resnet50_swsl={weights}", "--device", args.device_arg,
            "--dtype", dtype, "--batch-sizes", ",".join(map(str, sizes)), "--max-queue-delay-ms", "2",
            "--queue-capacity", str(max(1024, 8 * batch)), "--listen", "127.0.0.1:50151",
            "--metrics-listen", "127.0.0.1:9191"]
     t0 = time.time()
     with open(server_log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                env={**os.environ, "RESNET_SERVE_CUDA_SYNC": sync})
     rows = []
     try:
         if not wait_ready(server_log, proc, 180):
-            RESULTS["server"] = {"error": "server did not become ready",
+            RESULTS[key] = {"error": "server did not become ready",
                                  "log": server_log.read_text(errors="replace")[-3000:]}
             save(out)
             return
         startup = time.time() - t0
         log(f"server ready in {startup:.1f} s (load + warm-up of sizes {sizes})")
-        inproc = ours_rate(args, arch, batch, dtype, "auto")
+        # The in-process rate does not depend on how the server waits: measured once.
+        inproc = (RESULTS.get("server") or {}).get("in_process") if key != "server" else None
+        inproc = inproc or ours_rate(args, arch, batch, dtype, "auto")
         # The last row asks for a model the server does not have: each request is received
         # and decoded in full, then refused, so it times the transport alone (the ceiling
         # the server's end-to-end rate can reach on this machine).
@@ -341,7 +347,7 @@ def server(args, out: pathlib.Path) -> None:
             report["server_cpu_us_per_image"] = round(
                 1e6 * sum(server_cores.values()) / max(report["images_per_s"], 1e-9), 1)
             rows.append(report)
-            log(f"load c={concurrency} x{per_request}{' (transport only)' if transport_only else ''}: "
+            log(f"{key} load c={concurrency} x{per_request}{' (transport only)' if transport_only else ''}: "
                 f"{report['images_per_s']:.0f} img/s, "
                 f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
                 f"errors {report['errors']}; server ms: request "
@@ -350,11 +356,11 @@ def server(args, out: pathlib.Path) -> None:
                 f"{(report.get('server') or {}).get('mean_compute_ms', 0):.1f}; "
                 f"cores: client {client_cores}, server {server_cores} "
                 f"({report['server_cpu_us_per_image']:.0f} µs of server CPU per image)")
-            RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
-                                 "in_process": inproc, "rows": rows}
+            RESULTS[key] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
+                            "sync": sync, "in_process": inproc, "rows": rows}
             save(out)
-        RESULTS["server"] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
-                             "in_process": inproc, "rows": rows}
+        RESULTS[key] = {"startup_s": startup, "batch_sizes": sizes, "dtype": dtype,
+                        "sync": sync, "in_process": inproc, "rows": rows}
         save(out)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -408,7 +414,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="CPU rehearsal sizes")
-    p.add_argument("--steps", default="parity,throughput,server,overhead")
+    p.add_argument("--steps", default="parity,throughput,server,overhead",
+                   help="of parity, throughput, server, server_spin (the server with its "
+                        "GPU workers spinning while they wait), overhead")
     p.add_argument("--parity-archs")
     p.add_argument("--bench-archs")
     p.add_argument("--batches")
@@ -444,7 +452,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     environment(args)
     save(out)
-    steps = {"parity": parity, "throughput": throughput, "server": server, "overhead": overhead}
+    steps = {"parity": parity, "throughput": throughput, "server": server,
+             "server_spin": lambda a, o: server(a, o, "spin"), "overhead": overhead}
     for name in args.steps.split(","):
         t0 = time.time()
         try:

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda::cudarc::driver::{result as cu, sys, CudaContext, CudaGraph, DevicePtr};
+use candle_core::cuda::cudarc::driver::{
+    result as cu, sys, CudaContext, CudaEvent, CudaGraph, DevicePtr,
+};
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -121,6 +123,32 @@ struct Captured {
     output_ptr: sys::CUdeviceptr,
     staging_in: Pinned,
     staging_out: Pinned,
+    /// Recorded after each replay's copies; waited on instead of the stream (see
+    /// [`Wait`]).
+    done: CudaEvent,
+    wait: Wait,
+}
+
+/// How a worker waits for its replay. cuDNN's contexts default to spinning while the
+/// GPU works (fewer contexts than cores), which keeps a core busy per worker for the
+/// whole forward pass: on a host that also receives the requests, that is CPU the
+/// serving path needs. A blocking-sync event sleeps instead, at the cost of a thread
+/// wake-up (tens of µs) per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Sleep until the replay is done (the default).
+    Block,
+    /// Spin on the stream: `RESNET_SERVE_CUDA_SYNC=spin`.
+    Spin,
+}
+
+impl Wait {
+    pub fn from_env() -> Self {
+        match std::env::var("RESNET_SERVE_CUDA_SYNC").as_deref() {
+            Ok("spin") => Wait::Spin,
+            _ => Wait::Block,
+        }
+    }
 }
 
 // SAFETY: CUDA graph objects may be used from any thread as long as calls on one graph
@@ -183,6 +211,10 @@ impl Captured {
             .check_err()
             .map_err(|e| driver_err("during capture", e))?;
         graph.upload().map_err(|e| driver_err("upload", e))?;
+        let done = stream
+            .context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .map_err(|e| driver_err("event", e))?;
         Ok(Captured {
             graph,
             batch,
@@ -194,6 +226,8 @@ impl Captured {
             output_ptr,
             staging_in: Pinned::new(stream.context(), batch * IMAGE_LEN * size)?,
             staging_out: Pinned::new(stream.context(), batch * NUM_CLASSES * size)?,
+            done,
+            wait: Wait::from_env(),
         })
     }
 
@@ -275,7 +309,16 @@ impl Captured {
             cu::memcpy_dtoh_async(self.staging_out.as_mut::<u8>(), self.output_ptr, cu_stream)
         }
         .map_err(|e| driver_err("logits copy", e))?;
-        stream.synchronize().map_err(|e| driver_err("sync", e))?;
+        match self.wait {
+            Wait::Block => {
+                self.done
+                    .record(&stream)
+                    .map_err(|e| driver_err("record", e))?;
+                self.done.synchronize()
+            }
+            Wait::Spin => stream.synchronize(),
+        }
+        .map_err(|e| driver_err("sync", e))?;
         let rows = match self.dtype {
             DType::F32 => self
                 .staging_out

@@ -47,11 +47,21 @@ pub struct Scored {
 /// assert_eq!(top[1].label, "Egyptian cat");
 /// ```
 pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
+    let k = k.min(scores.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let best_first = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    // The k best found in linear time, then only they are sorted (a top-1 answer sorted
+    // all 1000 classes before).
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, best_first);
+        order.truncate(k);
+    }
+    order.sort_by(best_first);
     order
         .into_iter()
-        .take(k)
         .map(|index| Scored {
             index,
             label: label(index),
@@ -81,5 +91,17 @@ mod tests {
         assert_eq!(top, vec![1, 3, 2]);
         // Large logits do not overflow.
         assert!(softmax(&[1000.0, 0.0]).iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn top_k_is_the_head_of_the_full_ranking_ties_included() {
+        // Many ties (values repeat every 37 classes), in no order.
+        let scores: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 37) as f32).collect();
+        let mut full: Vec<usize> = (0..1000).collect();
+        full.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        for k in [0, 1, 2, 5, 37, 999, 1000, 1001] {
+            let got: Vec<usize> = top_k(&scores, k).iter().map(|s| s.index).collect();
+            assert_eq!(got, full[..k.min(1000)], "k = {k}");
+        }
     }
 }

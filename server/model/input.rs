@@ -33,8 +33,8 @@ impl ModelInput {
     pub fn into_values(self) -> Vec<f32> {
         match self {
             ModelInput::Values(v) => v,
-            ModelInput::LeBytes(_) => {
-                let mut out = Vec::with_capacity(self.view().len());
+            ModelInput::LeBytes(ref bytes) => {
+                let mut out = Vec::with_capacity(bytes.len() / 4);
                 self.view().for_each_run(|run| out.extend_from_slice(run));
                 out
             }
@@ -61,8 +61,8 @@ impl<'a> From<&'a [f32]> for InputView<'a> {
     }
 }
 
-/// The longest run of values handed on at once: 16 KiB, which stays in L1 between being
-/// checked and being converted, so checking costs no pass over memory of its own.
+/// The longest run of values handed on at once: 16 KiB, which stays in L1 while it is
+/// checked and then converted.
 const CHUNK: usize = 4096;
 
 /// An image of a batch that holds a NaN or infinite value: it is left out (its slot
@@ -133,19 +133,26 @@ impl InputView<'_> {
         });
     }
 
+    /// Calls `f` with each run and the index of its first value, after checking every
+    /// value of the run is finite (it is in L1 by then, so the check costs no pass over
+    /// memory of its own). Fails with the index of the first value that is not.
+    fn try_for_each_finite_run(&self, mut f: impl FnMut(usize, &[f32])) -> Result<(), usize> {
+        let mut at = 0;
+        self.try_for_each_run(|run| {
+            if let Some(k) = first_non_finite(run) {
+                return Err(at + k);
+            }
+            f(at, run);
+            at += run.len();
+            Ok(())
+        })
+    }
+
     /// Appends the values to `out`, checking every value is finite on the way. Fails
     /// with the index of the first that is not, `out` then left as it was.
     pub fn extend_checked(&self, out: &mut Vec<f32>) -> Result<(), usize> {
         let start = out.len();
-        let mut at = 0;
-        let checked = self.try_for_each_run(|run| {
-            if let Some(k) = first_non_finite(run) {
-                return Err(at + k);
-            }
-            out.extend_from_slice(run);
-            at += run.len();
-            Ok(())
-        });
+        let checked = self.try_for_each_finite_run(|_, run| out.extend_from_slice(run));
         if checked.is_err() {
             out.truncate(start);
         }
@@ -161,15 +168,7 @@ impl InputView<'_> {
         dst: &mut [T],
         mut convert: impl FnMut(&mut [T], &[f32]),
     ) -> Result<(), usize> {
-        let mut at = 0;
-        self.try_for_each_run(|run| {
-            if let Some(k) = first_non_finite(run) {
-                return Err(at + k);
-            }
-            convert(&mut dst[at..at + run.len()], run);
-            at += run.len();
-            Ok(())
-        })
+        self.try_for_each_finite_run(|at, run| convert(&mut dst[at..at + run.len()], run))
     }
 }
 

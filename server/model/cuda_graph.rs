@@ -7,8 +7,9 @@
 //! input and output tensors on the device and two pinned host buffers. A replay converts
 //! the images (f32 values, or a tensor's bytes as received) straight into the pinned
 //! input buffer in the model's dtype (so half precision moves half the bytes), copies it
-//! up in one transfer, launches the graph and copies the logits back. Intermediate activations are allocated inside the graph
-//! (stream-ordered allocation nodes) and freed inside it.
+//! up in one transfer, launches the graph and copies the logits back. Intermediate
+//! activations are allocated inside the graph (stream-ordered allocation nodes) and
+//! freed inside it.
 //!
 //! Several workers may share one model on a GPU, each on its own per-thread stream, so
 //! each batch size has a pool of captured passes; a worker that finds none free runs the
@@ -129,11 +130,11 @@ struct Captured {
     wait: Wait,
 }
 
-/// How a worker waits for its replay. cuDNN's contexts default to spinning while the
-/// GPU works (fewer contexts than cores), which keeps a core busy per worker for the
-/// whole forward pass: on a host that also receives the requests, that is CPU the
-/// serving path needs. A blocking-sync event sleeps instead, at the cost of a thread
-/// wake-up (tens of µs) per batch.
+/// How a worker waits for its replay. A CUDA context defaults to spinning while the GPU
+/// works (when a process has fewer contexts than cores), which keeps a core busy per
+/// worker for the whole forward pass: on a host that also receives the requests, that
+/// is CPU the serving path needs. A blocking-sync event sleeps instead, at the cost of a
+/// thread wake-up (tens of µs) per batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// Sleep until the replay is done (the default).

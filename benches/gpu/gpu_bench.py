@@ -211,6 +211,7 @@ def throughput(args, out: pathlib.Path) -> None:
             row["ours_eager"] = fast.get("images_per_s_eager")
             row["ours_cuda_graph"] = fast.get("cuda_graph")
             row["ours_with_copies"] = fast.get("images_per_s_with_copies")
+            row["ours_with_copies_2_threads"] = fast.get("images_per_s_with_copies_2_threads")
             if fast.get("warnings"):
                 row["ours_warnings"] = fast["warnings"]
             row["ours_kernels"] = fast.get("kernels")

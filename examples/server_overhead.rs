@@ -19,7 +19,7 @@ use anyhow::Context;
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
 use resnet_client::{tensor, Client, ClientConfig, Output};
 use resnet_serve::local::LocalServer;
-use resnet_serve::model::{InputView, Logits, ModelError, Rejected, NUM_CLASSES};
+use resnet_serve::model::{stage_batch, InputView, Logits, ModelError, NUM_CLASSES};
 use resnet_serve::preprocess::INPUT_LEN;
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
 use resnet_serve::server::{self, ServeOptions};
@@ -28,8 +28,7 @@ use resnet_serve::server::{self, ServeOptions};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A model that holds its worker for `per_batch` and answers zeros, after staging its
-/// input as the GPU path does: each image checked and converted to f16 into one batch
-/// buffer.
+/// input with the GPU path's own `stage_batch` into an f16 batch buffer.
 struct FixedCost {
     per_batch: Duration,
 }
@@ -47,24 +46,12 @@ impl Backend for FixedCost {
 
     fn forward_images(&self, images: &[InputView<'_>], size: usize) -> Result<Logits, ModelError> {
         use half::slice::HalfFloatSliceExt;
-        use rayon::prelude::*;
         let started = Instant::now();
         let rejected = STAGING.with_borrow_mut(|staging| {
             staging.resize(size * INPUT_LEN, half::f16::ZERO);
-            let rejected: Vec<Rejected> = staging
-                .par_chunks_mut(INPUT_LEN)
-                .enumerate()
-                .filter_map(|(image, d)| match images.get(image) {
-                    Some(src) => src
-                        .convert_checked(d, |d, s| d.convert_from_f32_slice(s))
-                        .err()
-                        .map(|element| Rejected { image, element }),
-                    None => {
-                        d.fill(half::f16::ZERO);
-                        None
-                    }
-                })
-                .collect();
+            let rejected = stage_batch(staging, images, half::f16::ZERO, |d, s| {
+                d.convert_from_f32_slice(s)
+            });
             std::hint::black_box(&staging[..]);
             rejected
         });

@@ -23,8 +23,8 @@ use candle_core::cuda::cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaGraph, DevicePtr,
 };
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
-use rayon::prelude::*;
 
+use super::input::stage_batch;
 use super::resnet::ResNet;
 use super::{InputView, Logits, Rejected, IMAGE_LEN, INPUT_SIZE, NUM_CLASSES};
 
@@ -244,41 +244,18 @@ impl Captured {
                 self.batch
             );
         }
-        fn fill<T: Copy + Send + Sync>(
-            dst: &mut [T],
-            images: &[InputView<'_>],
-            zero: T,
-            convert: impl Fn(&mut [T], &[f32]) + Sync,
-        ) -> Vec<Rejected> {
-            dst.par_chunks_mut(IMAGE_LEN)
-                .enumerate()
-                .filter_map(|(image, d)| {
-                    let checked = match images.get(image) {
-                        Some(src) => src.convert_checked(d, &convert),
-                        None => {
-                            d.fill(zero);
-                            Ok(())
-                        }
-                    };
-                    checked.err().map(|element| {
-                        d.fill(zero);
-                        Rejected { image, element }
-                    })
-                })
-                .collect()
-        }
         use half::slice::HalfFloatSliceExt;
         Ok(match self.dtype {
-            DType::F32 => fill(self.staging_in.as_mut::<f32>(), images, 0.0, |d, s| {
+            DType::F32 => stage_batch(self.staging_in.as_mut::<f32>(), images, 0.0, |d, s| {
                 d.copy_from_slice(s)
             }),
-            DType::F16 => fill(
+            DType::F16 => stage_batch(
                 self.staging_in.as_mut::<half::f16>(),
                 images,
                 half::f16::ZERO,
                 |d, s| d.convert_from_f32_slice(s),
             ),
-            DType::BF16 => fill(
+            DType::BF16 => stage_batch(
                 self.staging_in.as_mut::<half::bf16>(),
                 images,
                 half::bf16::ZERO,

@@ -172,6 +172,35 @@ impl InputView<'_> {
     }
 }
 
+/// Converts `images` into `dst` (a batch of `dst.len() / IMAGE_LEN` slots) through
+/// `convert`, one image per slot and in parallel, each value checked finite on the way;
+/// the slots after the images, and those of images that are not finite, are `zero`.
+/// Returns the images left out. This is how a batch is staged for a device.
+pub fn stage_batch<T: Copy + Send + Sync>(
+    dst: &mut [T],
+    images: &[InputView<'_>],
+    zero: T,
+    convert: impl Fn(&mut [T], &[f32]) + Sync,
+) -> Vec<Rejected> {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(IMAGE_LEN)
+        .enumerate()
+        .filter_map(|(image, d)| {
+            let checked = match images.get(image) {
+                Some(src) => src.convert_checked(d, &convert),
+                None => {
+                    d.fill(zero);
+                    Ok(())
+                }
+            };
+            checked.err().map(|element| {
+                d.fill(zero);
+                Rejected { image, element }
+            })
+        })
+        .collect()
+}
+
 /// The index of the first NaN or infinite value in `values`, if any. Checked a block at
 /// a time without an early exit inside the block, which the compiler vectorizes (~20 µs
 /// less per 602 KB tensor than an element-wise search).
@@ -231,6 +260,25 @@ mod tests {
             assert_eq!(runs, v);
         }
         assert_eq!(InputView::LeBytes(&bytes[1..]).len(), usize::MAX);
+    }
+
+    #[test]
+    fn a_staged_batch_zeroes_padding_and_the_images_left_out() {
+        let good = values(IMAGE_LEN);
+        let mut bad = values(IMAGE_LEN);
+        bad[5] = f32::NAN;
+        let images = [InputView::Values(&good), InputView::Values(&bad)];
+        let mut dst = vec![7f32; 3 * IMAGE_LEN];
+        let rejected = stage_batch(&mut dst, &images, 0.0, |d, s| d.copy_from_slice(s));
+        assert_eq!(
+            rejected,
+            vec![Rejected {
+                image: 1,
+                element: 5
+            }]
+        );
+        assert_eq!(dst[..IMAGE_LEN], good[..]);
+        assert!(dst[IMAGE_LEN..].iter().all(|&v| v == 0.0));
     }
 
     #[test]

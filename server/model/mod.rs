@@ -27,7 +27,7 @@ pub mod resnet;
 pub mod synthetic;
 
 pub use arch::{Architecture, ModelName, Training, UnknownModel};
-pub use input::{InputView, ModelInput, Rejected, IMAGE_LEN};
+pub use input::{stage_batch, InputView, ModelInput, Rejected, IMAGE_LEN};
 pub use layers::Kernels;
 pub use params::ParamSource;
 

@@ -178,16 +178,23 @@ fn worker_loop(
                 for r in rejected.iter().filter(|r| r.image < live) {
                     refused[r.image] = Some(r.element);
                 }
-                for ((job, row), refused) in jobs.into_iter().zip(rows).zip(refused) {
-                    let answer = match refused {
-                        None => Ok(row),
-                        Some(element) => Err(ScheduleError::NonFinite {
-                            image: job.index,
-                            element,
-                        }),
-                    };
-                    let _ = job.respond.send(answer);
-                }
+                let answers: Vec<_> = jobs
+                    .into_iter()
+                    .zip(rows)
+                    .zip(refused)
+                    .map(|((job, row), refused)| {
+                        let answer = match refused {
+                            None => Ok(row),
+                            Some(element) => Err(ScheduleError::NonFinite {
+                                image: job.index,
+                                element,
+                            }),
+                        };
+                        (job.respond, answer)
+                    })
+                    .collect();
+                // Counted before anyone is answered: a client that asks for statistics
+                // right after its reply must find its batch in them.
                 metrics.stats.record_batch(
                     live,
                     size,
@@ -195,6 +202,9 @@ fn worker_loop(
                     compute_time.saturating_sub(input_time),
                     output_started.elapsed(),
                 );
+                for (respond, answer) in answers {
+                    let _ = respond.send(answer);
+                }
             }
             Ok(Ok(Logits { rows, .. })) => {
                 let e = fail(format!(

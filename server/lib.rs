@@ -25,6 +25,8 @@
 //! - [`service`]: the `resnet_serve.v1.Classifier` gRPC service.
 //! - [`kserve`]: the KServe v2 / Triton `inference.GRPCInferenceService`, on the same
 //!   port and the same queues.
+//! - [`unary`]: the tensor-carrying unary methods (`Classify`, `ModelInfer`) decoded
+//!   from their HTTP/2 frames as received, without tonic's copy into one buffer.
 //! - [`error`]: request errors and their single mapping to gRPC statuses.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
 //!   per-model totals KServe's `ModelStatistics` reports.
@@ -50,6 +52,7 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod unary;
 pub mod weights;
 
 /// The generated `resnet_serve.v1` protocol types (server and client stubs).

@@ -936,6 +936,113 @@ async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
     server.stop().await;
 }
 
+/// A gRPC body: the message prefix (uncompressed, length) and the encoded message.
+fn grpc_body(request: &ClassifyRequest) -> bytes::Bytes {
+    use prost::Message;
+    let message = request.encode_to_vec();
+    let mut wire = vec![0u8];
+    wire.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    wire.extend_from_slice(&message);
+    wire.into()
+}
+
+/// One `Classify` call over a bare HTTP/2 connection, `body` sent as DATA frames of
+/// `frame` bytes each: its status (OK included) and the decoded reply.
+async fn classify_in_frames(
+    addr: &str,
+    body: bytes::Bytes,
+    frame: usize,
+) -> (
+    tonic::Status,
+    Option<resnet_client::proto::ClassifyResponse>,
+) {
+    use prost::Message;
+    let authority = addr.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut h2 = h2.ready().await.expect("ready");
+    let head = http::Request::post(format!(
+        "http://{authority}/resnet_serve.v1.Classifier/Classify"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (response, mut send) = h2.send_request(head, false).expect("send");
+    let mut start = 0;
+    while start < body.len() {
+        let end = (start + frame).min(body.len());
+        // Each buffer goes out as a frame of its own (h2 splits buffers, never merges them).
+        send.send_data(body.slice(start..end), end == body.len())
+            .expect("data");
+        start = end;
+    }
+    let response = response.await.expect("response");
+    // A refusal comes as headers alone (trailers-only); an answer as data and trailers.
+    let mut fields = response.headers().clone();
+    let mut body = response.into_body();
+    let mut reply = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.expect("data");
+        let _ = body.flow_control().release_capacity(data.len());
+        reply.extend_from_slice(&data);
+    }
+    if let Some(trailers) = body.trailers().await.expect("trailers") {
+        fields.extend(trailers);
+    }
+    let status = tonic::Status::from_header_map(&fields).expect("a grpc-status");
+    let decoded = (reply.len() >= 5).then(|| {
+        resnet_client::proto::ClassifyResponse::decode(&reply[5..]).expect("decode reply")
+    });
+    (status, decoded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_into_small_frames_is_answered_as_one_sent_whole() {
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let (a, a_values) = tensor_image(21);
+    let (b, b_values) = tensor_image(22);
+    let body = grpc_body(&logits_request(vec![a, encoded("coffee.png"), b]));
+    let png = std::fs::read(common::fixture("images/coffee.png")).expect("fixture");
+    let png_values = Preprocessor::default()
+        .prepare(Input::Encoded(&png))
+        .expect("pre")
+        .into_values();
+    let want = [alone(&a_values), alone(&png_values), alone(&b_values)];
+    // 1,000-byte frames cut every tensor (602 KB) and the PNG across hundreds of frames;
+    // 16 KiB is HTTP/2's smallest maximum frame; then the whole call in one buffer.
+    for frame in [1000, 16 << 10, usize::MAX] {
+        let (status, reply) = classify_in_frames(&server.addr, body.clone(), frame).await;
+        assert_eq!(status.code(), Code::Ok, "frames of {frame}: {status}");
+        let reply = reply.expect("a reply");
+        assert_eq!(reply.results.len(), 3);
+        for (i, (got, want)) in reply.results.iter().zip(&want).enumerate() {
+            let err = common::relative_error(&got.values, want);
+            assert!(err <= 1e-5, "frames of {frame}, image {i}: {err:e}");
+        }
+    }
+    // A call whose body ends inside its message, or runs past it, is refused (INTERNAL,
+    // as tonic refuses it), and the server goes on serving.
+    let cut = body.slice(..body.len() - 100);
+    let (status, _) = classify_in_frames(&server.addr, cut, 1 << 20).await;
+    assert_eq!(status.code(), Code::Internal, "{status}");
+    assert!(status.message().contains("Unexpected EOF"), "{status}");
+    let mut two = body.to_vec();
+    two.extend_from_slice(&body);
+    let (status, _) = classify_in_frames(&server.addr, two.into(), 1 << 20).await;
+    assert_eq!(status.code(), Code::Internal, "{status}");
+    assert!(status.message().contains("one message"), "{status}");
+    let (status, reply) = classify_in_frames(&server.addr, body, 4096).await;
+    assert_eq!(status.code(), Code::Ok, "{status}");
+    assert_eq!(reply.map(|r| r.results.len()), Some(3));
+    server.stop().await;
+}
+
 fn encoded_bytes(data: &[u8]) -> Image {
     Image {
         kind: Some(image::Kind::Encoded(EncodedImage {

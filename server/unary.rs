@@ -1,0 +1,510 @@
+//! Unary RPCs decoded from the request's HTTP/2 DATA frames as they arrived.
+//!
+//! tonic copies every DATA frame of a request into one contiguous buffer before it
+//! decodes the message. For a request of float tensors that is a whole extra pass over
+//! tens of MiB: on a tensor load it was the server's largest single cost after the
+//! kernel's own socket copy. [`FrameRoutes`] serves the hot unary methods (`Classify`,
+//! KServe's `ModelInfer`) itself: the frames stay the `Bytes` that h2 read them into,
+//! and the protobuf is decoded across them ([`Frames`]), so a `bytes` field that lies
+//! inside one frame comes out as a slice of that frame. Only a field that straddles a
+//! frame boundary is copied, which is why the server also lets clients send large
+//! frames. Everything else about the call is what tonic does: the interceptor runs as
+//! the headers arrive, the message-size limits and their statuses, the refusal of
+//! compressed requests (handed to tonic itself), metadata and extensions, and tonic's
+//! own encoder for the response. Every other method of the service goes to tonic.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tonic::codec::{Codec, EncodeBody, SingleMessageCompressionOverride};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
+use tonic::{Request, Response, Status};
+
+/// The gRPC message prefix: a compressed flag, then the length as a big-endian u32.
+const PREFIX_LEN: usize = 5;
+
+/// An interceptor in tonic's form: sees the call's headers before its body is read.
+pub type Interceptor = fn(Request<()>) -> Result<Request<()>, Status>;
+
+type RouteFuture = Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>;
+type Route = Arc<dyn Fn(http::Request<Body>) -> RouteFuture + Send + Sync>;
+
+/// Message-size limits, as tonic's `max_decoding_message_size` /
+/// `max_encoding_message_size` set them.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_decoding: usize,
+    pub max_encoding: usize,
+}
+
+/// A tonic service with some of its unary methods served from the frames as received.
+/// It keeps the inner service's name, so it takes that service's place in the router.
+pub struct FrameRoutes<S> {
+    inner: S,
+    routes: Arc<HashMap<&'static str, Route>>,
+    limits: Limits,
+    interceptor: Interceptor,
+}
+
+impl<S: Clone> Clone for FrameRoutes<S> {
+    fn clone(&self) -> Self {
+        FrameRoutes {
+            inner: self.inner.clone(),
+            routes: self.routes.clone(),
+            limits: self.limits,
+            interceptor: self.interceptor,
+        }
+    }
+}
+
+impl<S> FrameRoutes<S> {
+    /// `inner` answers every method not routed here, and every compressed request.
+    pub fn new(inner: S, limits: Limits, interceptor: Interceptor) -> Self {
+        FrameRoutes {
+            inner,
+            routes: Arc::new(HashMap::new()),
+            limits,
+            interceptor,
+        }
+    }
+
+    /// Serves `path` ("/package.Service/Method") with `handler`, the same function the
+    /// generated service trait would call.
+    pub fn unary<M, R, F, Fut>(mut self, path: &'static str, handler: F) -> Self
+    where
+        M: prost::Message + Default + Send + 'static,
+        R: prost::Message + Default + Send + 'static,
+        F: Fn(Request<M>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
+    {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((path, ""));
+        let handler = Arc::new(handler);
+        let limits = self.limits;
+        let interceptor = self.interceptor;
+        let route: Route = Arc::new(move |request| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let call = async {
+                    let (parts, body) = request.into_parts();
+                    let mut head =
+                        interceptor(Request::from_http(http::Request::from_parts(parts, ())))?;
+                    head.extensions_mut()
+                        .insert(tonic::GrpcMethod::new(service, method));
+                    let (frames, trailers) = read_message(body, limits.max_decoding).await?;
+                    let message = M::decode(frames)
+                        .map_err(|e| Status::new(tonic::Code::Internal, e.to_string()))?;
+                    let (mut metadata, extensions, ()) = head.into_parts();
+                    if let Some(trailers) = trailers {
+                        let mut headers = metadata.into_headers();
+                        headers.extend(trailers);
+                        metadata = MetadataMap::from_headers(headers);
+                    }
+                    handler(Request::from_parts(metadata, extensions, message)).await
+                };
+                match call.await {
+                    Ok(response) => encode(response, limits.max_encoding),
+                    Err(status) => status.into_http(),
+                }
+            })
+        });
+        Arc::make_mut(&mut self.routes).insert(path, route);
+        self
+    }
+}
+
+impl<S: NamedService> NamedService for FrameRoutes<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<Body>> for FrameRoutes<S>
+where
+    S: tonic::codegen::Service<
+        http::Request<Body>,
+        Response = http::Response<B>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match self.routes.get(request.uri().path()) {
+            Some(route) if !compressed(&request) => {
+                let answer = route(request);
+                Box::pin(async move { Ok(answer.await) })
+            }
+            _ => {
+                let answer = self.inner.call(request);
+                Box::pin(async move { answer.await.map(|r| r.map(Body::new)) })
+            }
+        }
+    }
+}
+
+/// Whether the request declares a compressed body: those go to tonic, which refuses
+/// them (no compression is enabled) with its own UNIMPLEMENTED answer.
+fn compressed<B>(request: &http::Request<B>) -> bool {
+    request
+        .headers()
+        .get("grpc-encoding")
+        .is_some_and(|e| e.as_bytes() != b"identity")
+}
+
+/// tonic's own server-side encoder, its response headers and its trailers.
+fn encode<R>(response: Response<R>, max_encoding: usize) -> http::Response<Body>
+where
+    R: prost::Message + Default + Send + 'static,
+{
+    let (metadata, message, extensions) = response.into_parts();
+    let body = EncodeBody::new_server(
+        tonic_prost::ProstCodec::<R, R>::default().encoder(),
+        tokio_stream::once(Ok(message)),
+        None,
+        SingleMessageCompressionOverride::default(),
+        Some(max_encoding),
+    );
+    let mut http = http::Response::new(Body::new(body));
+    *http.version_mut() = http::Version::HTTP_2;
+    *http.headers_mut() = metadata.into_headers();
+    *http.extensions_mut() = extensions;
+    http.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    http
+}
+
+/// Reads a unary call's one message (the frames after its prefix) and the request's
+/// trailers, if it sent any. The statuses are tonic's for the same faults.
+async fn read_message(
+    mut body: Body,
+    max_decoding: usize,
+) -> Result<(Frames, Option<http::HeaderMap>), Status> {
+    let mut received = Frames::default();
+    let mut trailers: Option<http::HeaderMap> = None;
+    let mut message_len = None;
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(data) => {
+                received.push(data);
+                if message_len.is_none() {
+                    if let Some(prefix) = received.prefix() {
+                        message_len = Some(message_len_of(prefix, max_decoding)?);
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(more) = frame.into_trailers() {
+                    trailers.get_or_insert_with(Default::default).extend(more);
+                }
+            }
+        }
+    }
+    if received.remaining() == 0 {
+        return Err(Status::internal("Missing request message."));
+    }
+    let Some(len) = message_len.filter(|n| received.remaining() >= PREFIX_LEN + n) else {
+        return Err(Status::internal("Unexpected EOF decoding stream."));
+    };
+    if received.remaining() > PREFIX_LEN + len {
+        return Err(Status::internal(
+            "protocol error: a unary call carries one message; this request had more",
+        ));
+    }
+    received.advance(PREFIX_LEN);
+    Ok((received, trailers))
+}
+
+/// The message length a prefix announces, checked against the limit.
+fn message_len_of(prefix: [u8; PREFIX_LEN], limit: usize) -> Result<usize, Status> {
+    match prefix[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            ))
+        }
+        flag => {
+            return Err(Status::internal(format!(
+                "protocol error: received message with invalid compression flag: {flag} (valid flags are 0 and 1) while receiving request"
+            )))
+        }
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > limit {
+        return Err(Status::out_of_range(format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} bytes"
+        )));
+    }
+    Ok(len)
+}
+
+/// A message's bytes as the frames that carried them. As a [`Buf`], its
+/// `copy_to_bytes` (what prost decodes a `Bytes` field with) hands out a slice of a
+/// frame, not a copy, whenever the field lies inside that frame.
+#[derive(Debug, Default)]
+pub struct Frames {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Frames {
+    pub fn push(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.len += data.len();
+            self.chunks.push_back(data);
+        }
+    }
+
+    /// The first [`PREFIX_LEN`] bytes, once that many have arrived.
+    fn prefix(&self) -> Option<[u8; PREFIX_LEN]> {
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut filled = 0;
+        for chunk in &self.chunks {
+            let n = chunk.len().min(PREFIX_LEN - filled);
+            prefix[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == PREFIX_LEN {
+                return Some(prefix);
+            }
+        }
+        None
+    }
+}
+
+impl Buf for Frames {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| c)
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let step = cnt.min(front.len());
+            front.advance(step);
+            self.len -= step;
+            cnt -= step;
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        if let Some(front) = self.chunks.front_mut() {
+            if front.len() >= len {
+                let out = front.split_to(len);
+                self.len -= len;
+                if front.is_empty() {
+                    self.chunks.pop_front();
+                }
+                return out;
+            }
+        }
+        let mut out = BytesMut::with_capacity(len.min(self.len));
+        out.put((&mut *self).take(len));
+        out.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto;
+    use prost::Message;
+
+    fn frames_of(data: &Bytes, cuts: &[usize]) -> Frames {
+        let mut frames = Frames::default();
+        let mut start = 0;
+        for &cut in cuts.iter().chain([data.len()].iter()) {
+            frames.push(data.slice(start..cut));
+            start = cut;
+        }
+        frames
+    }
+
+    fn tensor_request(tensors: usize, bytes_each: usize) -> proto::ClassifyRequest {
+        proto::ClassifyRequest {
+            model: "m".into(),
+            images: (0..tensors)
+                .map(|i| proto::Image {
+                    kind: Some(proto::image::Kind::Tensor(proto::FloatTensor {
+                        data: Bytes::from(vec![i as u8 + 1; bytes_each]),
+                    })),
+                })
+                .collect(),
+            output: None,
+            request_id: "r".into(),
+        }
+    }
+
+    fn tensor_data(request: &proto::ClassifyRequest) -> Vec<&Bytes> {
+        request
+            .images
+            .iter()
+            .filter_map(|i| match &i.kind {
+                Some(proto::image::Kind::Tensor(t)) => Some(&t.data),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decoding_across_any_frame_boundary_gives_the_same_message() {
+        let request = tensor_request(3, 40);
+        let encoded = Bytes::from(request.encode_to_vec());
+        for cut in 0..=encoded.len() {
+            for second in [cut, (cut + 7).min(encoded.len()), encoded.len()] {
+                let decoded = proto::ClassifyRequest::decode(frames_of(&encoded, &[cut, second]))
+                    .expect("decodes");
+                assert_eq!(decoded, request, "cut at {cut}, {second}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_inside_one_frame_is_a_slice_of_it_and_one_across_two_is_a_copy() {
+        let request = tensor_request(2, 1000);
+        let encoded = Bytes::from(request.encode_to_vec());
+        // One frame: both tensors point into the frame's own memory.
+        let decoded = proto::ClassifyRequest::decode(frames_of(&encoded, &[])).expect("one frame");
+        let range = encoded.as_ptr_range();
+        for data in tensor_data(&decoded) {
+            assert!(range.contains(&data.as_ptr()), "copied instead of sliced");
+        }
+        // A cut through the middle of the first tensor: that one is copied, the second
+        // is still a slice of the second frame.
+        let cut = encoded.len() / 4;
+        let frames = frames_of(&encoded, &[cut]);
+        let decoded = proto::ClassifyRequest::decode(frames).expect("two frames");
+        let data = tensor_data(&decoded);
+        assert!(!range.contains(&data[0].as_ptr()));
+        assert!(range.contains(&data[1].as_ptr()));
+        assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn frames_advance_and_copy_across_chunks() {
+        let data = Bytes::from((0u8..100).collect::<Vec<_>>());
+        let mut frames = frames_of(&data, &[10, 10, 55]);
+        assert_eq!(frames.remaining(), 100);
+        frames.advance(8);
+        assert_eq!(frames.chunk(), &data[8..10]);
+        assert_eq!(frames.copy_to_bytes(50), data.slice(8..58));
+        assert_eq!(frames.remaining(), 42);
+        assert_eq!(frames.copy_to_bytes(0), Bytes::new());
+        frames.advance(42);
+        assert_eq!(frames.remaining(), 0);
+        assert!(frames.chunk().is_empty());
+    }
+
+    fn body_of(chunks: Vec<Bytes>) -> Body {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Status>(http_body::Frame::data(c)));
+        Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+    }
+
+    fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_message_is_read_from_many_frames_up_to_its_announced_length() {
+        let message = tensor_request(2, 300).encode_to_vec();
+        let wire = Bytes::from(framed(0, &message));
+        let chunks = (0..wire.len())
+            .step_by(97)
+            .map(|s| wire.slice(s..(s + 97).min(wire.len())))
+            .collect();
+        let (frames, trailers) = read_message(body_of(chunks), 1 << 20).await.expect("read");
+        assert!(trailers.is_none());
+        assert_eq!(frames.remaining(), message.len());
+        let decoded = proto::ClassifyRequest::decode(frames).expect("decodes");
+        assert_eq!(decoded, tensor_request(2, 300));
+    }
+
+    #[tokio::test]
+    async fn framing_faults_get_tonics_statuses() {
+        let cases: Vec<(Vec<u8>, tonic::Code, &str)> = vec![
+            (vec![], tonic::Code::Internal, "Missing request message"),
+            (vec![0, 0, 0], tonic::Code::Internal, "Unexpected EOF"),
+            (
+                framed(0, &[1, 2, 3])[..6].to_vec(),
+                tonic::Code::Internal,
+                "Unexpected EOF",
+            ),
+            (
+                framed(1, &[1, 2, 3]),
+                tonic::Code::Internal,
+                "compressed-flag",
+            ),
+            (
+                framed(7, &[1, 2, 3]),
+                tonic::Code::Internal,
+                "invalid compression flag: 7",
+            ),
+            (
+                [framed(0, &[1]), framed(0, &[2])].concat(),
+                tonic::Code::Internal,
+                "one message",
+            ),
+            (
+                framed(0, &[0; 2000]),
+                tonic::Code::OutOfRange,
+                "found 2000 bytes, the limit is: 1024 bytes",
+            ),
+        ];
+        for (wire, code, text) in cases {
+            let err = read_message(body_of(vec![Bytes::from(wire.clone())]), 1024)
+                .await
+                .expect_err("refused");
+            assert_eq!(err.code(), code, "{wire:?}: {err}");
+            assert!(err.message().contains(text), "{wire:?}: {}", err.message());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_refused_from_its_prefix_before_its_body_arrives() {
+        // The body never ends: only the prefix is there to read.
+        let prefix = Bytes::from(framed(0, &[])[..1].to_vec());
+        let mut announced = prefix.to_vec();
+        announced.extend_from_slice(&(64u32 << 20).to_be_bytes());
+        let first = tokio_stream::iter([Ok::<_, Status>(http_body::Frame::data(Bytes::from(
+            announced,
+        )))]);
+        let body = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::StreamExt::chain(first, tokio_stream::pending()),
+        ));
+        let err = read_message(body, 1 << 20).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+    }
+}

@@ -130,12 +130,9 @@ pub async fn run(
     // The two methods that carry tensors are decoded from their frames as received;
     // the rest of each service is tonic's generated server.
     let classifier = unary::FrameRoutes::new(
-        tonic::service::interceptor::InterceptedService::new(
-            ClassifierServer::from_arc(classifier_service.clone())
-                .max_decoding_message_size(options.max_message_bytes)
-                .max_encoding_message_size(options.max_message_bytes),
-            crate::service::stamp_deadline,
-        ),
+        ClassifierServer::from_arc(classifier_service.clone())
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes),
         limits,
         crate::service::stamp_deadline,
     )
@@ -152,12 +149,9 @@ pub async fn run(
             .map(|f| Arc::new(Repository::new(f, options.policy.clone()))),
     });
     let kserve = unary::FrameRoutes::new(
-        tonic::service::interceptor::InterceptedService::new(
-            GrpcInferenceServiceServer::from_arc(kserve_service.clone())
-                .max_decoding_message_size(options.max_message_bytes)
-                .max_encoding_message_size(options.max_message_bytes),
-            crate::service::stamp_deadline,
-        ),
+        GrpcInferenceServiceServer::from_arc(kserve_service.clone())
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes),
         limits,
         crate::service::stamp_deadline,
     )

@@ -26,6 +26,7 @@ use tonic::body::Body;
 use tonic::codec::{Codec, EncodeBody, SingleMessageCompressionOverride};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 /// The gRPC message prefix: a compressed flag, then the length as a big-endian u32.
@@ -65,17 +66,20 @@ impl<S: Clone> Clone for FrameRoutes<S> {
     }
 }
 
-impl<S> FrameRoutes<S> {
-    /// `inner` answers every method not routed here, and every compressed request.
-    pub fn new(inner: S, limits: Limits, interceptor: Interceptor) -> Self {
+impl<S> FrameRoutes<InterceptedService<S, Interceptor>> {
+    /// `service` (behind `interceptor`, as the routed methods are) answers every method
+    /// not routed here, and every compressed request.
+    pub fn new(service: S, limits: Limits, interceptor: Interceptor) -> Self {
         FrameRoutes {
-            inner,
+            inner: InterceptedService::new(service, interceptor),
             routes: Arc::new(HashMap::new()),
             limits,
             interceptor,
         }
     }
+}
 
+impl<S> FrameRoutes<S> {
     /// Serves `path` ("/package.Service/Method") with `handler`, the same function the
     /// generated service trait would call.
     pub fn unary<M, R, F, Fut>(mut self, path: &'static str, handler: F) -> Self

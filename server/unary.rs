@@ -48,22 +48,12 @@ pub struct Limits {
 
 /// A tonic service with some of its unary methods served from the frames as received.
 /// It keeps the inner service's name, so it takes that service's place in the router.
+#[derive(Clone)]
 pub struct FrameRoutes<S> {
     inner: S,
     routes: Arc<HashMap<&'static str, Route>>,
     limits: Limits,
     interceptor: Interceptor,
-}
-
-impl<S: Clone> Clone for FrameRoutes<S> {
-    fn clone(&self) -> Self {
-        FrameRoutes {
-            inner: self.inner.clone(),
-            routes: self.routes.clone(),
-            limits: self.limits,
-            interceptor: self.interceptor,
-        }
-    }
 }
 
 impl<S> FrameRoutes<InterceptedService<S, Interceptor>> {
@@ -106,8 +96,7 @@ impl<S> FrameRoutes<S> {
                     head.extensions_mut()
                         .insert(tonic::GrpcMethod::new(service, method));
                     let (frames, trailers) = read_message(body, limits.max_decoding).await?;
-                    let message = M::decode(frames)
-                        .map_err(|e| Status::new(tonic::Code::Internal, e.to_string()))?;
+                    let message = M::decode(frames).map_err(|e| Status::internal(e.to_string()))?;
                     let (mut metadata, extensions, ()) = head.into_parts();
                     if let Some(trailers) = trailers {
                         let mut headers = metadata.into_headers();
@@ -215,6 +204,10 @@ async fn read_message(
                         message_len = Some(message_len_of(prefix, max_decoding)?);
                     }
                 }
+                // Refused as soon as it shows, so what a call holds stays within the limit.
+                if message_len.is_some_and(|n| received.remaining() > PREFIX_LEN + n) {
+                    return Err(more_than_one_message());
+                }
             }
             Err(frame) => {
                 if let Ok(more) = frame.into_trailers() {
@@ -226,16 +219,16 @@ async fn read_message(
     if received.remaining() == 0 {
         return Err(Status::internal("Missing request message."));
     }
-    let Some(len) = message_len.filter(|n| received.remaining() >= PREFIX_LEN + n) else {
+    // Never more (refused above): fewer is a body that ended inside its message.
+    if message_len != Some(received.remaining().saturating_sub(PREFIX_LEN)) {
         return Err(Status::internal("Unexpected EOF decoding stream."));
-    };
-    if received.remaining() > PREFIX_LEN + len {
-        return Err(Status::internal(
-            "protocol error: a unary call carries one message; this request had more",
-        ));
     }
     received.advance(PREFIX_LEN);
     Ok((received, trailers))
+}
+
+fn more_than_one_message() -> Status {
+    Status::internal("protocol error: a unary call carries one message; this request had more")
 }
 
 /// The message length a prefix announces, checked against the limit.
@@ -497,18 +490,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_past_the_message_are_refused_without_waiting_for_the_body_to_end() {
+        let wire = Bytes::from([framed(0, &[1, 2, 3]), framed(0, &[4])].concat());
+        let err = within_a_second(read_message(unending_body(wire), 1 << 20))
+            .await
+            .expect_err("refused");
+        assert!(err.message().contains("one message"), "{err}");
+    }
+
+    #[tokio::test]
     async fn an_oversized_message_is_refused_from_its_prefix_before_its_body_arrives() {
-        // The body never ends: only the prefix is there to read.
-        let prefix = Bytes::from(framed(0, &[])[..1].to_vec());
-        let mut announced = prefix.to_vec();
+        let mut announced = vec![0u8];
         announced.extend_from_slice(&(64u32 << 20).to_be_bytes());
-        let first = tokio_stream::iter([Ok::<_, Status>(http_body::Frame::data(Bytes::from(
-            announced,
-        )))]);
-        let body = Body::new(http_body_util::StreamBody::new(
-            tokio_stream::StreamExt::chain(first, tokio_stream::pending()),
-        ));
-        let err = read_message(body, 1 << 20).await.expect_err("refused");
+        let err = within_a_second(read_message(unending_body(announced.into()), 1 << 20))
+            .await
+            .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::OutOfRange);
+    }
+
+    /// Fails the test instead of hanging it when `f` waits for more of the body.
+    async fn within_a_second<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(1), f)
+            .await
+            .expect("answered without waiting for the body to end")
+    }
+
+    /// A body whose first frame is `first` and which then never ends.
+    fn unending_body(first: Bytes) -> Body {
+        let first = tokio_stream::iter([Ok::<_, Status>(http_body::Frame::data(first))]);
+        Body::new(http_body_util::StreamBody::new(
+            tokio_stream::StreamExt::chain(first, tokio_stream::pending()),
+        ))
     }
 }

@@ -978,8 +978,14 @@ async fn classify_in_frames(
     while start < body.len() {
         let end = (start + frame).min(body.len());
         // Each buffer goes out as a frame of its own (h2 splits buffers, never merges them).
-        send.send_data(body.slice(start..end), end == body.len())
-            .expect("data");
+        // A call the server refuses part-way is answered, and its stream closed, before
+        // the rest is sent.
+        if send
+            .send_data(body.slice(start..end), end == body.len())
+            .is_err()
+        {
+            break;
+        }
         start = end;
     }
     let response = response.await.expect("response");

@@ -206,7 +206,9 @@ async fn read_message(
                 }
                 // Refused as soon as it shows, so what a call holds stays within the limit.
                 if message_len.is_some_and(|n| received.remaining() > PREFIX_LEN + n) {
-                    return Err(more_than_one_message());
+                    return Err(Status::internal(
+                        "protocol error: a unary call carries one message; this request had more",
+                    ));
                 }
             }
             Err(frame) => {
@@ -225,10 +227,6 @@ async fn read_message(
     }
     received.advance(PREFIX_LEN);
     Ok((received, trailers))
-}
-
-fn more_than_one_message() -> Status {
-    Status::internal("protocol error: a unary call carries one message; this request had more")
 }
 
 /// The message length a prefix announces, checked against the limit.

@@ -68,6 +68,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_SERVE_MODEL_CONTROL")]
     #[serde(default)]
     pub model_control: bool,
+    /// Let clients on this host register system shared-memory regions (KServe's
+    /// SystemSharedMemoryRegister) and point inputs and outputs at them instead of
+    /// sending the bytes [default: true].
+    #[arg(long, env = "RESNET_SERVE_SHARED_MEMORY")]
+    pub shared_memory: Option<bool>,
     /// Allowed fixed batch sizes [default: 1,2,4,8,16,32].
     #[arg(long, env = "RESNET_SERVE_BATCH_SIZES", value_delimiter = ',')]
     pub batch_sizes: Vec<usize>,
@@ -134,6 +139,7 @@ impl ServeArgs {
             workers_per_device: self.workers_per_device.or(file.workers_per_device),
             compute_threads: self.compute_threads.or(file.compute_threads),
             model_control: self.model_control || file.model_control,
+            shared_memory: self.shared_memory.or(file.shared_memory),
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
             } else {
@@ -208,6 +214,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map_or(defaults.drain_timeout, Duration::from_secs),
         default_model: args.default_model.clone(),
         model_factory: None,
+        shared_memory: args.shared_memory.unwrap_or(defaults.shared_memory),
     };
     let device_spec: DeviceSpec = args.device.as_deref().unwrap_or("auto").parse()?;
     let precision = args.dtype.unwrap_or_default();

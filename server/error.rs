@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::preprocess::PreprocessError;
 use crate::scheduler::ScheduleError;
+use crate::shm::ShmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -23,6 +24,8 @@ pub enum ServeError {
     Draining,
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error(transparent)]
+    SharedMemory(#[from] ShmError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -43,6 +46,17 @@ impl ServeError {
             ServeError::Schedule(ScheduleError::Compute { .. }) | ServeError::Internal(_) => {
                 Code::Internal
             }
+            ServeError::SharedMemory(e) => match e {
+                ShmError::Disabled => Code::Unimplemented,
+                ShmError::NotFound(_) => Code::NotFound,
+                ShmError::AlreadyRegistered(_) => Code::AlreadyExists,
+                ShmError::NoName
+                | ShmError::BadKey(_)
+                | ShmError::Open { .. }
+                | ShmError::PastObject { .. }
+                | ShmError::Empty
+                | ShmError::OutOfRange { .. } => Code::InvalidArgument,
+            },
         }
     }
 }
@@ -74,5 +88,7 @@ mod tests {
             .message()
             .starts_with("image 2: unrecognised image format"));
         assert_eq!(Status::from(ServeError::Draining).code(), Code::Unavailable);
+        let missing = ServeError::from(ShmError::NotFound("r".into()));
+        assert_eq!(Status::from(missing).code(), Code::NotFound);
     }
 }

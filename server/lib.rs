@@ -25,6 +25,8 @@
 //! - [`service`]: the `resnet_serve.v1.Classifier` gRPC service.
 //! - [`kserve`]: the KServe v2 / Triton `inference.GRPCInferenceService`, on the same
 //!   port and the same queues.
+//! - [`shm`]: system shared-memory regions that same-host clients register and point
+//!   inputs (and KServe outputs) at, instead of sending the bytes.
 //! - [`unary`]: the tensor-carrying unary methods (`Classify`, `ModelInfer`) decoded
 //!   from their HTTP/2 frames as received, without tonic's copy into one buffer.
 //! - [`error`]: request errors and their single mapping to gRPC statuses.
@@ -51,6 +53,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod shm;
 pub mod stats;
 pub mod unary;
 pub mod weights;

@@ -21,6 +21,7 @@ use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService
 use crate::registry::Registry;
 use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
 use crate::service::{ClassifierService, State};
+use crate::shm::SharedMemory;
 use crate::unary;
 
 /// Loads one model by hub name (from a checkpoint path, or the weights cache) at run
@@ -54,6 +55,9 @@ pub struct ServeOptions {
     /// Lets KServe clients load and unload models at run time; `None` (the default)
     /// refuses them.
     pub model_factory: Option<ModelFactory>,
+    /// Serves KServe's system shared-memory extension (regions of this host's
+    /// `/dev/shm` that clients register).
+    pub shared_memory: bool,
 }
 
 impl Default for ServeOptions {
@@ -67,6 +71,7 @@ impl Default for ServeOptions {
             drain_timeout: Duration::from_secs(30),
             default_model: None,
             model_factory: None,
+            shared_memory: true,
         }
     }
 }
@@ -106,6 +111,7 @@ pub async fn run(
         metrics.clone(),
         options.preprocess_threads,
         options.max_images_per_request,
+        SharedMemory::new(options.shared_memory),
     );
     // Two batches' worth of frames per stream keeps the device fed without letting one
     // stream fill its model's queue by itself.

@@ -19,6 +19,7 @@ use crate::preprocess::{Input, Preprocessor};
 use crate::proto::{self, classifier_server::Classifier, image, stream_result, OutputKind};
 use crate::registry::Registry;
 use crate::scheduler::ModelHandle;
+use crate::shm::SharedMemory;
 
 /// Counts requests in flight so a drain knows when it is done.
 pub struct InFlight {
@@ -84,6 +85,8 @@ pub struct State {
     pub max_images_per_request: usize,
     /// Frames a stream may have in flight before the server stops reading it.
     pub stream_window: usize,
+    /// The system shared-memory regions clients registered (both APIs read them).
+    pub shared_memory: SharedMemory,
     next_id: AtomicU64,
 }
 
@@ -94,6 +97,7 @@ impl State {
         metrics: Metrics,
         preprocess_threads: usize,
         max_images_per_request: usize,
+        shared_memory: SharedMemory,
     ) -> Self {
         let in_flight = Arc::new(InFlight::new(metrics.in_flight.clone()));
         State {
@@ -106,6 +110,7 @@ impl State {
             preprocess_slots: Semaphore::new(preprocess_threads.max(1)),
             max_images_per_request,
             stream_window: 64,
+            shared_memory,
             next_id: AtomicU64::new(1),
         }
     }
@@ -139,8 +144,8 @@ impl State {
         index: usize,
         image: proto::Image,
     ) -> Result<ModelInput, ServeError> {
-        if let Some(image::Kind::Tensor(t)) = &image.kind {
-            return self.prepare_tensor(index, t);
+        if let Some(ready) = self.ready_tensor(index, &image) {
+            return ready;
         }
         let _slot = self
             .preprocess_slots
@@ -157,9 +162,14 @@ impl State {
                     rgb: &r.rgb,
                 },
                 Some(image::Kind::Tensor(t)) => Input::Tensor(&t.data),
+                Some(image::Kind::Shared(_)) => {
+                    return Err(ServeError::Internal(
+                        "shared tensor sent to decoding".into(),
+                    ))
+                }
                 None => {
                     return Err(ServeError::InvalidArgument(format!(
-                        "image {index}: no data (set encoded, raw or tensor)"
+                        "image {index}: no data (set encoded, raw, tensor or shared)"
                     )))
                 }
             };
@@ -172,14 +182,31 @@ impl State {
         .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
     }
 
-    fn prepare_tensor(
+    /// The model input of a ready tensor, sent or in a shared-memory region; `None` for
+    /// images that need decoding.
+    fn ready_tensor(
         &self,
         index: usize,
-        tensor: &proto::FloatTensor,
-    ) -> Result<ModelInput, ServeError> {
-        self.preprocessor
-            .prepare(Input::Tensor(&tensor.data))
-            .map_err(|source| ServeError::Image { index, source })
+        image: &proto::Image,
+    ) -> Option<Result<ModelInput, ServeError>> {
+        let shared;
+        let bytes = match &image.kind {
+            Some(image::Kind::Tensor(t)) => &t.data,
+            Some(image::Kind::Shared(s)) => {
+                let len = (crate::preprocess::INPUT_LEN * 4) as u64;
+                match self.shared_memory.bytes(&s.region, s.offset, len) {
+                    Ok(b) => shared = b,
+                    Err(e) => return Some(Err(e.into())),
+                }
+                &shared
+            }
+            _ => return None,
+        };
+        Some(
+            self.preprocessor
+                .prepare(Input::Tensor(bytes))
+                .map_err(|source| ServeError::Image { index, source }),
+        )
     }
 
     /// Preprocesses all images, those that need decoding in parallel, keeping their
@@ -195,9 +222,9 @@ impl State {
         }
         let mut pending = Vec::with_capacity(images.len());
         for (i, img) in images.into_iter().enumerate() {
-            pending.push(match &img.kind {
-                Some(image::Kind::Tensor(t)) => Pending::Ready(self.prepare_tensor(i, t)?),
-                _ => {
+            pending.push(match self.ready_tensor(i, &img) {
+                Some(ready) => Pending::Ready(ready?),
+                None => {
                     let st = self.clone();
                     Pending::Decoding(tokio::spawn(async move { st.prepare(i, img).await }))
                 }

@@ -844,5 +844,9 @@ async fn tritonclient_drives_the_server() {
     );
     assert!(out.status.success(), "tritonclient checks failed:\n{text}");
     assert!(text.contains("all tritonclient checks passed"), "{text}");
+    assert!(
+        text.contains("ok: shared-memory logits match Classify"),
+        "{text}"
+    );
     server.stop().await;
 }

@@ -1117,3 +1117,166 @@ async fn oversized_messages_are_refused_with_a_clear_message() {
         .expect("still serving");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_tensors_are_read_in_place_and_bad_references_refused() {
+    use resnet_client::proto::inference::{
+        SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
+    };
+    use resnet_client::shm::{shared_tensor, SharedTensors, TENSOR_BYTES};
+    use resnet_client::{Client, ClientConfig, Output};
+    use std::os::unix::fs::FileExt;
+
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+        .await
+        .expect("connect");
+    let values: Vec<Vec<f32>> = (21..24).map(|s| synthetic::input(s, 1, 224)).collect();
+    let shared = SharedTensors::create(&client, "tensors", &values)
+        .await
+        .expect("register");
+    let status = client
+        .kserve_stub()
+        .system_shared_memory_status(SystemSharedMemoryStatusRequest {
+            name: "tensors".into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.regions["tensors"].byte_size, 3 * TENSOR_BYTES);
+
+    // Shared and sent tensors in one request, in any order.
+    let (sent, sent_values) = tensor_image(5);
+    let logits = |r: resnet_client::proto::ClassifyResponse| -> Vec<Vec<f32>> {
+        r.results.into_iter().map(|c| c.values).collect()
+    };
+    let got = logits(
+        client
+            .classify(
+                "",
+                vec![shared.image(2), sent, shared.image(0)],
+                Output::Logits,
+            )
+            .await
+            .expect("classify"),
+    );
+    for (i, want) in [&values[2], &sent_values, &values[0]]
+        .into_iter()
+        .enumerate()
+    {
+        let err = common::relative_error(&got[i], &alone(want));
+        assert!(err <= 1e-5, "image {i}: {err:e}");
+    }
+
+    // A stream frame may point into the region too.
+    let frames = tokio_stream::iter(vec![StreamFrame {
+        frame_id: 1,
+        model: String::new(),
+        image: Some(shared.image(1)),
+        output: Some(Output::Logits.spec()),
+    }]);
+    let mut results = client.classify_stream(frames).await.expect("stream");
+    let first = results.next().await.expect("a result").expect("ok");
+    let Some(stream_result::Outcome::Result(c)) = first.outcome else {
+        panic!("frame failed: {first:?}");
+    };
+    assert!(common::relative_error(&c.values, &alone(&values[1])) <= 1e-5);
+
+    // The server reads the region as it is when the request comes: a NaN written into
+    // the object after registration fails that image, with its element named.
+    let object = std::fs::OpenOptions::new()
+        .write(true)
+        .open(shared.path())
+        .expect("open object");
+    object
+        .write_all_at(&f32::NAN.to_le_bytes(), TENSOR_BYTES + 4 * 17)
+        .expect("write NaN");
+    let err = client
+        .classify("", vec![shared.image(1)], Output::Logits)
+        .await
+        .expect_err("NaN");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("17"), "{}", err.message());
+
+    // Bad references and registrations.
+    let refused = |image, code: Code| {
+        let client = client.clone();
+        async move {
+            let err = client
+                .classify("", vec![image], Output::Logits)
+                .await
+                .expect_err("refused");
+            assert_eq!(err.code(), code, "{err:?}");
+            err.message().to_string()
+        }
+    };
+    let message = refused(
+        shared_tensor("tensors", 2 * TENSOR_BYTES + 4),
+        Code::InvalidArgument,
+    )
+    .await;
+    assert!(message.contains("run past"), "{message}");
+    refused(shared_tensor("nowhere", 0), Code::NotFound).await;
+    let register = |name: &str, key: &str, byte_size| {
+        let mut kserve = client.kserve_stub();
+        let req = SystemSharedMemoryRegisterRequest {
+            name: name.into(),
+            key: key.into(),
+            offset: 0,
+            byte_size,
+        };
+        async move { kserve.system_shared_memory_register(req).await }
+    };
+    let key = format!(
+        "/{}",
+        shared.path().file_name().expect("name").to_string_lossy()
+    );
+    let code = |r: Result<_, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(
+        code(register("tensors", &key, 16).await),
+        Some(Code::AlreadyExists)
+    );
+    assert_eq!(
+        code(register("big", &key, 4 * TENSOR_BYTES).await),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(register("etc", "/../etc/passwd", 16).await),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(register("gone", "/resnet-serve-no-such-object", 16).await),
+        Some(Code::InvalidArgument)
+    );
+
+    // Unregistered: references to it are refused, and the server goes on serving.
+    shared.release(&client).await.expect("unregister");
+    refused(shared_tensor("tensors", 0), Code::NotFound).await;
+    let (ok, _) = tensor_image(6);
+    client
+        .classify("", vec![ok], Output::Logits)
+        .await
+        .expect("still serving");
+    server.stop().await;
+
+    // A server started without it refuses registration outright.
+    let server = TestServer::start(
+        ServeOptions {
+            shared_memory: false,
+            ..options(&[1], 1, 8)
+        },
+        model(),
+    )
+    .await;
+    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+        .await
+        .expect("connect");
+    let err = SharedTensors::create(&client, "off", &values[..1])
+        .await
+        .expect_err("disabled");
+    let resnet_client::shm::ShmError::Register(status) = err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(status.code(), Code::Unimplemented);
+    server.stop().await;
+}

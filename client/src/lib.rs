@@ -24,6 +24,7 @@
 pub mod codec;
 pub mod load;
 pub mod metrics;
+pub mod shm;
 pub mod video;
 
 pub mod proto {

@@ -9,7 +9,8 @@
 //!
 //! Extensions served: `classification`, `model_configuration`, `schedule_policy`
 //! (request parameters `priority`: 1 high, 2 normal; `timeout`: microseconds, like the
-//! gRPC deadline), `statistics`, and `model_repository` when `--model-control` allows it.
+//! gRPC deadline), `statistics`, `system_shared_memory` (unless `--shared-memory false`;
+//! see [`crate::shm`]), and `model_repository` when `--model-control` allows it.
 
 pub mod describe;
 pub mod tensors;
@@ -20,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::bytes::Bytes;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -121,8 +123,9 @@ impl KServeService {
                 )))
             }
         };
-        let outputs = tensors::requested(&req.outputs)?;
-        let images = tensors::images(view, req)?;
+        let shared_memory = &self.state.shared_memory;
+        let outputs = tensors::requested(&req.outputs, shared_memory)?;
+        let images = tensors::images(view, req, shared_memory)?;
         if images.len() > self.state.max_images_per_request {
             return Err(ServeError::InvalidArgument(format!(
                 "a batch of {} images in one request; the limit is {}",
@@ -134,10 +137,20 @@ impl KServeService {
         let logits = handle
             .classify_with_priority(inputs, deadline, priority)
             .await?;
-        let (tensors, raw): (Vec<_>, Vec<_>) = outputs
-            .into_iter()
-            .map(|o| tensors::encode(o, &logits))
-            .unzip();
+        let mut tensors = Vec::with_capacity(outputs.len());
+        let mut raw = Vec::with_capacity(outputs.len());
+        for o in &outputs {
+            let (mut tensor, contents) = tensors::encode(o, &logits);
+            match &o.shared {
+                // An empty entry keeps raw_output_contents in step with outputs.
+                Some(window) => {
+                    window.place(&mut tensor, &contents)?;
+                    raw.push(Bytes::new());
+                }
+                None => raw.push(contents),
+            }
+            tensors.push(tensor);
+        }
         Ok(pb::ModelInferResponse {
             model_name: req.model_name.clone(),
             model_version: describe::VERSION.into(),
@@ -240,6 +253,9 @@ impl GrpcInferenceService for KServeService {
         .to_vec();
         if self.repository.is_some() {
             extensions.push("model_repository".into());
+        }
+        if self.state.shared_memory.enabled() {
+            extensions.push("system_shared_memory".into());
         }
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "resnet-serve".into(),
@@ -443,5 +459,55 @@ impl GrpcInferenceService for KServeService {
             }
             .into()),
         }
+    }
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        let regions = self
+            .state
+            .shared_memory
+            .status(&request.into_inner().name)
+            .map_err(ServeError::from)?;
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions: regions
+                .iter()
+                .map(|r| {
+                    let status = pb::system_shared_memory_status_response::RegionStatus {
+                        name: r.name.clone(),
+                        key: r.key.clone(),
+                        offset: r.offset,
+                        byte_size: r.byte_size,
+                    };
+                    (r.name.clone(), status)
+                })
+                .collect(),
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        let r = request.into_inner();
+        self.state
+            .shared_memory
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(ServeError::from)?;
+        tracing::info!(region = %r.name, key = %r.key, offset = r.offset, byte_size = r.byte_size,
+            "system shared memory registered");
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        let name = request.into_inner().name;
+        self.state
+            .shared_memory
+            .unregister(&name)
+            .map_err(ServeError::from)?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
 }

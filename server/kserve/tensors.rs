@@ -1,6 +1,11 @@
 //! KServe tensors to our images and logits to KServe tensors: shape and datatype checks,
 //! `raw_input_contents` (little-endian, row-major; BYTES as 4-byte length + data) or typed
-//! `contents`, requested outputs, and the classification extension.
+//! `contents`, or a window of a registered system shared-memory region (the tensor
+//! parameters `shared_memory_region`, `shared_memory_byte_size`, `shared_memory_offset`);
+//! requested outputs, and the classification extension.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use prost::bytes::Bytes;
 
@@ -13,6 +18,7 @@ use crate::proto::inference::{
     InferParameter, ModelInferRequest,
 };
 use crate::proto::{self, image};
+use crate::shm::{Region, SharedMemory};
 
 use super::views::{Output, View};
 
@@ -20,9 +26,55 @@ fn bad(message: String) -> ServeError {
     ServeError::InvalidArgument(message)
 }
 
+/// A tensor's place in a registered shared-memory region, from its parameters.
+struct SharedWindow {
+    region: String,
+    offset: u64,
+    byte_size: u64,
+}
+
+fn shared_window(
+    tensor: &str,
+    params: &HashMap<String, InferParameter>,
+) -> Result<Option<SharedWindow>, ServeError> {
+    let Some(p) = params.get("shared_memory_region") else {
+        return Ok(None);
+    };
+    let Some(ParameterChoice::StringParam(region)) = &p.parameter_choice else {
+        return Err(bad(format!(
+            "'{tensor}': parameter 'shared_memory_region' must be a string"
+        )));
+    };
+    let unsigned = |key: &str| -> Result<Option<u64>, ServeError> {
+        integer(params, key)?
+            .map(|v| {
+                u64::try_from(v).map_err(|_| {
+                    bad(format!(
+                        "'{tensor}': parameter '{key}' must not be negative"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let byte_size = unsigned("shared_memory_byte_size")?.ok_or_else(|| {
+        bad(format!(
+            "'{tensor}': 'shared_memory_region' needs 'shared_memory_byte_size'"
+        ))
+    })?;
+    Ok(Some(SharedWindow {
+        region: region.clone(),
+        offset: unsigned("shared_memory_offset")?.unwrap_or(0),
+        byte_size,
+    }))
+}
+
 /// The request's images, in batch order, as our API's image messages (so both APIs share
 /// one preprocessing path).
-pub fn images(view: View, req: &mut ModelInferRequest) -> Result<Vec<proto::Image>, ServeError> {
+pub fn images(
+    view: View,
+    req: &mut ModelInferRequest,
+    shared_memory: &SharedMemory,
+) -> Result<Vec<proto::Image>, ServeError> {
     let [input] = req.inputs.as_slice() else {
         return Err(bad(format!(
             "this model takes exactly one input, '{}' ({} {:?} with -1 for the batch); got {}",
@@ -48,11 +100,22 @@ pub fn images(view: View, req: &mut ModelInferRequest) -> Result<Vec<proto::Imag
             view.datatype()
         )));
     }
-    let raw = match req.raw_input_contents.len() {
-        0 => None,
-        1 => Some(std::mem::take(&mut req.raw_input_contents[0])),
-        n => return Err(bad(format!("{n} raw_input_contents for one input"))),
+    let raw = match (
+        req.raw_input_contents.len(),
+        shared_window(&input.name, &input.parameters)?,
+    ) {
+        (0, None) => None,
+        (0, Some(w)) => Some(shared_memory.bytes(&w.region, w.offset, w.byte_size)?),
+        (1, None) => Some(std::mem::take(&mut req.raw_input_contents[0])),
+        (_, Some(_)) => {
+            return Err(bad(format!(
+                "input '{}' is in shared memory and in raw_input_contents; send it one way",
+                input.name
+            )))
+        }
+        (n, None) => return Err(bad(format!("{n} raw_input_contents for one input"))),
     };
+
     let input = &req.inputs[0];
     match view {
         View::Tensor => tensors(input, raw),
@@ -247,7 +310,7 @@ fn int_param(p: &InferParameter) -> Option<i128> {
 
 /// An integer request or output parameter, if present.
 pub fn integer(
-    params: &std::collections::HashMap<String, InferParameter>,
+    params: &HashMap<String, InferParameter>,
     key: &str,
 ) -> Result<Option<i128>, ServeError> {
     match params.get(key) {
@@ -259,21 +322,71 @@ pub fn integer(
 }
 
 /// What to send back for one output.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OutputRequest {
     pub output: Output,
     /// The classification extension: the top K as BYTES `"score:index:label"`.
     pub classes: Option<usize>,
+    /// Written into this shared-memory window instead of the response.
+    pub shared: Option<SharedOutput>,
+}
+
+/// Where in a registered region an output goes: at most `byte_size` bytes at `offset`.
+#[derive(Debug, Clone)]
+pub struct SharedOutput {
+    region: Arc<Region>,
+    offset: u64,
+    byte_size: u64,
+}
+
+impl SharedOutput {
+    /// Writes an output's raw contents into the window, and says where in the tensor's
+    /// parameters (as Triton does); fails if they do not fit in it.
+    pub fn place(&self, tensor: &mut InferOutputTensor, raw: &[u8]) -> Result<(), ServeError> {
+        if raw.len() as u64 > self.byte_size {
+            return Err(bad(format!(
+                "output '{}' needs {} bytes; its shared memory window holds {}",
+                tensor.name,
+                raw.len(),
+                self.byte_size
+            )));
+        }
+        self.region.write(self.offset, raw)?;
+        let param = |choice| InferParameter {
+            parameter_choice: Some(choice),
+        };
+        tensor.parameters.insert(
+            "shared_memory_region".into(),
+            param(ParameterChoice::StringParam(self.region.name.clone())),
+        );
+        tensor.parameters.insert(
+            "shared_memory_byte_size".into(),
+            param(ParameterChoice::Int64Param(raw.len() as i64)),
+        );
+        if self.offset != 0 {
+            tensor.parameters.insert(
+                "shared_memory_offset".into(),
+                param(ParameterChoice::Int64Param(self.offset as i64)),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The outputs a request asked for; all of them (as tensors) when it named none.
-pub fn requested(outputs: &[InferRequestedOutputTensor]) -> Result<Vec<OutputRequest>, ServeError> {
+/// Shared-memory outputs are checked here, before any compute: the region exists and
+/// the window lies inside it.
+pub fn requested(
+    outputs: &[InferRequestedOutputTensor],
+    shared_memory: &SharedMemory,
+) -> Result<Vec<OutputRequest>, ServeError> {
     if outputs.is_empty() {
         return Ok(Output::ALL
             .into_iter()
             .map(|output| OutputRequest {
                 output,
                 classes: None,
+                shared: None,
             })
             .collect());
     }
@@ -295,13 +408,30 @@ pub fn requested(outputs: &[InferRequestedOutputTensor]) -> Result<Vec<OutputReq
                     )))
                 }
             };
-            Ok(OutputRequest { output, classes })
+            let shared = match shared_window(&o.name, &o.parameters)? {
+                None => None,
+                Some(w) => {
+                    let region = shared_memory.region(&w.region)?;
+                    // The whole window must lie in the region, whatever is written to it.
+                    shared_memory.bytes(&w.region, w.offset, w.byte_size)?;
+                    Some(SharedOutput {
+                        region,
+                        offset: w.offset,
+                        byte_size: w.byte_size,
+                    })
+                }
+            };
+            Ok(OutputRequest {
+                output,
+                classes,
+                shared,
+            })
         })
         .collect()
 }
 
 /// One output tensor and its raw contents for a batch of logit rows.
-pub fn encode(req: OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Bytes) {
+pub fn encode(req: &OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Bytes) {
     let values: Vec<Vec<f32>> = match req.output {
         Output::Logits => logits.to_vec(),
         Output::Probabilities => logits.iter().map(|l| labels::softmax(l)).collect(),
@@ -385,18 +515,20 @@ mod tests {
         let per = 3 * 224 * 224 * 4;
         let mut req = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; 2 * per]);
         assert_eq!(
-            images(View::Tensor, &mut req).map(|v| v.len()).ok(),
+            images(View::Tensor, &mut req, &SharedMemory::new(false))
+                .map(|v| v.len())
+                .ok(),
             Some(2)
         );
         let mut short = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; per]);
-        let err = images(View::Tensor, &mut short)
+        let err = images(View::Tensor, &mut short, &SharedMemory::new(false))
             .expect_err("short")
             .to_string();
         assert!(err.contains("needs 1204224 bytes"), "{err}");
         let mut wrong = request(View::Tensor, "FP16", vec![1, 3, 224, 224], vec![0; per]);
-        assert!(images(View::Tensor, &mut wrong).is_err());
+        assert!(images(View::Tensor, &mut wrong, &SharedMemory::new(false)).is_err());
         let mut shape = request(View::Tensor, "FP32", vec![1, 3, 224, 225], vec![0; per]);
-        assert!(images(View::Tensor, &mut shape).is_err());
+        assert!(images(View::Tensor, &mut shape, &SharedMemory::new(false)).is_err());
     }
 
     #[test]
@@ -408,21 +540,28 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            images(View::Frame, &mut frame).map(|v| v.len()).ok(),
+            images(View::Frame, &mut frame, &SharedMemory::new(false))
+                .map(|v| v.len())
+                .ok(),
             Some(1)
         );
         frame.inputs[0].contents = Some(InferTensorContents {
             uint_contents: vec![256; 12],
             ..Default::default()
         });
-        assert!(images(View::Frame, &mut frame).is_err());
+        assert!(images(View::Frame, &mut frame, &SharedMemory::new(false)).is_err());
         let mut img = request(
             View::Image,
             "BYTES",
             vec![2, 1],
             join_bytes([&b"a"[..], b"b"].into_iter()),
         );
-        assert_eq!(images(View::Image, &mut img).map(|v| v.len()).ok(), Some(2));
+        assert_eq!(
+            images(View::Image, &mut img, &SharedMemory::new(false))
+                .map(|v| v.len())
+                .ok(),
+            Some(2)
+        );
     }
 
     #[test]
@@ -431,9 +570,10 @@ mod tests {
         logits[3] = 2.5;
         logits[9] = 1.25;
         let (t, raw) = encode(
-            OutputRequest {
+            &OutputRequest {
                 output: Output::Logits,
                 classes: Some(2),
+                shared: None,
             },
             &[logits],
         );

@@ -7,12 +7,14 @@ Exits 0 and prints "all tritonclient checks passed", or exits 1 naming the faile
 """
 
 import argparse
+import os
 import pathlib
 import queue
 import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 
@@ -25,6 +27,59 @@ def check(cond, what):
 
 def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def system_shared_memory(c, m, x, want):
+    """Triton's system shared-memory extension, through tritonclient's own helpers: the
+    input read from one region, the logits written into another, errors for bad windows."""
+    key = f"/resnet-serve-tritonclient-{os.getpid()}"
+    out_key = key + "-out"
+    in_handle = shm.create_shared_memory_region("in", key, x.nbytes + 64)
+    out_handle = shm.create_shared_memory_region("out", out_key, 2 * 1000 * 4)
+    try:
+        # The tensors 64 bytes into the object, so offsets are exercised too.
+        shm.set_shared_memory_region(in_handle, [x], offset=64)
+        c.register_system_shared_memory("in", key, x.nbytes + 64)
+        c.register_system_shared_memory("out", out_key, 2 * 1000 * 4)
+        st = c.get_system_shared_memory_status(as_json=True)["regions"]
+        check(set(st) == {"in", "out"} and int(st["in"]["byte_size"]) == x.nbytes + 64,
+              f"shared memory status {st}")
+        inp = grpcclient.InferInput("input", [2, 3, 224, 224], "FP32")
+        inp.set_shared_memory("in", x.nbytes, offset=64)
+        out = grpcclient.InferRequestedOutput("logits")
+        out.set_shared_memory("out", 2 * 1000 * 4)
+        r = c.infer(m, [inp], outputs=[out, grpcclient.InferRequestedOutput("probabilities")])
+        o = r.get_output("logits")
+        check(o is not None and o.parameters["shared_memory_region"].string_param == "out",
+              "logits output placed in shared memory")
+        got = shm.get_contents_as_numpy(out_handle, np.float32, [2, 1000])
+        check(rel(got, want) <= 1e-5, f"shared-memory logits match Classify (rel {rel(got, want):.2e})")
+        probs = r.as_numpy("probabilities")
+        check(probs.shape == (2, 1000) and np.allclose(probs.sum(1), 1, atol=1e-4),
+              "an output not in shared memory still comes in the response")
+        # A window past the region, an unknown region, a name already taken.
+        past = grpcclient.InferInput("input", [2, 3, 224, 224], "FP32")
+        past.set_shared_memory("in", x.nbytes, offset=128)
+        nowhere = grpcclient.InferInput("input", [2, 3, 224, 224], "FP32")
+        nowhere.set_shared_memory("nowhere", x.nbytes)
+        for what, inputs, code in [("past its region", [past], "INVALID_ARGUMENT"),
+                                   ("unknown region", [nowhere], "NOT_FOUND")]:
+            try:
+                c.infer(m, inputs)
+                check(False, f"{what} must fail")
+            except InferenceServerException as e:
+                check(code in str(e.status()), f"{code} for a window {what}: {e.message()[:90]}")
+        try:
+            c.register_system_shared_memory("in", key, 64)
+            check(False, "registering a name twice must fail")
+        except InferenceServerException as e:
+            check("ALREADY_EXISTS" in str(e.status()), f"ALREADY_EXISTS: {e.message()[:80]}")
+        c.unregister_system_shared_memory()
+        check(c.get_system_shared_memory_status(as_json=True).get("regions", {}) == {},
+              "every region unregistered")
+    finally:
+        shm.destroy_shared_memory_region(in_handle)
+        shm.destroy_shared_memory_region(out_handle)
 
 
 def main():
@@ -45,8 +100,8 @@ def main():
     check(c.is_model_ready(m), "model ready")
     check(not c.is_model_ready("resnet50_swsl"), "an unloaded model is not ready")
     meta = c.get_server_metadata(as_json=True)
-    check({"classification", "model_configuration", "statistics", "schedule_policy"}
-          <= set(meta["extensions"]), f"server extensions {meta['extensions']}")
+    check({"classification", "model_configuration", "statistics", "schedule_policy",
+           "system_shared_memory"} <= set(meta["extensions"]), f"server extensions {meta['extensions']}")
     mm = c.get_model_metadata(m, as_json=True)
     check(mm["inputs"][0]["name"] == "input" and mm["inputs"][0]["datatype"] == "FP32"
           and [int(d) for d in mm["inputs"][0]["shape"]] == [-1, 3, 224, 224], f"input metadata {mm['inputs']}")
@@ -127,6 +182,8 @@ def main():
         check(False, "FP16 must fail")
     except InferenceServerException as e:
         check("INVALID_ARGUMENT" in str(e.status()), "wrong datatype")
+
+    system_shared_memory(c, m, x, want)
 
     # Statistics count what was sent: infer calls (not the failed ones) and images.
     st = c.get_inference_statistics(m, as_json=True)["model_stats"][0]

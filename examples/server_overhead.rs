@@ -10,13 +10,15 @@
 //! ROWS are CONCURRENCYxIMAGES (default 4x64 16x16 64x1); each prints one JSON line:
 //! images/s of 3x224x224 float tensors and the latency percentiles. `--refused` names a
 //! model the server lacks, so each request is received and decoded, then refused: the
-//! transport alone.
+//! transport alone. `--shared-memory` puts the tensor in a system shared-memory region
+//! registered with the server and sends references to it (a client on the same host).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
+use resnet_client::shm::SharedTensors;
 use resnet_client::{tensor, Client, ClientConfig, Output};
 use resnet_serve::local::LocalServer;
 use resnet_serve::model::{stage_batch, InputView, Logits, ModelError, NUM_CLASSES};
@@ -73,6 +75,9 @@ impl Backend for FixedCost {
     }
 }
 
+/// Distinct input tensors the load cycles through.
+const TENSORS: usize = 64;
+
 struct Args {
     batch_ms: f64,
     workers: usize,
@@ -82,6 +87,8 @@ struct Args {
     /// Requests name a model the server lacks: decoded in full, then refused (the
     /// transport alone).
     refused: bool,
+    /// Tensors in a registered shared-memory region, sent as references.
+    shared_memory: bool,
     rows: Vec<(usize, usize)>,
 }
 
@@ -93,6 +100,7 @@ fn parse() -> anyhow::Result<Args> {
         seconds: 6.0,
         connections: 16,
         refused: false,
+        shared_memory: false,
         rows: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -104,6 +112,7 @@ fn parse() -> anyhow::Result<Args> {
             "--seconds" => args.seconds = value()?.parse()?,
             "--connections" => args.connections = value()?.parse()?,
             "--refused" => args.refused = true,
+            "--shared-memory" => args.shared_memory = true,
             "--batch-sizes" => {
                 args.sizes = value()?
                     .split(',')
@@ -186,10 +195,25 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs each load row against the server and prints its JSON line.
 async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()> {
-    let input = tensor(&vec![0.5f32; 3 * 224 * 224]);
+    // Distinct tensors, 38.5 MB in all: more than the caches hold, so a tensor is read
+    // from memory where it is staged, as a fresh one would be (one tensor sent over and
+    // over would stay cached when it lies in shared memory).
+    let values: Vec<Vec<f32>> = (0..TENSORS)
+        .map(|i| vec![0.5 + i as f32 * 1e-3; 3 * 224 * 224])
+        .collect();
+    let first = Client::connect(ClientConfig::new([url.to_string()])).await?;
+    let shared = if args.shared_memory {
+        Some(SharedTensors::create(&first, "server-overhead", &values).await?)
+    } else {
+        None
+    };
+    let inputs: Vec<_> = match &shared {
+        Some(s) => s.images(),
+        None => values.iter().map(|v| tensor(v)).collect(),
+    };
     for &(concurrency, images) in &args.rows {
-        let mut clients = Vec::new();
-        for _ in 0..args.connections.clamp(1, concurrency.max(1)) {
+        let mut clients = vec![first.clone()];
+        for _ in 1..args.connections.clamp(1, concurrency.max(1)) {
             clients.push(Client::connect(ClientConfig::new([url.to_string()])).await?);
         }
         let cfg = LoadConfig {
@@ -205,7 +229,7 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
             }
             .into(),
             images_per_request: images,
-            inputs: vec![input.clone()],
+            inputs: inputs.clone(),
             output: Output::TopK(1),
         };
         let cpu_before = server_cpu_ns();
@@ -237,11 +261,15 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
                 },
                 "server_cpu_us_per_image": server_cpu_s * 1e6 / carried.max(1.0),
                 "refused": args.refused,
+                "shared_memory": args.shared_memory,
                 "errors": report.errors,
                 "latency_ms": report.latency_ms,
                 "server": report.server,
             })
         );
+    }
+    if let Some(shared) = shared {
+        shared.release(&first).await?;
     }
     Ok(())
 }

@@ -308,9 +308,13 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
         # The last row asks for a model the server does not have: each request is received
         # and decoded in full, then refused, so it times the transport alone (the ceiling
         # the server's end-to-end rate can reach on this machine).
+        # Then the same loads with the tensors in system shared memory (a client on this
+        # host sends references, not bytes): what the server costs without the transport.
         transport_row = max(args.load_rows, key=lambda r: (r[1], r[0]))
-        for i, (concurrency, per_request) in enumerate(args.load_rows + [transport_row]):
-            transport_only = i == len(args.load_rows)
+        loads = ([(c, n, "tcp") for c, n in args.load_rows] + [(*transport_row, "transport")]
+                 + [(c, n, "shm") for c, n in args.load_rows if args.shared_memory])
+        for concurrency, per_request, kind in loads:
+            transport_only = kind == "transport"
             cmd = [args.client, "--endpoint", "http://127.0.0.1:50151", "load",
                    "--concurrency", str(concurrency), "--images-per-request", str(per_request),
                    "--connections", str(min(concurrency, args.connections)),
@@ -318,6 +322,8 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
                    "--metrics", "127.0.0.1:9191"]
             if transport_only:
                 cmd += ["--model", "no-such-model"]
+            if kind == "shm":
+                cmd += ["--shared-memory"]
             cpu_before, client_before, t_before = thread_cpu(proc.pid), children_cpu(), time.time()
             try:
                 p = run(cmd, args.load_seconds + 90)
@@ -338,6 +344,7 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
             report = json.loads(p.stdout)
             report["concurrency"] = concurrency
             report["images_per_request"] = per_request
+            report["shared_memory"] = kind == "shm"
             report["server_cores"] = server_cores
             report["client_cores"] = client_cores
             if transport_only:
@@ -348,7 +355,8 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
             report["server_cpu_us_per_image"] = round(
                 1e6 * sum(server_cores.values()) / max(report["images_per_s"], 1e-9), 1)
             rows.append(report)
-            log(f"{key} load c={concurrency} x{per_request}{' (transport only)' if transport_only else ''}: "
+            note = {"tcp": "", "transport": " (transport only)", "shm": " (shared memory)"}[kind]
+            log(f"{key} load c={concurrency} x{per_request}{note}: "
                 f"{report['images_per_s']:.0f} img/s, "
                 f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
                 f"errors {report['errors']}; server ms: request "
@@ -387,23 +395,25 @@ def overhead(args, out: pathlib.Path) -> None:
            "--connections", str(args.connections),
            "--batch-sizes", ",".join(map(str, sorted({1, 8, 16, 32, args.server_batch})))]
     cmd += [f"{c}x{n}" for c, n in args.load_rows]
-    try:
-        p = run(cmd, 60 + 15 * len(args.load_rows) * args.load_seconds)
-    except subprocess.TimeoutExpired:
-        RESULTS["overhead"] = {"error": "timeout"}
-        return
-    rows = []
-    for line in p.stdout.splitlines():
+    rows, stderr = [], ""
+    for extra in ([], ["--shared-memory"]) if args.shared_memory else ([],):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            p = run(cmd + extra, 60 + 15 * len(args.load_rows) * args.load_seconds)
+        except subprocess.TimeoutExpired:
+            RESULTS["overhead"] = {"error": "timeout", "rows": rows}
+            return
+        stderr += p.stderr[-1500:] if p.returncode else ""
+        for line in p.stdout.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     for r in rows:
         log(f"ceiling c={r['concurrency']} x{r['images_per_request']} ({batch_ms:.2f} ms per batch): "
             f"{r['images_per_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}, "
-            f"{r.get('server_cpu_us_per_image', 0):.0f} µs of server CPU per image")
-    RESULTS["overhead"] = {"batch_ms": batch_ms, "rows": rows,
-                           "stderr": p.stderr[-1500:] if p.returncode else ""}
+            f"{r.get('server_cpu_us_per_image', 0):.0f} µs of server CPU per image"
+            f"{' (shared memory)' if r.get('shared_memory') else ''}")
+    RESULTS["overhead"] = {"batch_ms": batch_ms, "rows": rows, "stderr": stderr}
     save(out)
 
 
@@ -423,6 +433,8 @@ def main() -> None:
     p.add_argument("--batches")
     p.add_argument("--stock-max-batch", type=int)
     p.add_argument("--load-rows", help="CONCURRENCYxIMAGES,... e.g. 4x64,16x16")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="skip the load rows with tensors in system shared memory")
     args = p.parse_args()
     args.device_arg = "cuda:0" if args.device == "cuda" else "cpu"
     if args.quick:

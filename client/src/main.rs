@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
+use resnet_client::shm::SharedTensors;
 use resnet_client::video::{self, Source};
 use resnet_client::{Client, ClientConfig, Output};
 
@@ -120,6 +121,11 @@ enum Command {
         /// Send ready 3x224x224 float tensors instead of files (no server-side decode).
         #[arg(long)]
         synthetic: bool,
+        /// With --synthetic: put the tensors in system shared memory registered with the
+        /// server (which must run on this host) and send references to them instead of
+        /// their bytes, as Triton's perf_analyzer --shared-memory=system does.
+        #[arg(long, requires = "synthetic", conflicts_with = "kserve")]
+        shared_memory: bool,
         /// Use ClassifyStream frames instead of unary calls.
         #[arg(long)]
         stream: bool,
@@ -315,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             connections,
             inputs,
             synthetic,
+            shared_memory,
             stream,
             kserve,
             model,
@@ -332,7 +339,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     concurrency: c.unwrap_or(1).max(1),
                 },
             };
-            let images: Vec<_> = if synthetic || inputs.is_empty() {
+            let mut shared = None;
+            let images: Vec<_> = if shared_memory {
+                let tensors: Vec<_> = (0..16).map(synthetic_tensor).collect();
+                let region = SharedTensors::create(&client, "resnet-client-load", &tensors)
+                    .await
+                    .context("--shared-memory")?;
+                let images = region.images();
+                shared = Some(region);
+                images
+            } else if synthetic || inputs.is_empty() {
                 (0..16)
                     .map(|s| resnet_client::tensor(&synthetic_tensor(s)))
                     .collect()
@@ -380,6 +396,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let report = load::run(&clients, &cfg, metrics.as_deref(), bar).await;
+            if let Some(region) = shared {
+                region
+                    .release(&client)
+                    .await
+                    .context("unregistering the shared memory")?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if csv {

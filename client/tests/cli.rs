@@ -493,6 +493,8 @@ fn closed_loop_load_counts_every_request() {
         vec![],
         vec!["--stream"],
         vec!["--kserve", "--model", "resnet18_swsl"],
+        vec!["--shared-memory"],
+        vec!["--shared-memory", "--stream"],
     ] {
         let out = server
             .client()
@@ -518,6 +520,15 @@ fn closed_loop_load_counts_every_request() {
         let batches = r["server"]["batches"].as_f64().expect("server stats");
         assert!((1.0..=18.0).contains(&batches), "{r}");
     }
+    // The shared-memory runs removed their objects (and unregistered them, or the
+    // second run's registration of the same name would have failed).
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .expect("/dev/shm")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("resnet-client-") && n.ends_with("-resnet-client-load"))
+        .collect();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
 }
 
 #[test]

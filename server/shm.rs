@@ -80,7 +80,7 @@ pub struct Region {
 
 impl Region {
     /// The start of `len` bytes at `offset` within the window, checked to lie inside it.
-    fn range(&self, offset: u64, len: u64) -> Result<usize, ShmError> {
+    pub fn range(&self, offset: u64, len: u64) -> Result<usize, ShmError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.byte_size => Ok(offset as usize),
             _ => Err(ShmError::OutOfRange {

@@ -413,7 +413,7 @@ pub fn requested(
                 Some(w) => {
                     let region = shared_memory.region(&w.region)?;
                     // The whole window must lie in the region, whatever is written to it.
-                    shared_memory.bytes(&w.region, w.offset, w.byte_size)?;
+                    region.range(w.offset, w.byte_size)?;
                     Some(SharedOutput {
                         region,
                         offset: w.offset,
@@ -562,6 +562,62 @@ mod tests {
                 .ok(),
             Some(2)
         );
+    }
+
+    fn string(v: &str) -> InferParameter {
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(v.into())),
+        }
+    }
+
+    fn int(v: i64) -> InferParameter {
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(v)),
+        }
+    }
+
+    #[test]
+    fn tensors_in_shared_memory_are_windows_of_their_region() {
+        let per = 3 * 224 * 224 * 4;
+        let object = format!("resnet-serve-tensors-test-{}", std::process::id());
+        let path = std::path::Path::new("/dev/shm").join(&object);
+        let mut data = vec![0u8; 16 + 2 * per];
+        data[16..20].copy_from_slice(&1.5f32.to_le_bytes());
+        std::fs::write(&path, &data).expect("shm object");
+        let shm = SharedMemory::new(true);
+        shm.register("r", &format!("/{object}"), 0, data.len() as u64)
+            .expect("register");
+        let shared = |offset: i64, size: i64| {
+            let mut req = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![]);
+            req.raw_input_contents.clear();
+            let params = &mut req.inputs[0].parameters;
+            params.insert("shared_memory_region".into(), string("r"));
+            params.insert("shared_memory_byte_size".into(), int(size));
+            params.insert("shared_memory_offset".into(), int(offset));
+            req
+        };
+        let got = images(View::Tensor, &mut shared(16, 2 * per as i64), &shm).expect("images");
+        let Some(image::Kind::Tensor(t)) = &got[0].kind else {
+            panic!("{got:?}");
+        };
+        assert_eq!(t.data[..4], 1.5f32.to_le_bytes());
+        for (mut req, what) in [
+            (shared(17, 2 * per as i64), "run past"),
+            (shared(0, per as i64), "needs 1204224 bytes"),
+            (shared(-1, per as i64), "must not be negative"),
+        ] {
+            let err = images(View::Tensor, &mut req, &shm).expect_err(what);
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        let mut both = shared(16, 2 * per as i64);
+        both.raw_input_contents.push(Bytes::from(vec![0; 2 * per]));
+        assert!(images(View::Tensor, &mut both, &shm).is_err());
+        let mut unsized_ = shared(16, 0);
+        unsized_.inputs[0]
+            .parameters
+            .remove("shared_memory_byte_size");
+        assert!(images(View::Tensor, &mut unsized_, &shm).is_err());
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -341,7 +341,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut shared = None;
             let images: Vec<_> = if shared_memory {
-                let tensors: Vec<_> = (0..16).map(synthetic_tensor).collect();
+                // 64 (38.5 MB): more than a host's caches hold, so the server reads each
+                // tensor from memory as it would a fresh one.
+                let tensors: Vec<_> = (0..64).map(synthetic_tensor).collect();
                 let region = SharedTensors::create(&client, "resnet-client-load", &tensors)
                     .await
                     .context("--shared-memory")?;

@@ -460,6 +460,7 @@ impl GrpcInferenceService for KServeService {
             .into()),
         }
     }
+
     async fn system_shared_memory_status(
         &self,
         request: Request<pb::SystemSharedMemoryStatusRequest>,

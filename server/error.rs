@@ -56,6 +56,7 @@ impl ServeError {
                 | ShmError::PastObject { .. }
                 | ShmError::Empty
                 | ShmError::OutOfRange { .. } => Code::InvalidArgument,
+                ShmError::Shrunk { .. } => Code::FailedPrecondition,
             },
         }
     }

@@ -9,9 +9,10 @@
 //! they are mapped as raw memory ([`memmap2::MmapRaw`]) and only read or written through
 //! its pointer. The client owns the contents: it must leave an input untouched until
 //! its call is answered (values are still checked finite where the batch is staged),
-//! and it must not shrink the object under a registered region (reading past the end of
-//! a shared-memory object kills the reading process with SIGBUS; the object's size is
-//! checked at registration).
+//! and it must not shrink the object under a registered region: reading past the end of
+//! a shared-memory object kills the reading process with SIGBUS. The object's size is
+//! checked at registration and again (one fstat) before each window is handed out,
+//! which leaves only a truncation racing the read itself.
 
 use std::fs::OpenOptions;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub enum ShmError {
         offset: u64,
         byte_size: u64,
     },
+    #[error("the object behind shared memory region '{name}' shrank to {size} bytes; unregister it and register it again")]
+    Shrunk { name: String, size: u64 },
     #[error("a shared memory region needs a byte_size above 0")]
     Empty,
     #[error(
@@ -76,6 +79,8 @@ pub struct Region {
     pub offset: u64,
     pub byte_size: u64,
     map: MmapRaw,
+    /// The object, to notice it shrinking under the window before it is read.
+    file: std::fs::File,
 }
 
 impl Region {
@@ -92,9 +97,25 @@ impl Region {
         }
     }
 
+    /// Fails if the object no longer holds `end` bytes of the window (a client truncated
+    /// it): touching them would stop the server with SIGBUS. A cheap check (one fstat)
+    /// that closes all but a race with a truncation between it and the read.
+    fn still_backed(&self, end: u64) -> Result<(), ShmError> {
+        let size = self.file.metadata().map_or(0, |m| m.len());
+        if self.offset + end <= size {
+            Ok(())
+        } else {
+            Err(ShmError::Shrunk {
+                name: self.name.clone(),
+                size,
+            })
+        }
+    }
+
     /// Copies `data` into the window at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), ShmError> {
         let start = self.range(offset, data.len() as u64)?;
+        self.still_backed(offset + data.len() as u64)?;
         // SAFETY: `range` checked start..start + len lies inside the mapping, which lives
         // as long as `self`; the memory is shared with another process, so it is written
         // through the raw pointer and never borrowed as a Rust reference.
@@ -210,6 +231,7 @@ impl SharedMemory {
             offset,
             byte_size,
             map,
+            file,
         });
         match self.regions.entry(name.to_string()) {
             dashmap::Entry::Occupied(_) => Err(ShmError::AlreadyRegistered(name.to_string())),
@@ -256,6 +278,7 @@ impl SharedMemory {
     pub fn bytes(&self, name: &str, offset: u64, len: u64) -> Result<Bytes, ShmError> {
         let region = self.region(name)?;
         let start = region.range(offset, len)?;
+        region.still_backed(offset + len)?;
         Ok(Bytes::from_owner(Window {
             region,
             start,
@@ -302,6 +325,22 @@ mod tests {
         let file = std::fs::read(std::path::Path::new(SHM_DIR).join(&obj.0)).expect("read");
         assert_eq!(&file[8996..9000], &[9, 9, 9, 9]);
         assert_eq!(file[8995], (8995 % 256) as u8);
+        // An object shrunk under its window fails cleanly instead of faulting.
+        let shrunk = SharedMemory::new(true);
+        shrunk
+            .register("s", &obj.key(), 0, 10_000)
+            .expect("register");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(std::path::Path::new(SHM_DIR).join(&obj.0))
+            .and_then(|f| f.set_len(9_000))
+            .expect("truncate");
+        assert!(shrunk.bytes("s", 0, 9_000).is_ok());
+        assert!(matches!(
+            shrunk.bytes("s", 8_000, 1_001),
+            Err(ShmError::Shrunk { size: 9_000, .. })
+        ));
+        assert!(shrunk.region("s").expect("s").write(9_999, &[1]).is_err());
         // A slice outlives its region's registration.
         shm.unregister("r").expect("unregister");
         assert_eq!(b[1], 147);

@@ -287,21 +287,28 @@ impl SharedMemory {
     }
 }
 
+/// Shared-memory objects for tests, removed when dropped.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_objects {
+    use super::SHM_DIR;
 
-    /// A shared-memory object of `size` bytes holding 0, 1, 2, ... (mod 256); removed on drop.
-    struct Object(String);
+    /// A shared-memory object holding `data`.
+    pub(crate) struct Object(pub(crate) String);
 
     impl Object {
-        fn new(tag: &str, size: usize) -> Object {
+        pub(crate) fn with(tag: &str, data: &[u8]) -> Object {
             let name = format!("resnet-serve-test-{tag}-{}", std::process::id());
-            let data: Vec<u8> = (0..size).map(|i| i as u8).collect();
             std::fs::write(std::path::Path::new(SHM_DIR).join(&name), data).expect("write shm");
             Object(name)
         }
-        fn key(&self) -> String {
+
+        /// `size` bytes holding 0, 1, 2, ... (mod 256).
+        pub(crate) fn new(tag: &str, size: usize) -> Object {
+            Object::with(tag, &(0..size).map(|i| i as u8).collect::<Vec<u8>>())
+        }
+
+        /// Its name as given to `shm_open`.
+        pub(crate) fn key(&self) -> String {
             format!("/{}", self.0)
         }
     }
@@ -311,6 +318,12 @@ mod tests {
             let _ = std::fs::remove_file(std::path::Path::new(SHM_DIR).join(&self.0));
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_objects::Object;
+    use super::*;
 
     #[test]
     fn a_registered_window_is_read_and_written_in_place() {

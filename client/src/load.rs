@@ -6,7 +6,7 @@
 //! the percentiles instead of silently lowering the offered load (coordinated omission,
 //! as wrk2 corrects it). Both stop by themselves at `duration` or `requests`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::proto::inference::{infer_parameter::ParameterChoice, InferParameter};
 use crate::proto::{self, ClassifyRequest};
+use crate::shm::TENSOR_BYTES;
 use crate::{Client, Output};
 
 /// How requests are offered.
@@ -162,6 +164,43 @@ fn request_images(cfg: &LoadConfig, i: u64) -> Vec<proto::Image> {
         .collect()
 }
 
+/// The KServe input parameters that place a request's images in shared memory, when
+/// they are shared tensors lying one after another in one region (KServe takes a batch
+/// as one window); `None` for images sent as bytes.
+fn shared_window(
+    images: &[proto::Image],
+) -> Result<Option<HashMap<String, InferParameter>>, tonic::Code> {
+    let Some(proto::image::Kind::Shared(first)) = images.first().and_then(|i| i.kind.as_ref())
+    else {
+        return Ok(None);
+    };
+    let contiguous = images.iter().enumerate().all(|(k, img)| {
+        matches!(&img.kind, Some(proto::image::Kind::Shared(s))
+            if s.region == first.region && s.offset == first.offset + k as u64 * TENSOR_BYTES)
+    });
+    if !contiguous {
+        return Err(tonic::Code::InvalidArgument);
+    }
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    let bytes = images.len() as u64 * TENSOR_BYTES;
+    Ok(Some(HashMap::from([
+        (
+            "shared_memory_region".to_string(),
+            param(ParameterChoice::StringParam(first.region.clone())),
+        ),
+        (
+            "shared_memory_byte_size".to_string(),
+            param(ParameterChoice::Int64Param(bytes as i64)),
+        ),
+        (
+            "shared_memory_offset".to_string(),
+            param(ParameterChoice::Int64Param(first.offset as i64)),
+        ),
+    ])))
+}
+
 /// One KServe `ModelInfer` carrying the same images a `Classify` would.
 async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
     use proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
@@ -175,8 +214,20 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
         })
         .collect::<Option<Vec<_>>>()
         .map(|parts| parts.concat());
-    let (model, input, raw) = match tensors {
-        Some(raw) => (
+    let (model, input, raw) = match (shared_window(&images)?, tensors) {
+        // One window of a shared-memory region holds the whole batch.
+        (Some(parameters), _) => (
+            cfg.model.clone(),
+            InferInputTensor {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![n, 3, 224, 224],
+                parameters,
+                ..Default::default()
+            },
+            Vec::new(),
+        ),
+        (None, Some(raw)) => (
             cfg.model.clone(),
             InferInputTensor {
                 name: "input".into(),
@@ -186,7 +237,7 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
             },
             raw,
         ),
-        None => {
+        (None, None) => {
             let mut raw = Vec::new();
             for img in &images {
                 let Some(proto::image::Kind::Encoded(e)) = &img.kind else {
@@ -217,7 +268,11 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
                 parameters: Default::default(),
             },
         ],
-        raw_input_contents: vec![raw.into()],
+        raw_input_contents: if raw.is_empty() {
+            Vec::new()
+        } else {
+            vec![raw.into()]
+        },
         ..Default::default()
     };
     client
@@ -570,6 +625,7 @@ impl LoadReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shm::shared_tensor;
 
     #[test]
     fn code_names_are_grpc_style() {
@@ -582,5 +638,28 @@ mod tests {
             code_name(tonic::Code::DeadlineExceeded),
             "DEADLINE_EXCEEDED"
         );
+    }
+
+    #[test]
+    fn a_kserve_batch_in_shared_memory_is_one_window() {
+        let images: Vec<_> = (2..5)
+            .map(|k| shared_tensor("r", k * TENSOR_BYTES))
+            .collect();
+        let params = shared_window(&images).expect("contiguous").expect("shared");
+        let int = |key: &str| match params[key].parameter_choice {
+            Some(ParameterChoice::Int64Param(v)) => v,
+            ref other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(int("shared_memory_offset"), 2 * TENSOR_BYTES as i64);
+        assert_eq!(int("shared_memory_byte_size"), 3 * TENSOR_BYTES as i64);
+        let gap = vec![shared_tensor("r", 0), shared_tensor("r", 2 * TENSOR_BYTES)];
+        assert_eq!(shared_window(&gap), Err(tonic::Code::InvalidArgument));
+        let two_regions = vec![shared_tensor("r", 0), shared_tensor("s", TENSOR_BYTES)];
+        assert_eq!(
+            shared_window(&two_regions),
+            Err(tonic::Code::InvalidArgument)
+        );
+        let sent = vec![crate::tensor(&[0.0; 3 * 224 * 224])];
+        assert_eq!(shared_window(&sent), Ok(None));
     }
 }

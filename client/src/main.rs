@@ -124,7 +124,8 @@ enum Command {
         /// With --synthetic: put the tensors in system shared memory registered with the
         /// server (which must run on this host) and send references to them instead of
         /// their bytes, as Triton's perf_analyzer --shared-memory=system does.
-        #[arg(long, requires = "synthetic", conflicts_with = "kserve")]
+        /// With --kserve, each request's tensors are one window of the region.
+        #[arg(long, requires = "synthetic")]
         shared_memory: bool,
         /// Use ClassifyStream frames instead of unary calls.
         #[arg(long)]
@@ -342,8 +343,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut shared = None;
             let images: Vec<_> = if shared_memory {
                 // 64 (38.5 MB): more than a host's caches hold, so the server reads each
-                // tensor from memory as it would a fresh one.
-                let tensors: Vec<_> = (0..64).map(synthetic_tensor).collect();
+                // tensor from memory as it would a fresh one. A whole number of requests'
+                // worth, so that request k's tensors lie one after another (a KServe
+                // batch is one window of the region).
+                let per = images_per_request.max(1);
+                let count = 64usize.div_ceil(per) * per;
+                let tensors: Vec<_> = (0..count as u64).map(synthetic_tensor).collect();
                 let region = SharedTensors::create(&client, "resnet-client-load", &tensors)
                     .await
                     .context("--shared-memory")?;

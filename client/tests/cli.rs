@@ -495,6 +495,7 @@ fn closed_loop_load_counts_every_request() {
         vec!["--kserve", "--model", "resnet18_swsl"],
         vec!["--shared-memory"],
         vec!["--shared-memory", "--stream"],
+        vec!["--shared-memory", "--kserve", "--model", "resnet18_swsl"],
     ] {
         let out = server
             .client()

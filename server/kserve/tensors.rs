@@ -579,13 +579,11 @@ mod tests {
     #[test]
     fn tensors_in_shared_memory_are_windows_of_their_region() {
         let per = 3 * 224 * 224 * 4;
-        let object = format!("resnet-serve-tensors-test-{}", std::process::id());
-        let path = std::path::Path::new("/dev/shm").join(&object);
         let mut data = vec![0u8; 16 + 2 * per];
         data[16..20].copy_from_slice(&1.5f32.to_le_bytes());
-        std::fs::write(&path, &data).expect("shm object");
+        let object = crate::shm::test_objects::Object::with("tensors", &data);
         let shm = SharedMemory::new(true);
-        shm.register("r", &format!("/{object}"), 0, data.len() as u64)
+        shm.register("r", &object.key(), 0, data.len() as u64)
             .expect("register");
         let shared = |offset: i64, size: i64| {
             let mut req = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![]);
@@ -617,7 +615,6 @@ mod tests {
             .parameters
             .remove("shared_memory_byte_size");
         assert!(images(View::Tensor, &mut unsized_, &shm).is_err());
-        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! images/s of 3x224x224 float tensors and the latency percentiles. `--refused` names a
 //! model the server lacks, so each request is received and decoded, then refused: the
 //! transport alone. `--shared-memory` puts the tensor in a system shared-memory region
-//! registered with the server and sends references to it (a client on the same host).
+//! registered with the server and sends references to it (a client on the same host);
+//! `--kserve` sends KServe `ModelInfer` calls instead of `Classify`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +90,9 @@ struct Args {
     refused: bool,
     /// Tensors in a registered shared-memory region, sent as references.
     shared_memory: bool,
+    /// KServe `ModelInfer` calls (a request's tensors as one FP32 input) instead of
+    /// `Classify`.
+    kserve: bool,
     rows: Vec<(usize, usize)>,
 }
 
@@ -101,6 +105,7 @@ fn parse() -> anyhow::Result<Args> {
         connections: 16,
         refused: false,
         shared_memory: false,
+        kserve: false,
         rows: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -113,6 +118,7 @@ fn parse() -> anyhow::Result<Args> {
             "--connections" => args.connections = value()?.parse()?,
             "--refused" => args.refused = true,
             "--shared-memory" => args.shared_memory = true,
+            "--kserve" => args.kserve = true,
             "--batch-sizes" => {
                 args.sizes = value()?
                     .split(',')
@@ -218,7 +224,11 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
         }
         let cfg = LoadConfig {
             mode: Mode::Closed { concurrency },
-            transport: Transport::Unary,
+            transport: if args.kserve {
+                Transport::KServe
+            } else {
+                Transport::Unary
+            },
             duration: Some(Duration::from_secs_f64(args.seconds)),
             requests: None,
             warmup: Duration::from_secs(1),
@@ -262,6 +272,7 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
                 "server_cpu_us_per_image": server_cpu_s * 1e6 / carried.max(1.0),
                 "refused": args.refused,
                 "shared_memory": args.shared_memory,
+                "kserve": args.kserve,
                 "errors": report.errors,
                 "latency_ms": report.latency_ms,
                 "server": report.server,

@@ -16,7 +16,6 @@ use crate::metrics::Metrics;
 use crate::preprocess::{Limits, Preprocessor};
 use crate::proto::classifier_server::Classifier;
 use crate::proto::classifier_server::ClassifierServer;
-use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
 use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
@@ -163,9 +162,14 @@ pub async fn run(
     )
     .unary(
         "/inference.GRPCInferenceService/ModelInfer",
-        move |request| {
+        move |request: tonic::Request<crate::kserve::InferRequest>| {
             let service = kserve_service.clone();
-            async move { service.model_infer(request).await }
+            let deadline = crate::service::deadline_of(&request);
+            async move {
+                service
+                    .model_infer_segmented(request.into_inner(), deadline)
+                    .await
+            }
         },
     );
 

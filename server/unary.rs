@@ -74,7 +74,7 @@ impl<S> FrameRoutes<S> {
     /// generated service trait would call.
     pub fn unary<M, R, F, Fut>(mut self, path: &'static str, handler: F) -> Self
     where
-        M: prost::Message + Default + Send + 'static,
+        M: FromFrames + Send + 'static,
         R: prost::Message + Default + Send + 'static,
         F: Fn(Request<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
@@ -96,7 +96,7 @@ impl<S> FrameRoutes<S> {
                     head.extensions_mut()
                         .insert(tonic::GrpcMethod::new(service, method));
                     let (frames, trailers) = read_message(body, limits.max_decoding).await?;
-                    let message = M::decode(frames).map_err(|e| Status::internal(e.to_string()))?;
+                    let message = M::decode_frames(frames)?;
                     let (mut metadata, extensions, ()) = head.into_parts();
                     if let Some(trailers) = trailers {
                         let mut headers = metadata.into_headers();
@@ -253,6 +253,123 @@ fn message_len_of(prefix: [u8; PREFIX_LEN], limit: usize) -> Result<usize, Statu
     Ok(len)
 }
 
+/// A request message decoded from the frames that carried it; a malformed one is
+/// INTERNAL with prost's reason, as tonic answers it.
+pub trait FromFrames: Sized {
+    fn decode_frames(frames: Frames) -> Result<Self, Status>;
+}
+
+fn decode_error(e: prost::DecodeError) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl<M: prost::Message + Default> FromFrames for M {
+    fn decode_frames(frames: Frames) -> Result<Self, Status> {
+        M::decode(frames).map_err(decode_error)
+    }
+}
+
+/// Bytes that arrived in several frames, kept as the frames' slices: a field longer
+/// than a frame (a KServe batch of tensors is tens of MiB, one `raw_input_contents`
+/// entry) need not be copied into one buffer to be used a piece at a time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Segmented {
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl From<Bytes> for Segmented {
+    fn from(bytes: Bytes) -> Self {
+        Segmented {
+            len: bytes.len(),
+            segments: if bytes.is_empty() {
+                vec![]
+            } else {
+                vec![bytes]
+            },
+        }
+    }
+}
+
+impl Segmented {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `range` of the bytes: a slice of one segment when it lies inside one, else a
+    /// copy of the pieces. `None` past the end.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Option<Bytes> {
+        if range.start > range.end || range.end > self.len {
+            return None;
+        }
+        let mut at = 0;
+        let mut out: Option<BytesMut> = None;
+        for seg in &self.segments {
+            let (start, end) = (at, at + seg.len());
+            at = end;
+            if end <= range.start {
+                continue;
+            }
+            if start >= range.end {
+                break;
+            }
+            let piece = seg.slice(range.start.max(start) - start..range.end.min(end) - start);
+            if out.is_none() && piece.len() == range.len() {
+                return Some(piece);
+            }
+            out.get_or_insert_with(|| BytesMut::with_capacity(range.len()))
+                .extend_from_slice(&piece);
+        }
+        Some(out.map_or_else(Bytes::new, BytesMut::freeze))
+    }
+
+    /// All the bytes in one buffer (a copy only when there are several segments).
+    pub fn contiguous(&self) -> Bytes {
+        self.slice(0..self.len).unwrap_or_default()
+    }
+}
+
+/// A message whose repeated `bytes` field number `FIELD` is kept as [`Segmented`]
+/// values in `field` (left out of `message`), so that what a caller takes of it a piece
+/// at a time is sliced out of the frames rather than copied.
+#[derive(Debug, Default)]
+pub struct WithSegments<M, const FIELD: u32> {
+    pub message: M,
+    pub field: Vec<Segmented>,
+}
+
+impl<M: prost::Message + Default, const FIELD: u32> FromFrames for WithSegments<M, FIELD> {
+    fn decode_frames(mut frames: Frames) -> Result<Self, Status> {
+        use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
+        let mut out = WithSegments {
+            message: M::default(),
+            field: Vec::new(),
+        };
+        while frames.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut frames).map_err(decode_error)?;
+            if tag == FIELD && wire_type == WireType::LengthDelimited {
+                let len = decode_varint(&mut frames).map_err(decode_error)?;
+                if len > frames.remaining() as u64 {
+                    // prost's words for the same fault.
+                    return Err(Status::internal(
+                        "failed to decode Protobuf message: buffer underflow",
+                    ));
+                }
+                out.field.push(frames.take_segments(len as usize));
+            } else {
+                out.message
+                    .merge_field(tag, wire_type, &mut frames, DecodeContext::default())
+                    .map_err(decode_error)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A message's bytes as the frames that carried them. As a [`Buf`], its
 /// `copy_to_bytes` (what prost decodes a `Bytes` field with) hands out a slice of a
 /// frame, not a copy, whenever the field lies inside that frame.
@@ -268,6 +385,24 @@ impl Frames {
             self.len += data.len();
             self.chunks.push_back(data);
         }
+    }
+
+    /// The next `len` bytes (at most what remains) as slices of their frames.
+    fn take_segments(&mut self, len: usize) -> Segmented {
+        let mut out = Segmented::default();
+        while out.len < len {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let piece = front.split_to((len - out.len).min(front.len()));
+            self.len -= piece.len();
+            out.len += piece.len();
+            out.segments.push(piece);
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
+        out
     }
 
     /// The first [`PREFIX_LEN`] bytes, once that many have arrived.

@@ -35,6 +35,7 @@ use crate::proto::inference::{
 use crate::scheduler::{BatchPolicy, ModelHandle, Priority};
 use crate::server::ModelFactory;
 use crate::service::{code_name, deadline_of, ordered_stream, State};
+use crate::unary::{Segmented, WithSegments};
 
 use views::View;
 
@@ -53,6 +54,23 @@ impl Repository {
             policy,
             busy: tokio::sync::Mutex::new(()),
         }
+    }
+}
+
+/// `ModelInferRequest`'s `raw_input_contents` field.
+const RAW_INPUT_CONTENTS: u32 = 7;
+
+/// A `ModelInfer` request with its `raw_input_contents` kept apart, as the slices of
+/// the frames they arrived in (a batch of tensors is usually longer than one frame).
+pub type InferRequest = WithSegments<pb::ModelInferRequest, RAW_INPUT_CONTENTS>;
+
+impl From<pb::ModelInferRequest> for InferRequest {
+    fn from(mut message: pb::ModelInferRequest) -> Self {
+        let field = std::mem::take(&mut message.raw_input_contents)
+            .into_iter()
+            .map(Segmented::from)
+            .collect();
+        WithSegments { message, field }
     }
 }
 
@@ -84,14 +102,14 @@ impl KServeService {
 
     async fn infer(
         &self,
-        mut req: pb::ModelInferRequest,
+        req: InferRequest,
         deadline: Option<Instant>,
     ) -> Result<(ModelHandle, pb::ModelInferResponse), ServeError> {
         if self.state.draining.load(Ordering::SeqCst) {
             return Err(ServeError::Draining);
         }
-        let (handle, view) = self.resolve(&req.model_name, &req.model_version)?;
-        let result = self.infer_on(&handle, view, &mut req, deadline).await;
+        let (handle, view) = self.resolve(&req.message.model_name, &req.message.model_version)?;
+        let result = self.infer_on(&handle, view, req, deadline).await;
         Ok((handle, result?))
     }
 
@@ -99,7 +117,10 @@ impl KServeService {
         &self,
         handle: &ModelHandle,
         view: View,
-        req: &mut pb::ModelInferRequest,
+        InferRequest {
+            message: mut req,
+            field: raw,
+        }: InferRequest,
         deadline: Option<Instant>,
     ) -> Result<pb::ModelInferResponse, ServeError> {
         let priority = match tensors::integer(&req.parameters, "priority")? {
@@ -125,7 +146,7 @@ impl KServeService {
         };
         let shared_memory = &self.state.shared_memory;
         let outputs = tensors::requested(&req.outputs, shared_memory)?;
-        let images = tensors::images(view, req, shared_memory)?;
+        let images = tensors::images(view, &req, raw, shared_memory)?;
         if images.len() > self.state.max_images_per_request {
             return Err(ServeError::InvalidArgument(format!(
                 "a batch of {} images in one request; the limit is {}",
@@ -164,12 +185,12 @@ impl KServeService {
     /// Runs one inference and records it under its model, whatever the outcome.
     async fn infer_recorded(
         &self,
-        req: pb::ModelInferRequest,
+        req: InferRequest,
         deadline: Option<Instant>,
         rpc: &str,
     ) -> Result<pb::ModelInferResponse, ServeError> {
         let started = Instant::now();
-        let label = View::split(&req.model_name).0.to_string();
+        let label = View::split(&req.message.model_name).0.to_string();
         let result = self.infer(req, deadline).await;
         let elapsed = started.elapsed();
         let code = result
@@ -191,6 +212,20 @@ impl KServeService {
                 Err(e)
             }
         }
+    }
+
+    /// `ModelInfer`, from tonic's decoding or straight from the request's frames
+    /// (`unary::FrameRoutes`).
+    pub async fn model_infer_segmented(
+        &self,
+        request: InferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let _guard = self.state.in_flight.enter();
+        self.infer_recorded(request, deadline, "ModelInfer")
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     fn repository(&self) -> Result<&Arc<Repository>, ServeError> {
@@ -277,12 +312,9 @@ impl GrpcInferenceService for KServeService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let _guard = self.state.in_flight.enter();
         let deadline = deadline_of(&request);
-        self.infer_recorded(request.into_inner(), deadline, "ModelInfer")
+        self.model_infer_segmented(request.into_inner().into(), deadline)
             .await
-            .map(Response::new)
-            .map_err(Status::from)
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
@@ -305,7 +337,7 @@ impl GrpcInferenceService for KServeService {
                 async move {
                     // Errors travel in the response, so the stream goes on.
                     Ok(
-                        match s.infer_recorded(req, None, "ModelStreamInfer").await {
+                        match s.infer_recorded(req.into(), None, "ModelStreamInfer").await {
                             Ok(response) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(response),

@@ -19,6 +19,7 @@ use crate::proto::inference::{
 };
 use crate::proto::{self, image};
 use crate::shm::{Region, SharedMemory};
+use crate::unary::Segmented;
 
 use super::views::{Output, View};
 
@@ -72,7 +73,8 @@ fn shared_window(
 /// one preprocessing path).
 pub fn images(
     view: View,
-    req: &mut ModelInferRequest,
+    req: &ModelInferRequest,
+    raw_input_contents: Vec<Segmented>,
     shared_memory: &SharedMemory,
 ) -> Result<Vec<proto::Image>, ServeError> {
     let [input] = req.inputs.as_slice() else {
@@ -101,12 +103,16 @@ pub fn images(
         )));
     }
     let raw = match (
-        req.raw_input_contents.len(),
+        raw_input_contents.len(),
         shared_window(&input.name, &input.parameters)?,
     ) {
         (0, None) => None,
-        (0, Some(w)) => Some(shared_memory.bytes(&w.region, w.offset, w.byte_size)?),
-        (1, None) => Some(std::mem::take(&mut req.raw_input_contents[0])),
+        (0, Some(w)) => Some(Segmented::from(shared_memory.bytes(
+            &w.region,
+            w.offset,
+            w.byte_size,
+        )?)),
+        (1, None) => raw_input_contents.into_iter().next(),
         (_, Some(_)) => {
             return Err(bad(format!(
                 "input '{}' is in shared memory and in raw_input_contents; send it one way",
@@ -149,7 +155,18 @@ fn batch_of(input: &InferInputTensor, shape: &[usize]) -> Result<usize, ServeErr
     }
 }
 
-fn tensors(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
+/// Image `i` of `n` of `per` bytes each, from bytes whose length was checked to be
+/// `n * per`: a slice of the frame it arrived in unless it straddles two.
+fn nth(bytes: &Segmented, i: usize, per: usize) -> Result<Bytes, ServeError> {
+    bytes
+        .slice(i * per..(i + 1) * per)
+        .ok_or_else(|| ServeError::Internal(format!("element {i} past the checked data")))
+}
+
+fn tensors(
+    input: &InferInputTensor,
+    raw: Option<Segmented>,
+) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     let side = INPUT_SIZE;
     if shape.len() != 4 || shape[1..] != [3, side, side] {
@@ -168,7 +185,9 @@ fn tensors(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Im
                 .as_ref()
                 .map(|c| &c.fp32_contents[..])
                 .unwrap_or(&[]);
-            v.iter().flat_map(|f| f.to_le_bytes()).collect()
+            Segmented::from(Bytes::from(
+                v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>(),
+            ))
         }
     };
     if bytes.len() != n * per {
@@ -179,17 +198,22 @@ fn tensors(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Im
             bytes.len()
         )));
     }
-    // Slices of the received buffer: no copy per image.
-    Ok((0..n)
-        .map(|i| proto::Image {
-            kind: Some(image::Kind::Tensor(proto::FloatTensor {
-                data: bytes.slice(i * per..(i + 1) * per),
-            })),
+    // Slices of the received frames: a copy only for an image across two of them.
+    (0..n)
+        .map(|i| {
+            Ok(proto::Image {
+                kind: Some(image::Kind::Tensor(proto::FloatTensor {
+                    data: nth(&bytes, i, per)?,
+                })),
+            })
         })
-        .collect())
+        .collect()
 }
 
-fn frames(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
+fn frames(
+    input: &InferInputTensor,
+    raw: Option<Segmented>,
+) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
         return Err(bad(format!(
@@ -205,14 +229,18 @@ fn frames(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Ima
         .ok_or_else(|| bad(format!("frame shape {:?} is too large", input.shape)))?;
     let bytes = match raw {
         Some(b) => b,
-        None => input
-            .contents
-            .as_ref()
-            .map(|c| &c.uint_contents[..])
-            .unwrap_or(&[])
-            .iter()
-            .map(|&v| u8::try_from(v).map_err(|_| bad(format!("UINT8 value {v} is out of range"))))
-            .collect::<Result<_, _>>()?,
+        None => Segmented::from(Bytes::from(
+            input
+                .contents
+                .as_ref()
+                .map(|c| &c.uint_contents[..])
+                .unwrap_or(&[])
+                .iter()
+                .map(|&v| {
+                    u8::try_from(v).map_err(|_| bad(format!("UINT8 value {v} is out of range")))
+                })
+                .collect::<Result<Vec<u8>, _>>()?,
+        )),
     };
     if Some(bytes.len()) != per.checked_mul(n) {
         return Err(bad(format!(
@@ -225,18 +253,23 @@ fn frames(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Ima
     let (Ok(width), Ok(height)) = (u32::try_from(w), u32::try_from(h)) else {
         return Err(bad(format!("frame shape {:?} is too large", input.shape)));
     };
-    Ok((0..n)
-        .map(|i| proto::Image {
-            kind: Some(image::Kind::Raw(proto::RawFrame {
-                width,
-                height,
-                rgb: bytes.slice(i * per..(i + 1) * per),
-            })),
+    (0..n)
+        .map(|i| {
+            Ok(proto::Image {
+                kind: Some(image::Kind::Raw(proto::RawFrame {
+                    width,
+                    height,
+                    rgb: nth(&bytes, i, per)?,
+                })),
+            })
         })
-        .collect())
+        .collect()
 }
 
-fn encoded(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Image>, ServeError> {
+fn encoded(
+    input: &InferInputTensor,
+    raw: Option<Segmented>,
+) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
         return Err(bad(format!(
@@ -246,7 +279,7 @@ fn encoded(input: &InferInputTensor, raw: Option<Bytes>) -> Result<Vec<proto::Im
     }
     let n = batch_of(input, &shape)?;
     let elements: Vec<Bytes> = match raw {
-        Some(b) => split_bytes(&b)?,
+        Some(b) => split_bytes(&b.contiguous())?,
         None => input
             .contents
             .as_ref()
@@ -482,6 +515,74 @@ mod tests {
     use super::*;
     use crate::proto::inference::InferTensorContents;
 
+    /// `images` of a request as tonic decodes it (raw contents in the message).
+    fn images_of(
+        view: View,
+        req: &mut ModelInferRequest,
+        shm: &SharedMemory,
+    ) -> Result<Vec<proto::Image>, ServeError> {
+        let raw = std::mem::take(&mut req.raw_input_contents)
+            .into_iter()
+            .map(Segmented::from)
+            .collect();
+        images(view, req, raw, shm)
+    }
+
+    #[test]
+    fn tensors_across_frames_are_sliced_and_only_straddlers_copied() {
+        use crate::unary::{Frames, FromFrames};
+        use prost::Message;
+        let per = 3 * 224 * 224 * 4;
+        let data: Vec<u8> = (0..3 * per).map(|i| (i % 251) as u8).collect();
+        let mut req = request(View::Tensor, "FP32", vec![3, 3, 224, 224], data.clone());
+        req.id = "frames".into();
+        let body = req.encode_to_vec();
+        // The tensors are the body's last bytes; two frames, cut inside image 1.
+        let cut = body.len() - data.len() + per + 100;
+        let (first, second) = (
+            Bytes::copy_from_slice(&body[..cut]),
+            Bytes::copy_from_slice(&body[cut..]),
+        );
+        let mut frames = Frames::default();
+        frames.push(first.clone());
+        frames.push(second.clone());
+        let decoded = crate::kserve::InferRequest::decode_frames(frames).expect("decode");
+        assert_eq!(decoded.message.id, "frames");
+        assert!(decoded.message.raw_input_contents.is_empty());
+        let [raw] = decoded.field.as_slice() else {
+            panic!("{} raw fields", decoded.field.len());
+        };
+        assert_eq!(raw.contiguous(), data);
+        assert_eq!(raw.slice(0..3 * per + 1), None);
+        let got = images(
+            View::Tensor,
+            &decoded.message,
+            decoded.field.clone(),
+            &SharedMemory::new(false),
+        )
+        .expect("images");
+        let within = |frame: &Bytes, b: &Bytes| {
+            let start = frame.as_ptr() as usize;
+            (start..start + frame.len()).contains(&(b.as_ptr() as usize))
+        };
+        for (i, img) in got.iter().enumerate() {
+            let Some(image::Kind::Tensor(t)) = &img.kind else {
+                panic!("{img:?}");
+            };
+            assert_eq!(t.data[..], data[i * per..(i + 1) * per], "image {i}");
+            let (in_first, in_second) = (within(&first, &t.data), within(&second, &t.data));
+            match i {
+                0 => assert!(in_first, "image 0 is a slice of the first frame"),
+                1 => assert!(!in_first && !in_second, "image 1 straddles: a copy"),
+                _ => assert!(in_second, "image 2 is a slice of the second frame"),
+            }
+        }
+        // A truncated field is refused, not read past.
+        let mut short = Frames::default();
+        short.push(Bytes::copy_from_slice(&body[..body.len() - 1]));
+        assert!(crate::kserve::InferRequest::decode_frames(short).is_err());
+    }
+
     fn request(view: View, datatype: &str, shape: Vec<i64>, raw: Vec<u8>) -> ModelInferRequest {
         ModelInferRequest {
             inputs: vec![InferInputTensor {
@@ -515,20 +616,20 @@ mod tests {
         let per = 3 * 224 * 224 * 4;
         let mut req = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; 2 * per]);
         assert_eq!(
-            images(View::Tensor, &mut req, &SharedMemory::new(false))
+            images_of(View::Tensor, &mut req, &SharedMemory::new(false))
                 .map(|v| v.len())
                 .ok(),
             Some(2)
         );
         let mut short = request(View::Tensor, "FP32", vec![2, 3, 224, 224], vec![0; per]);
-        let err = images(View::Tensor, &mut short, &SharedMemory::new(false))
+        let err = images_of(View::Tensor, &mut short, &SharedMemory::new(false))
             .expect_err("short")
             .to_string();
         assert!(err.contains("needs 1204224 bytes"), "{err}");
         let mut wrong = request(View::Tensor, "FP16", vec![1, 3, 224, 224], vec![0; per]);
-        assert!(images(View::Tensor, &mut wrong, &SharedMemory::new(false)).is_err());
+        assert!(images_of(View::Tensor, &mut wrong, &SharedMemory::new(false)).is_err());
         let mut shape = request(View::Tensor, "FP32", vec![1, 3, 224, 225], vec![0; per]);
-        assert!(images(View::Tensor, &mut shape, &SharedMemory::new(false)).is_err());
+        assert!(images_of(View::Tensor, &mut shape, &SharedMemory::new(false)).is_err());
     }
 
     #[test]
@@ -540,7 +641,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            images(View::Frame, &mut frame, &SharedMemory::new(false))
+            images_of(View::Frame, &mut frame, &SharedMemory::new(false))
                 .map(|v| v.len())
                 .ok(),
             Some(1)
@@ -549,7 +650,7 @@ mod tests {
             uint_contents: vec![256; 12],
             ..Default::default()
         });
-        assert!(images(View::Frame, &mut frame, &SharedMemory::new(false)).is_err());
+        assert!(images_of(View::Frame, &mut frame, &SharedMemory::new(false)).is_err());
         let mut img = request(
             View::Image,
             "BYTES",
@@ -557,7 +658,7 @@ mod tests {
             join_bytes([&b"a"[..], b"b"].into_iter()),
         );
         assert_eq!(
-            images(View::Image, &mut img, &SharedMemory::new(false))
+            images_of(View::Image, &mut img, &SharedMemory::new(false))
                 .map(|v| v.len())
                 .ok(),
             Some(2)
@@ -594,7 +695,7 @@ mod tests {
             params.insert("shared_memory_offset".into(), int(offset));
             req
         };
-        let got = images(View::Tensor, &mut shared(16, 2 * per as i64), &shm).expect("images");
+        let got = images_of(View::Tensor, &mut shared(16, 2 * per as i64), &shm).expect("images");
         let Some(image::Kind::Tensor(t)) = &got[0].kind else {
             panic!("{got:?}");
         };
@@ -604,17 +705,17 @@ mod tests {
             (shared(0, per as i64), "needs 1204224 bytes"),
             (shared(-1, per as i64), "must not be negative"),
         ] {
-            let err = images(View::Tensor, &mut req, &shm).expect_err(what);
+            let err = images_of(View::Tensor, &mut req, &shm).expect_err(what);
             assert!(err.to_string().contains(what), "{err}");
         }
         let mut both = shared(16, 2 * per as i64);
         both.raw_input_contents.push(Bytes::from(vec![0; 2 * per]));
-        assert!(images(View::Tensor, &mut both, &shm).is_err());
+        assert!(images_of(View::Tensor, &mut both, &shm).is_err());
         let mut unsized_ = shared(16, 0);
         unsized_.inputs[0]
             .parameters
             .remove("shared_memory_byte_size");
-        assert!(images(View::Tensor, &mut unsized_, &shm).is_err());
+        assert!(images_of(View::Tensor, &mut unsized_, &shm).is_err());
     }
 
     #[test]

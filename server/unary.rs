@@ -8,7 +8,9 @@
 //! and the protobuf is decoded across them ([`Frames`]), so a `bytes` field that lies
 //! inside one frame comes out as a slice of that frame. Only a field that straddles a
 //! frame boundary is copied, which is why the server also lets clients send large
-//! frames. Everything else about the call is what tonic does: the interceptor runs as
+//! frames. A field longer than any frame (KServe's `raw_input_contents`, a whole batch
+//! of tensors) can be kept as its frames' slices ([`WithSegments`], [`Segmented`]) and
+//! cut into images from there. Everything else about the call is what tonic does: the interceptor runs as
 //! the headers arrive, the message-size limits and their statuses, the refusal of
 //! compressed requests (handed to tonic itself), metadata and extensions, and tonic's
 //! own encoder for the response. Every other method of the service goes to tonic.

@@ -214,29 +214,17 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
         })
         .collect::<Option<Vec<_>>>()
         .map(|parts| parts.concat());
+    let fp32 = |parameters| InferInputTensor {
+        name: "input".into(),
+        datatype: "FP32".into(),
+        shape: vec![n, 3, 224, 224],
+        parameters,
+        ..Default::default()
+    };
     let (model, input, raw) = match (shared_window(&images)?, tensors) {
         // One window of a shared-memory region holds the whole batch.
-        (Some(parameters), _) => (
-            cfg.model.clone(),
-            InferInputTensor {
-                name: "input".into(),
-                datatype: "FP32".into(),
-                shape: vec![n, 3, 224, 224],
-                parameters,
-                ..Default::default()
-            },
-            Vec::new(),
-        ),
-        (None, Some(raw)) => (
-            cfg.model.clone(),
-            InferInputTensor {
-                name: "input".into(),
-                datatype: "FP32".into(),
-                shape: vec![n, 3, 224, 224],
-                ..Default::default()
-            },
-            raw,
-        ),
+        (Some(parameters), _) => (cfg.model.clone(), fp32(parameters), Vec::new()),
+        (None, Some(raw)) => (cfg.model.clone(), fp32(HashMap::new()), raw),
         (None, None) => {
             let mut raw = Vec::new();
             for img in &images {

@@ -154,6 +154,9 @@ impl KServeService {
                 self.state.max_images_per_request
             )));
         }
+        for o in &outputs {
+            o.check_fits(images.len())?;
+        }
         let inputs = self.state.prepare_all(images).await?;
         let logits = handle
             .classify_with_priority(inputs, deadline, priority)

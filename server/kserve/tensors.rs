@@ -372,6 +372,26 @@ pub struct SharedOutput {
     byte_size: u64,
 }
 
+impl OutputRequest {
+    /// Fails, before any compute, if this output goes to shared memory and its window
+    /// cannot hold it for `images` images (FP32 outputs; a classification's strings
+    /// vary in length and are checked when written).
+    pub fn check_fits(&self, images: usize) -> Result<(), ServeError> {
+        let (Some(shared), None) = (&self.shared, self.classes) else {
+            return Ok(());
+        };
+        let needed = (images * NUM_CLASSES * 4) as u64;
+        if needed > shared.byte_size {
+            return Err(bad(format!(
+                "output '{}' of {images} images needs {needed} bytes; its shared memory window holds {}",
+                self.output.name(),
+                shared.byte_size
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl SharedOutput {
     /// Writes an output's raw contents into the window, and says where in the tensor's
     /// parameters (as Triton does); fails if they do not fit in it.

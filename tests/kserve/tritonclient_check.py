@@ -69,6 +69,14 @@ def system_shared_memory(c, m, x, want):
                 check(False, f"{what} must fail")
             except InferenceServerException as e:
                 check(code in str(e.status()), f"{code} for a window {what}: {e.message()[:90]}")
+        small = grpcclient.InferRequestedOutput("logits")
+        small.set_shared_memory("out", 1000 * 4)
+        try:
+            c.infer(m, [inp], outputs=[small])
+            check(False, "an output window too small must fail")
+        except InferenceServerException as e:
+            check("INVALID_ARGUMENT" in str(e.status()) and "needs 8000 bytes" in e.message(),
+                  f"INVALID_ARGUMENT for an output window too small: {e.message()[:90]}")
         try:
             c.register_system_shared_memory("in", key, 64)
             check(False, "registering a name twice must fail")

@@ -112,11 +112,18 @@ impl Region {
         }
     }
 
+    /// The start of `len` bytes at `offset`, checked to lie inside the window and still
+    /// be backed by the object: what every access through the mapping goes through.
+    fn accessible(&self, offset: u64, len: u64) -> Result<usize, ShmError> {
+        let start = self.range(offset, len)?;
+        self.still_backed(offset + len)?;
+        Ok(start)
+    }
+
     /// Copies `data` into the window at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), ShmError> {
-        let start = self.range(offset, data.len() as u64)?;
-        self.still_backed(offset + data.len() as u64)?;
-        // SAFETY: `range` checked start..start + len lies inside the mapping, which lives
+        let start = self.accessible(offset, data.len() as u64)?;
+        // SAFETY: `accessible` checked start..start + len lies inside the mapping, which lives
         // as long as `self`; the memory is shared with another process, so it is written
         // through the raw pointer and never borrowed as a Rust reference.
         unsafe {
@@ -140,7 +147,7 @@ struct Window {
 
 impl AsRef<[u8]> for Window {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: `Region::range` checked the bounds when the window was made, and the
+        // SAFETY: `Region::accessible` checked the bounds when the window was made, and the
         // Arc keeps the mapping alive. Another process may write these bytes meanwhile
         // (the protocol makes that the client's error); they are plain bytes, so a
         // racing write can only change which values are read, and every value is
@@ -277,8 +284,7 @@ impl SharedMemory {
     /// `len` bytes at `offset` in region `name`, without copying them.
     pub fn bytes(&self, name: &str, offset: u64, len: u64) -> Result<Bytes, ShmError> {
         let region = self.region(name)?;
-        let start = region.range(offset, len)?;
-        region.still_backed(offset + len)?;
+        let start = region.accessible(offset, len)?;
         Ok(Bytes::from_owner(Window {
             region,
             start,

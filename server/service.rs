@@ -21,6 +21,24 @@ use crate::registry::Registry;
 use crate::scheduler::ModelHandle;
 use crate::shm::SharedMemory;
 
+/// What one image needs before it is a model input.
+enum Arrival {
+    /// A tensor, its length checked.
+    Ready(ModelInput),
+    /// Pixels to decode and resize.
+    Decode(Pixels),
+}
+
+/// An image that needs decoding, as received.
+enum Pixels {
+    Encoded(bytes::Bytes),
+    Raw {
+        width: u32,
+        height: u32,
+        rgb: bytes::Bytes,
+    },
+}
+
 /// Counts requests in flight so a drain knows when it is done.
 pub struct InFlight {
     count: AtomicUsize,
@@ -136,17 +154,55 @@ impl State {
         }
     }
 
-    /// One image's model input. A ready tensor is only length-checked (its values are
-    /// checked where its batch is assembled), which is no work worth a thread; encoded
-    /// images and raw frames are decoded and resized on the blocking pool.
+    /// One image's model input: a tensor at once, pixels to decode on the blocking pool.
     async fn prepare(
         self: &Arc<Self>,
         index: usize,
         image: proto::Image,
     ) -> Result<ModelInput, ServeError> {
-        if let Some(ready) = self.ready_tensor(index, &image) {
-            return ready;
+        match self.arrival(index, image)? {
+            Arrival::Ready(input) => Ok(input),
+            Arrival::Decode(pixels) => self.decode(index, pixels).await,
         }
+    }
+
+    /// Sorts an image by the work it needs. A ready tensor, sent or in a shared-memory
+    /// region, is only length-checked (its values are checked where its batch is
+    /// assembled), which is no work worth a thread.
+    fn arrival(&self, index: usize, image: proto::Image) -> Result<Arrival, ServeError> {
+        let tensor = match image.kind {
+            Some(image::Kind::Tensor(t)) => t.data,
+            Some(image::Kind::Shared(s)) => {
+                let len = (crate::preprocess::INPUT_LEN * 4) as u64;
+                self.shared_memory.bytes(&s.region, s.offset, len)?
+            }
+            Some(image::Kind::Encoded(e)) => return Ok(Arrival::Decode(Pixels::Encoded(e.data))),
+            Some(image::Kind::Raw(r)) => {
+                return Ok(Arrival::Decode(Pixels::Raw {
+                    width: r.width,
+                    height: r.height,
+                    rgb: r.rgb,
+                }))
+            }
+            None => {
+                return Err(ServeError::InvalidArgument(format!(
+                    "image {index}: no data (set encoded, raw, tensor or shared)"
+                )))
+            }
+        };
+        self.preprocessor
+            .prepare(Input::Tensor(&tensor))
+            .map(Arrival::Ready)
+            .map_err(|source| ServeError::Image { index, source })
+    }
+
+    /// Decodes and resizes one image on the blocking pool, at most
+    /// `preprocess_slots` at a time.
+    async fn decode(
+        self: &Arc<Self>,
+        index: usize,
+        pixels: Pixels,
+    ) -> Result<ModelInput, ServeError> {
         let _slot = self
             .preprocess_slots
             .acquire()
@@ -154,24 +210,13 @@ impl State {
             .map_err(|_| ServeError::Internal("preprocessing pool closed".into()))?;
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
-            let input = match &image.kind {
-                Some(image::Kind::Encoded(e)) => Input::Encoded(&e.data),
-                Some(image::Kind::Raw(r)) => Input::Raw {
-                    width: r.width,
-                    height: r.height,
-                    rgb: &r.rgb,
+            let input = match &pixels {
+                Pixels::Encoded(data) => Input::Encoded(data),
+                Pixels::Raw { width, height, rgb } => Input::Raw {
+                    width: *width,
+                    height: *height,
+                    rgb,
                 },
-                Some(image::Kind::Tensor(t)) => Input::Tensor(&t.data),
-                Some(image::Kind::Shared(_)) => {
-                    return Err(ServeError::Internal(
-                        "shared tensor sent to decoding".into(),
-                    ))
-                }
-                None => {
-                    return Err(ServeError::InvalidArgument(format!(
-                        "image {index}: no data (set encoded, raw, tensor or shared)"
-                    )))
-                }
             };
             state
                 .preprocessor
@@ -180,33 +225,6 @@ impl State {
         })
         .await
         .map_err(|e| ServeError::Internal(format!("preprocessing task failed: {e}")))?
-    }
-
-    /// The model input of a ready tensor, sent or in a shared-memory region; `None` for
-    /// images that need decoding.
-    fn ready_tensor(
-        &self,
-        index: usize,
-        image: &proto::Image,
-    ) -> Option<Result<ModelInput, ServeError>> {
-        let shared;
-        let bytes = match &image.kind {
-            Some(image::Kind::Tensor(t)) => &t.data,
-            Some(image::Kind::Shared(s)) => {
-                let len = (crate::preprocess::INPUT_LEN * 4) as u64;
-                match self.shared_memory.bytes(&s.region, s.offset, len) {
-                    Ok(b) => shared = b,
-                    Err(e) => return Some(Err(e.into())),
-                }
-                &shared
-            }
-            _ => return None,
-        };
-        Some(
-            self.preprocessor
-                .prepare(Input::Tensor(bytes))
-                .map_err(|source| ServeError::Image { index, source }),
-        )
     }
 
     /// Preprocesses all images, those that need decoding in parallel, keeping their
@@ -222,11 +240,11 @@ impl State {
         }
         let mut pending = Vec::with_capacity(images.len());
         for (i, img) in images.into_iter().enumerate() {
-            pending.push(match self.ready_tensor(i, &img) {
-                Some(ready) => Pending::Ready(ready?),
-                None => {
+            pending.push(match self.arrival(i, img)? {
+                Arrival::Ready(input) => Pending::Ready(input),
+                Arrival::Decode(pixels) => {
                     let st = self.clone();
-                    Pending::Decoding(tokio::spawn(async move { st.prepare(i, img).await }))
+                    Pending::Decoding(tokio::spawn(async move { st.decode(i, pixels).await }))
                 }
             });
         }

@@ -2,7 +2,9 @@
 //! from its encoded length before encoding. tonic starts each message in a small buffer
 //! and prost appends to it, so a 38 MB request of float tensors grew by doubling: the
 //! reallocations' copies were 23% of a tensor load's client CPU, as much as the encode
-//! itself. Every call of the client's tests against the real server goes through it.
+//! itself. Every call through a generated stub goes through it; `Client::classify*` and
+//! the load tester's calls go through [`crate::wire`] instead, which does not copy the
+//! tensors at all.
 
 use std::marker::PhantomData;
 

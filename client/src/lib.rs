@@ -26,6 +26,7 @@ pub mod load;
 pub mod metrics;
 pub mod shm;
 pub mod video;
+pub mod wire;
 
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
@@ -160,6 +161,7 @@ const HTTP2_CONNECTION_WINDOW: u32 = 32 << 20;
 /// A connected client; cheap to clone (clones share the connections).
 #[derive(Clone)]
 pub struct Client {
+    channel: Channel,
     stub: ClassifierClient<Channel>,
     kserve: proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<Channel>,
     config: ClientConfig,
@@ -208,10 +210,11 @@ impl Client {
             )
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-        let stub = ClassifierClient::new(channel)
+        let stub = ClassifierClient::new(channel.clone())
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
         Ok(Client {
+            channel,
             stub,
             kserve,
             config,
@@ -233,6 +236,32 @@ impl Client {
     /// The generated stub, for calls this layer does not wrap.
     pub fn stub(&self) -> ClassifierClient<Channel> {
         self.stub.clone()
+    }
+
+    /// Sends an encoded request to `path` (one of [`wire`]'s paths) with this call's
+    /// deadline (`None`: none): its large fields go out as the caller's own buffers.
+    pub async fn unary<R: prost::Message + Default + Send + 'static>(
+        &self,
+        path: &'static str,
+        request: wire::Encoded,
+        timeout: Option<Duration>,
+    ) -> Result<R, Status> {
+        let mut call = tonic::Request::new(());
+        if let Some(t) = timeout {
+            call.set_timeout(t);
+        }
+        let limits = wire::Limits {
+            max_request: self.config.max_message_bytes,
+            max_response: self.config.max_message_bytes,
+        };
+        wire::unary(
+            self.channel.clone(),
+            path,
+            request,
+            call.into_parts().0,
+            limits,
+        )
+        .await
     }
 
     /// A request carrying the configured deadline.
@@ -279,13 +308,9 @@ impl Client {
         let mut backoff = self.config.backoff;
         let mut attempt = 0;
         loop {
-            let mut stub = self.stub.clone();
-            let mut call = tonic::Request::new(request.clone());
-            if let Some(t) = timeout {
-                call.set_timeout(t);
-            }
-            match stub.classify(call).await {
-                Ok(r) => return Ok(r.into_inner()),
+            let encoded = wire::Encoded::new(&request);
+            match self.unary(wire::CLASSIFY, encoded, timeout).await {
+                Ok(r) => return Ok(r),
                 Err(s) if s.code() == Code::Unavailable && attempt < self.config.retries => {
                     attempt += 1;
                     tokio::time::sleep(backoff).await;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -21,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::proto::inference::{infer_parameter::ParameterChoice, InferParameter};
 use crate::proto::{self, ClassifyRequest};
 use crate::shm::TENSOR_BYTES;
-use crate::{Client, Output};
+use crate::{wire, Client, Output};
 
 /// How requests are offered.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -203,17 +204,19 @@ fn shared_window(
 
 /// One KServe `ModelInfer` carrying the same images a `Classify` would.
 async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
-    use proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
+    use proto::inference::{
+        model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
+    };
     let images = request_images(cfg, i);
     let n = images.len() as i64;
-    let tensors: Option<Vec<u8>> = images
+    // Sent as the images' own buffers, one after another in the raw field.
+    let tensors: Option<Vec<Bytes>> = images
         .iter()
         .map(|img| match &img.kind {
-            Some(proto::image::Kind::Tensor(t)) => Some(&t.data[..]),
+            Some(proto::image::Kind::Tensor(t)) => Some(t.data.clone()),
             _ => None,
         })
-        .collect::<Option<Vec<_>>>()
-        .map(|parts| parts.concat());
+        .collect();
     let fp32 = |parameters| InferInputTensor {
         name: "input".into(),
         datatype: "FP32".into(),
@@ -226,13 +229,13 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
         (Some(parameters), _) => (cfg.model.clone(), fp32(parameters), Vec::new()),
         (None, Some(raw)) => (cfg.model.clone(), fp32(HashMap::new()), raw),
         (None, None) => {
-            let mut raw = Vec::new();
+            let mut raw = Vec::with_capacity(2 * images.len());
             for img in &images {
                 let Some(proto::image::Kind::Encoded(e)) = &img.kind else {
                     return Err(tonic::Code::InvalidArgument);
                 };
-                raw.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
-                raw.extend_from_slice(&e.data);
+                raw.push(Bytes::copy_from_slice(&(e.data.len() as u32).to_le_bytes()));
+                raw.push(e.data.clone());
             }
             (
                 format!("{}_image", cfg.model),
@@ -256,20 +259,21 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
                 parameters: Default::default(),
             },
         ],
-        raw_input_contents: if raw.is_empty() {
-            Vec::new()
-        } else {
-            vec![raw.into()]
-        },
         ..Default::default()
     };
+    let mut encoded = wire::Encoded::new(&req);
+    if !raw.is_empty() {
+        encoded = encoded.with_bytes_field(RAW_INPUT_CONTENTS, &raw);
+    }
     client
-        .kserve_stub()
-        .model_infer(client.request(req))
+        .unary::<ModelInferResponse>(wire::MODEL_INFER, encoded, client.config().timeout)
         .await
         .map(|_| ())
         .map_err(|s| s.code())
 }
+
+/// `ModelInferRequest.raw_input_contents`' field number.
+const RAW_INPUT_CONTENTS: u32 = 7;
 
 async fn unary(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
     if cfg.transport == Transport::KServe {
@@ -282,8 +286,12 @@ async fn unary(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::C
         request_id: String::new(),
     };
     // One attempt: a load tester reports what the server answered.
-    let mut stub = client.stub();
-    stub.classify(client.request(req))
+    client
+        .unary::<proto::ClassifyResponse>(
+            wire::CLASSIFY,
+            wire::Encoded::new(&req),
+            client.config().timeout,
+        )
         .await
         .map(|_| ())
         .map_err(|s| s.code())

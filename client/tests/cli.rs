@@ -579,3 +579,104 @@ fn open_loop_load_keeps_its_schedule_and_counts() {
     let row: Vec<&str> = lines[1].split(',').collect();
     assert_eq!((row[0], row[1], row[4]), ("open", "10", "5"), "{text}");
 }
+
+#[test]
+fn library_calls_answer_as_the_generated_stub_does() {
+    use resnet_client::proto::{ClassifyRequest, ClassifyResponse};
+    use resnet_client::{tensor, wire, Client, ClientConfig, Output};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let server = Server::start(model());
+    let images: Vec<_> = (0..3)
+        .map(|i| tensor(&vec![0.1 * i as f32; 3 * 224 * 224]))
+        .collect();
+    let client = rt.block_on(async {
+        let client = Client::connect(ClientConfig::new([server.grpc.clone()]))
+            .await
+            .expect("connect");
+        let request = |model: &str, images: Vec<_>, output: Output| ClassifyRequest {
+            model: model.into(),
+            images,
+            output: Some(output.spec()),
+            request_id: "same".into(),
+        };
+        // The same answer, to the bit, as the stub's call with tonic's encoder.
+        let asked = request("", images.clone(), Output::Logits);
+        let spliced: ClassifyResponse = client
+            .unary(wire::CLASSIFY, wire::Encoded::new(&asked), None)
+            .await
+            .expect("spliced");
+        let stubbed = client
+            .stub()
+            .classify(asked)
+            .await
+            .expect("stub")
+            .into_inner();
+        assert_eq!(spliced, stubbed);
+        assert_eq!(spliced.results.len(), 3);
+
+        // The server's statuses and messages come through unchanged.
+        let unknown = request("no-such-model", images[..1].to_vec(), Output::TopK(1));
+        let spliced = client
+            .unary::<ClassifyResponse>(wire::CLASSIFY, wire::Encoded::new(&unknown), None)
+            .await
+            .expect_err("unknown model");
+        let stubbed = client.stub().classify(unknown).await.expect_err("unknown");
+        assert_eq!(spliced.code(), tonic::Code::NotFound);
+        assert_eq!(
+            (spliced.code(), spliced.message()),
+            (stubbed.code(), stubbed.message())
+        );
+
+        // Size limits are tonic's: a request over the limit is refused before it is sent,
+        // a response over it when it arrives.
+        let mut small = ClientConfig::new([server.grpc.clone()]);
+        small.max_message_bytes = 3000;
+        let small = Client::connect(small).await.expect("connect");
+        let err = small
+            .classify("", images[..1].to_vec(), Output::TopK(1))
+            .await
+            .expect_err("request too large");
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+        assert!(err.message().contains("the limit is: 3000 bytes"), "{err}");
+        // An 8x8 frame asks for 4 KB of logits: the request fits in 1000 bytes, the reply
+        // does not.
+        let mut tight = ClientConfig::new([server.grpc.clone()]);
+        tight.max_message_bytes = 1000;
+        let tight = Client::connect(tight).await.expect("connect");
+        let frame = resnet_client::raw(8, 8, vec![128; 8 * 8 * 3]);
+        let err = tight
+            .classify("", vec![frame.clone()], Output::Logits)
+            .await
+            .expect_err("response too large");
+        let stubbed = tight
+            .stub()
+            .classify(request("", vec![frame], Output::Logits))
+            .await
+            .expect_err("response too large");
+        // (The two replies differ by a byte: the server numbers the requests' ids.)
+        for e in [&err, &stubbed] {
+            assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+            assert!(
+                e.message().starts_with("Error, decoded message length too large")
+                    && e.message().ends_with("the limit is: 1000 bytes"),
+                "{e}"
+            );
+        }
+        client
+    });
+    // A server that is gone is UNAVAILABLE (retried, then reported), as through the stub.
+    drop(server);
+    rt.block_on(async {
+        let err = client
+            .classify("", images[..1].to_vec(), Output::TopK(1))
+            .await
+            .expect_err("server gone");
+        let stubbed = client
+            .stub()
+            .classify(ClassifyRequest::default())
+            .await
+            .expect_err("server gone");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert_eq!(stubbed.code(), tonic::Code::Unavailable, "{stubbed}");
+    });
+}

@@ -657,7 +657,8 @@ fn library_calls_answer_as_the_generated_stub_does() {
         for e in [&err, &stubbed] {
             assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
             assert!(
-                e.message().starts_with("Error, decoded message length too large")
+                e.message()
+                    .starts_with("Error, decoded message length too large")
                     && e.message().ends_with("the limit is: 1000 bytes"),
                 "{e}"
             );

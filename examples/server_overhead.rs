@@ -13,6 +13,13 @@
 //! transport alone. `--shared-memory` puts the tensor in a system shared-memory region
 //! registered with the server and sends references to it (a client on the same host);
 //! `--kserve` sends KServe `ModelInfer` calls instead of `Classify`.
+//!
+//! `--one-device` makes the workers take turns holding the model's fixed cost, as two
+//! workers take turns on one GPU (their staging still overlaps), and first measures the
+//! same model in process: one thread calling it in a loop at the largest batch size on
+//! the same 64 tensors, staging included. Each row then reports `vs_in_process`, the
+//! ratio the GPU target is stated in (server end to end against in process at the same
+//! batch size), for a device whose batch takes `--batch-ms`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +41,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// input with the GPU path's own `stage_batch` into an f16 batch buffer.
 struct FixedCost {
     per_batch: Duration,
+    /// Held while the fixed cost runs when the workers share one device.
+    device: Option<Arc<std::sync::Mutex<()>>>,
 }
 
 thread_local! {
@@ -59,6 +68,10 @@ impl Backend for FixedCost {
             rejected
         });
         let input_time = started.elapsed();
+        let _turn = self
+            .device
+            .as_ref()
+            .map(|d| d.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         std::thread::sleep(self.per_batch);
         Ok(Logits {
             rows: vec![vec![0f32; NUM_CLASSES]; size],
@@ -93,6 +106,8 @@ struct Args {
     /// KServe `ModelInfer` calls (a request's tensors as one FP32 input) instead of
     /// `Classify`.
     kserve: bool,
+    /// The workers share one device; the in-process baseline is measured first.
+    one_device: bool,
     rows: Vec<(usize, usize)>,
 }
 
@@ -106,6 +121,7 @@ fn parse() -> anyhow::Result<Args> {
         refused: false,
         shared_memory: false,
         kserve: false,
+        one_device: false,
         rows: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -119,6 +135,7 @@ fn parse() -> anyhow::Result<Args> {
             "--refused" => args.refused = true,
             "--shared-memory" => args.shared_memory = true,
             "--kserve" => args.kserve = true,
+            "--one-device" => args.one_device = true,
             "--batch-sizes" => {
                 args.sizes = value()?
                     .split(',')
@@ -140,10 +157,22 @@ fn parse() -> anyhow::Result<Args> {
 }
 
 /// CPU time (ns) the server's threads have used so far: its runtime's (named `serve`,
-/// blocking pool included) and its model workers'. The load client runs on a runtime of
+/// blocking pool included), its model workers' and the staging pool's. The load client runs on a runtime of
 /// its own, so what the server costs per image can be told apart from what the client
 /// costs, on a machine where the two share the cores.
 fn server_cpu_ns() -> u64 {
+    threads_cpu_ns(|comm| {
+        comm.starts_with("serve") || comm.starts_with("worker-") || comm.starts_with("stage-")
+    })
+}
+
+/// CPU time (ns) the load client's runtime has used so far.
+fn client_cpu_ns() -> u64 {
+    threads_cpu_ns(|comm| comm.starts_with("load-client"))
+}
+
+/// CPU time (ns) of this process's threads whose name passes `keep`.
+fn threads_cpu_ns(keep: impl Fn(&str) -> bool) -> u64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
     };
@@ -151,7 +180,7 @@ fn server_cpu_ns() -> u64 {
         .flatten()
         .filter_map(|t| {
             let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            if !(comm.starts_with("serve") || comm.starts_with("worker-")) {
+            if !keep(&comm) {
                 return None;
             }
             // schedstat: time on a CPU (ns), time waiting for one, timeslices.
@@ -164,6 +193,11 @@ fn server_cpu_ns() -> u64 {
 fn main() -> anyhow::Result<()> {
     resnet_serve::allocator::keep_freed_memory();
     let args = parse()?;
+    // Named, so the staging's CPU is counted as the server's whichever thread starts the
+    // pool (unnamed, its threads would take the name of the thread that first used it).
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("stage-{i}"))
+        .build_global()?;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("serve")
         .enable_all()
@@ -173,9 +207,19 @@ fn main() -> anyhow::Result<()> {
         policy: BatchPolicy::new(&args.sizes, Duration::from_millis(2), 64 * largest)?,
         ..ServeOptions::default()
     };
-    let backend: Arc<dyn Backend> = Arc::new(FixedCost {
+    let model = Arc::new(FixedCost {
         per_batch: Duration::from_secs_f64(args.batch_ms / 1000.0),
+        device: args.one_device.then(Default::default),
     });
+    let values: Vec<Vec<f32>> = (0..TENSORS)
+        .map(|i| vec![0.5 + i as f32 * 1e-3; 3 * 224 * 224])
+        .collect();
+    let in_process = if args.one_device {
+        Some(in_process(&model, &values, largest, args.seconds)?)
+    } else {
+        None
+    };
+    let backend: Arc<dyn Backend> = model;
     let replicas = vec![backend; args.workers.max(1)];
     let loader: server::ModelLoader = Box::new(move || {
         Ok(replicas
@@ -194,22 +238,70 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let metrics_addr = server.metrics_addr.to_string();
-    client_rt.block_on(drive(&args, &server.url, &metrics_addr))?;
+    client_rt.block_on(drive(
+        &args,
+        &values,
+        in_process,
+        &server.url,
+        &metrics_addr,
+    ))?;
     server_rt.block_on(server.stop())?;
     Ok(())
 }
 
+/// Images/s of the model called in process on one thread, `size` images a call (the
+/// GPU bench's with-copies loop), after a second of warm-up; prints its JSON line.
+fn in_process(
+    model: &FixedCost,
+    values: &[Vec<f32>],
+    size: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let views: Vec<InputView<'_>> = values.iter().map(|v| InputView::from(&v[..])).collect();
+    let mut next = 0;
+    let mut call = || {
+        let batch: Vec<InputView<'_>> =
+            (0..size).map(|i| views[(next + i) % views.len()]).collect();
+        next = (next + size) % views.len();
+        model.forward_images(&batch, size)
+    };
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_secs(1) {
+        call()?;
+    }
+    let started = Instant::now();
+    let mut images = 0;
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        call()?;
+        images += size;
+    }
+    let images_per_s = images as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "in_process": true,
+            "batch": size,
+            "batch_ms": model.per_batch.as_secs_f64() * 1e3,
+            "images_per_s": images_per_s,
+        })
+    );
+    Ok(images_per_s)
+}
+
 /// Runs each load row against the server and prints its JSON line.
-async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()> {
+async fn drive(
+    args: &Args,
+    values: &[Vec<f32>],
+    in_process: Option<f64>,
+    url: &str,
+    metrics_addr: &str,
+) -> anyhow::Result<()> {
     // Distinct tensors, 38.5 MB in all: more than the caches hold, so a tensor is read
     // from memory where it is staged, as a fresh one would be (one tensor sent over and
     // over would stay cached when it lies in shared memory).
-    let values: Vec<Vec<f32>> = (0..TENSORS)
-        .map(|i| vec![0.5 + i as f32 * 1e-3; 3 * 224 * 224])
-        .collect();
     let first = Client::connect(ClientConfig::new([url.to_string()])).await?;
     let shared = if args.shared_memory {
-        Some(SharedTensors::create(&first, "server-overhead", &values).await?)
+        Some(SharedTensors::create(&first, "server-overhead", values).await?)
     } else {
         None
     };
@@ -243,6 +335,7 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
             output: Output::TopK(1),
         };
         let cpu_before = server_cpu_ns();
+        let client_before = client_cpu_ns();
         let report = load::run(
             &clients,
             &cfg,
@@ -254,6 +347,7 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
         // scaling to the measured span.
         let span = report.duration_s / (report.duration_s + cfg.warmup.as_secs_f64());
         let server_cpu_s = (server_cpu_ns() - cpu_before) as f64 * 1e-9 * span;
+        let client_cpu_s = (client_cpu_ns() - client_before) as f64 * 1e-9 * span;
         let carried = report.requests as f64 * images as f64;
         println!(
             "{}",
@@ -270,6 +364,9 @@ async fn drive(args: &Args, url: &str, metrics_addr: &str) -> anyhow::Result<()>
                     report.images_per_s
                 },
                 "server_cpu_us_per_image": server_cpu_s * 1e6 / carried.max(1.0),
+                "client_cpu_us_per_image": client_cpu_s * 1e6 / carried.max(1.0),
+                "one_device": args.one_device,
+                "vs_in_process": in_process.map(|base| report.images_per_s / base),
                 "refused": args.refused,
                 "shared_memory": args.shared_memory,
                 "kserve": args.kserve,

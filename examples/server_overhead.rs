@@ -12,7 +12,8 @@
 //! model the server lacks, so each request is received and decoded, then refused: the
 //! transport alone. `--shared-memory` puts the tensor in a system shared-memory region
 //! registered with the server and sends references to it (a client on the same host);
-//! `--kserve` sends KServe `ModelInfer` calls instead of `Classify`.
+//! `--kserve` sends KServe `ModelInfer` calls instead of `Classify`, `--stream` one
+//! `ClassifyStream` per client (one image per frame).
 //!
 //! `--one-device` makes the workers take turns holding the model's fixed cost, as two
 //! workers take turns on one GPU (their staging still overlaps), and first measures the
@@ -106,6 +107,8 @@ struct Args {
     /// KServe `ModelInfer` calls (a request's tensors as one FP32 input) instead of
     /// `Classify`.
     kserve: bool,
+    /// One `ClassifyStream` per client instead of unary calls.
+    stream: bool,
     /// The workers share one device; the in-process baseline is measured first.
     one_device: bool,
     rows: Vec<(usize, usize)>,
@@ -121,6 +124,7 @@ fn parse() -> anyhow::Result<Args> {
         refused: false,
         shared_memory: false,
         kserve: false,
+        stream: false,
         one_device: false,
         rows: Vec::new(),
     };
@@ -135,6 +139,7 @@ fn parse() -> anyhow::Result<Args> {
             "--refused" => args.refused = true,
             "--shared-memory" => args.shared_memory = true,
             "--kserve" => args.kserve = true,
+            "--stream" => args.stream = true,
             "--one-device" => args.one_device = true,
             "--batch-sizes" => {
                 args.sizes = value()?
@@ -316,10 +321,10 @@ async fn drive(
         }
         let cfg = LoadConfig {
             mode: Mode::Closed { concurrency },
-            transport: if args.kserve {
-                Transport::KServe
-            } else {
-                Transport::Unary
+            transport: match (args.kserve, args.stream) {
+                (true, _) => Transport::KServe,
+                (false, true) => Transport::Stream,
+                (false, false) => Transport::Unary,
             },
             duration: Some(Duration::from_secs_f64(args.seconds)),
             requests: None,
@@ -370,6 +375,7 @@ async fn drive(
                 "refused": args.refused,
                 "shared_memory": args.shared_memory,
                 "kserve": args.kserve,
+                "stream": args.stream,
                 "errors": report.errors,
                 "latency_ms": report.latency_ms,
                 "server": report.server,

@@ -42,6 +42,7 @@ pub mod proto {
 
 use std::time::Duration;
 
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
@@ -250,18 +251,21 @@ impl Client {
         if let Some(t) = timeout {
             call.set_timeout(t);
         }
-        let limits = wire::Limits {
-            max_request: self.config.max_message_bytes,
-            max_response: self.config.max_message_bytes,
-        };
         wire::unary(
             self.channel.clone(),
             path,
             request,
             call.into_parts().0,
-            limits,
+            self.limits(),
         )
         .await
+    }
+
+    fn limits(&self) -> wire::Limits {
+        wire::Limits {
+            max_request: self.config.max_message_bytes,
+            max_response: self.config.max_message_bytes,
+        }
     }
 
     /// A request carrying the configured deadline.
@@ -327,8 +331,15 @@ impl Client {
         &self,
         frames: impl tokio_stream::Stream<Item = proto::StreamFrame> + Send + 'static,
     ) -> Result<tonic::Streaming<proto::StreamResult>, Status> {
-        let mut stub = self.stub.clone();
-        Ok(stub.classify_stream(frames).await?.into_inner())
+        use tokio_stream::StreamExt;
+        wire::streaming(
+            self.channel.clone(),
+            wire::CLASSIFY_STREAM,
+            frames.map(|f| wire::Encoded::new(&f)),
+            MetadataMap::new(),
+            self.limits(),
+        )
+        .await
     }
 
     pub async fn list_models(&self) -> Result<Vec<proto::ModelInfo>, Status> {

@@ -1,8 +1,8 @@
-//! Unary calls whose request body is the message's encoding as a list of chunks, in
-//! which every large `bytes` field is the caller's own buffer rather than a copy.
+//! Calls whose request body is each message's encoding as a list of chunks, in which
+//! every large `bytes` field is the caller's own buffer rather than a copy.
 //!
 //! tonic encodes a request into one buffer, so each tensor of a `Classify` or
-//! `ModelInfer` call is copied once in user space before the kernel copies it again
+//! `ModelInfer` call (or `ClassifyStream` frame) is copied once in user space before the kernel copies it again
 //! into the socket: in a float-tensor load on 2 cores that copy was 14.6% of all CPU
 //! samples, the client's largest cost after the kernel's. Here the message is encoded
 //! with prost into [`Encoded`], a `BufMut` that takes a large `Bytes` field by
@@ -12,13 +12,13 @@
 //! decoding, so statuses read exactly as through a generated stub.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use prost::Message;
+use tokio_stream::Stream;
 use tonic::codec::{Codec, Streaming};
 use tonic::codegen::{http, Service};
 use tonic::metadata::MetadataMap;
@@ -29,6 +29,8 @@ use crate::codec::PresizedCodec;
 
 /// `resnet_serve.v1.Classifier/Classify`.
 pub const CLASSIFY: &str = "/resnet_serve.v1.Classifier/Classify";
+/// `resnet_serve.v1.Classifier/ClassifyStream`.
+pub const CLASSIFY_STREAM: &str = "/resnet_serve.v1.Classifier/ClassifyStream";
 /// `inference.GRPCInferenceService/ModelInfer` (KServe v2).
 pub const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
@@ -141,26 +143,33 @@ unsafe impl BufMut for Encoded {
     }
 }
 
-/// A request body that yields its chunks as DATA frames, in order.
-struct Chunks(VecDeque<Bytes>);
+/// A request body of gRPC messages, each encoded as it comes from `messages` and sent as
+/// its chunks, in order (h2 asks for more only when it can send).
+struct Messages<S> {
+    messages: Pin<Box<S>>,
+    current: VecDeque<Bytes>,
+}
 
-impl http_body::Body for Chunks {
+impl<S: Stream<Item = Encoded> + Send> http_body::Body for Messages<S> {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Status;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        loop {
+            if let Some(chunk) = self.current.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            match std::task::ready!(self.messages.as_mut().poll_next(cx)) {
+                Some(message) => match message.into_grpc_frame() {
+                    Ok(chunks) => self.current = chunks,
+                    Err(status) => return Poll::Ready(Some(Err(status))),
+                },
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 
@@ -176,7 +185,7 @@ pub struct Limits {
 /// One unary call of `path` on `channel` with an encoded request and `metadata`
 /// (`grpc-timeout` among it when the call has a deadline).
 pub async fn unary<R: Message + Default + Send + 'static>(
-    mut channel: Channel,
+    channel: Channel,
     path: &'static str,
     request: Encoded,
     metadata: MetadataMap,
@@ -190,8 +199,50 @@ pub async fn unary<R: Message + Default + Send + 'static>(
             limits.max_request
         )));
     }
-    let mut http_request =
-        http::Request::new(tonic::body::Body::new(Chunks(request.into_grpc_frame()?)));
+    let mut replies = call(
+        channel,
+        path,
+        tokio_stream::once(request),
+        metadata,
+        limits.max_response,
+    )
+    .await?;
+    let message = replies
+        .message()
+        .await?
+        .ok_or_else(|| Status::internal("Missing response message."))?;
+    // The trailers carry the call's final status; an error there fails the call.
+    replies.trailers().await?;
+    Ok(message)
+}
+
+/// A streaming call of `path`: `requests` go out as they are yielded, replies come back
+/// as tonic's `Streaming`. A request over `limits.max_request` is left for the server to
+/// refuse (it answers OUT_OF_RANGE in the stream), as the stream is already open.
+pub async fn streaming<R: Message + Default + Send + 'static>(
+    channel: Channel,
+    path: &'static str,
+    requests: impl Stream<Item = Encoded> + Send + 'static,
+    metadata: MetadataMap,
+    limits: Limits,
+) -> Result<Streaming<R>, Status> {
+    call(channel, path, requests, metadata, limits.max_response).await
+}
+
+/// Sends the request headers and body and reads the reply's headers, as tonic's client
+/// does; the replies are decoded by tonic.
+async fn call<R: Message + Default + Send + 'static>(
+    mut channel: Channel,
+    path: &'static str,
+    requests: impl Stream<Item = Encoded> + Send + 'static,
+    metadata: MetadataMap,
+    max_response: usize,
+) -> Result<Streaming<R>, Status> {
+    let body = Messages {
+        messages: Box::pin(requests),
+        current: VecDeque::new(),
+    };
+    let mut http_request = http::Request::new(tonic::body::Body::new(body));
     *http_request.method_mut() = http::Method::POST;
     *http_request.version_mut() = http::Version::HTTP_2;
     *http_request.uri_mut() = http::Uri::from_static(path);
@@ -211,7 +262,7 @@ pub async fn unary<R: Message + Default + Send + 'static>(
         .await
         .map_err(|e| Status::from_error(Box::new(e)))?;
 
-    // As tonic's client: a trailers-only answer carries its status in the headers.
+    // A trailers-only answer carries its status in the headers.
     let status_code = response.status();
     let trailers_only = Status::from_header_map(response.headers());
     if let Some(status) = &trailers_only {
@@ -220,23 +271,16 @@ pub async fn unary<R: Message + Default + Send + 'static>(
         }
     }
     let decoder = PresizedCodec::<(), R>::default().decoder();
-    let mut body = match trailers_only {
+    Ok(match trailers_only {
         Some(_) => Streaming::new_empty(decoder, response.into_body()),
         None => Streaming::new_response(
             decoder,
             response.into_body(),
             status_code,
             None,
-            Some(limits.max_response),
+            Some(max_response),
         ),
-    };
-    let message = body
-        .message()
-        .await?
-        .ok_or_else(|| Status::internal("Missing response message."))?;
-    // The trailers carry the call's final status; an error there fails the call.
-    body.trailers().await?;
-    Ok(message)
+    })
 }
 
 #[cfg(test)]

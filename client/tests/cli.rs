@@ -663,6 +663,45 @@ fn library_calls_answer_as_the_generated_stub_does() {
                 "{e}"
             );
         }
+
+        // A stream's frames (a bad one among them) are answered as through the stub.
+        let frames: Vec<_> = (0..3u64)
+            .map(|i| resnet_client::proto::StreamFrame {
+                frame_id: i,
+                model: if i == 1 { "no-such-model" } else { "" }.into(),
+                image: Some(images[i as usize].clone()),
+                output: Some(Output::Logits.spec()),
+            })
+            .collect();
+        let collect = |mut s: tonic::Streaming<resnet_client::proto::StreamResult>| async move {
+            let mut out = Vec::new();
+            while let Some(r) = s.message().await.expect("stream") {
+                out.push(r);
+            }
+            out
+        };
+        let spliced = collect(
+            client
+                .classify_stream(tokio_stream::iter(frames.clone()))
+                .await
+                .expect("stream"),
+        )
+        .await;
+        let stubbed = collect(
+            client
+                .stub()
+                .classify_stream(tokio_stream::iter(frames))
+                .await
+                .expect("stream")
+                .into_inner(),
+        )
+        .await;
+        assert_eq!(spliced.len(), 3);
+        assert_eq!(spliced, stubbed);
+        assert!(matches!(
+            spliced[1].outcome,
+            Some(resnet_client::proto::stream_result::Outcome::Error(_))
+        ));
         client
     });
     // A server that is gone is UNAVAILABLE (retried, then reported), as through the stub.

@@ -132,8 +132,9 @@ pub async fn run(
     let classifier_service = Arc::new(ClassifierService {
         state: state.clone(),
     });
-    // The two methods that carry tensors are decoded from their frames as received;
-    // the rest of each service is tonic's generated server.
+    // The methods that carry tensors, unary and streaming, are decoded from their
+    // frames as received; the rest of each service is tonic's generated server.
+    let streaming_service = classifier_service.clone();
     let classifier = unary::FrameRoutes::new(
         ClassifierServer::from_arc(classifier_service.clone())
             .max_decoding_message_size(options.max_message_bytes)
@@ -144,7 +145,14 @@ pub async fn run(
     .unary("/resnet_serve.v1.Classifier/Classify", move |request| {
         let service = classifier_service.clone();
         async move { service.classify(request).await }
-    });
+    })
+    .streaming(
+        "/resnet_serve.v1.Classifier/ClassifyStream",
+        move |request: tonic::Request<unary::Messages<crate::proto::StreamFrame>>| {
+            let answers = streaming_service.classify_frames(request.into_inner());
+            async move { answers }
+        },
+    );
 
     let kserve_service = Arc::new(KServeService {
         state: state.clone(),
@@ -153,6 +161,7 @@ pub async fn run(
             .clone()
             .map(|f| Arc::new(Repository::new(f, options.policy.clone()))),
     });
+    let streaming_kserve = kserve_service.clone();
     let kserve = unary::FrameRoutes::new(
         GrpcInferenceServiceServer::from_arc(kserve_service.clone())
             .max_decoding_message_size(options.max_message_bytes)
@@ -170,6 +179,13 @@ pub async fn run(
                     .model_infer_segmented(request.into_inner(), deadline)
                     .await
             }
+        },
+    )
+    .streaming(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        move |request: tonic::Request<unary::Messages<crate::kserve::InferRequest>>| {
+            let answers = streaming_kserve.stream_infer(request.into_inner());
+            async move { answers }
         },
     );
 

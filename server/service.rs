@@ -334,7 +334,7 @@ impl State {
 /// the answers go out in arrival order. `failed` answers for a task that died. The
 /// in-flight `guard` is held until the last answer is sent.
 pub(crate) fn ordered_stream<In, Out, F, Fut>(
-    mut inbound: Streaming<In>,
+    mut inbound: impl tokio_stream::Stream<Item = Result<In, Status>> + Send + Unpin + 'static,
     window: usize,
     guard: InFlightGuard,
     mut handle: F,
@@ -350,8 +350,9 @@ where
     let (pending_tx, mut pending_rx) =
         mpsc::channel::<tokio::task::JoinHandle<Result<Out, Status>>>(window.max(1));
     tokio::spawn(async move {
+        use tokio_stream::StreamExt;
         loop {
-            match inbound.message().await {
+            match inbound.next().await.transpose() {
                 Ok(Some(message)) => {
                     if pending_tx
                         .send(tokio::spawn(handle(message)))
@@ -520,6 +521,40 @@ pub struct ClassifierService {
     pub state: Arc<State>,
 }
 
+impl ClassifierService {
+    /// `ClassifyStream` over `frames`, as tonic decodes them or as decoded from the
+    /// call's HTTP/2 frames (server/unary.rs): results in the frames' order.
+    pub fn classify_frames(
+        &self,
+        frames: impl tokio_stream::Stream<Item = Result<proto::StreamFrame, Status>>
+            + Send
+            + Unpin
+            + 'static,
+    ) -> Result<Response<ReceiverStream<Result<proto::StreamResult, Status>>>, Status> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining.into());
+        }
+        let guard = self.state.in_flight.enter();
+        let state = self.state.clone();
+        let mut model = String::new();
+        let answers = ordered_stream(
+            frames,
+            self.state.stream_window,
+            guard,
+            move |frame: proto::StreamFrame| {
+                // A frame that names no model uses the stream's last named one.
+                if !frame.model.is_empty() {
+                    model.clone_from(&frame.model);
+                }
+                let (state, model) = (state.clone(), model.clone());
+                async move { Ok(state.classify_frame(model, frame).await) }
+            },
+            |e| Err(Status::internal(format!("frame task failed: {e}"))),
+        );
+        Ok(Response::new(answers))
+    }
+}
+
 #[tonic::async_trait]
 impl Classifier for ClassifierService {
     async fn classify(
@@ -569,27 +604,7 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<Streaming<proto::StreamFrame>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        if self.state.draining.load(Ordering::SeqCst) {
-            return Err(ServeError::Draining.into());
-        }
-        let guard = self.state.in_flight.enter();
-        let state = self.state.clone();
-        let mut model = String::new();
-        let answers = ordered_stream(
-            request.into_inner(),
-            self.state.stream_window,
-            guard,
-            move |frame: proto::StreamFrame| {
-                // A frame that names no model uses the stream's last named one.
-                if !frame.model.is_empty() {
-                    model.clone_from(&frame.model);
-                }
-                let (state, model) = (state.clone(), model.clone());
-                async move { Ok(state.classify_frame(model, frame).await) }
-            },
-            |e| Err(Status::internal(format!("frame task failed: {e}"))),
-        );
-        Ok(Response::new(answers))
+        self.classify_frames(request.into_inner())
     }
 
     async fn list_models(

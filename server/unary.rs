@@ -1,4 +1,5 @@
-//! Unary RPCs decoded from the request's HTTP/2 DATA frames as they arrived.
+//! Unary and streaming RPCs decoded from the request's HTTP/2 DATA frames as they
+//! arrived.
 //!
 //! tonic copies every DATA frame of a request into one contiguous buffer before it
 //! decodes the message. For a request of float tensors that is a whole extra pass over
@@ -10,7 +11,10 @@
 //! frame boundary is copied, which is why the server also lets clients send large
 //! frames. A field longer than any frame (KServe's `raw_input_contents`, a whole batch
 //! of tensors) can be kept as its frames' slices ([`WithSegments`], [`Segmented`]) and
-//! cut into images from there. Everything else about the call is what tonic does: the interceptor runs as
+//! cut into images from there. The streaming methods (`ClassifyStream`, KServe's
+//! `ModelStreamInfer`) get their messages the same way, one at a time as each is
+//! complete ([`FrameRoutes::streaming`]). Everything else about the call is what tonic
+//! does: the interceptor runs as
 //! the headers arrive, the message-size limits and their statuses, the refusal of
 //! compressed requests (handed to tonic itself), metadata and extensions, and tonic's
 //! own encoder for the response. Every other method of the service goes to tonic.
@@ -108,6 +112,49 @@ impl<S> FrameRoutes<S> {
                     handler(Request::from_parts(metadata, extensions, message)).await
                 };
                 match call.await {
+                    Ok(response) => encode(
+                        response.map(|message| tokio_stream::once(Ok(message))),
+                        limits.max_encoding,
+                    ),
+                    Err(status) => status.into_http(),
+                }
+            })
+        });
+        Arc::make_mut(&mut self.routes).insert(path, route);
+        self
+    }
+
+    /// Serves the streaming method `path` with `handler`, which gets the call's messages
+    /// as a stream decoded from its frames (tonic's `Streaming` in all but the copy).
+    pub fn streaming<M, R, Out, F, Fut>(mut self, path: &'static str, handler: F) -> Self
+    where
+        M: FromFrames + Send + 'static,
+        R: prost::Message + Default + Send + 'static,
+        Out: tokio_stream::Stream<Item = Result<R, Status>> + Send + 'static,
+        F: Fn(Request<Messages<M>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response<Out>, Status>> + Send + 'static,
+    {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((path, ""));
+        let handler = Arc::new(handler);
+        let limits = self.limits;
+        let interceptor = self.interceptor;
+        let route: Route = Arc::new(move |request| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let call = async {
+                    let (parts, body) = request.into_parts();
+                    let mut head =
+                        interceptor(Request::from_http(http::Request::from_parts(parts, ())))?;
+                    head.extensions_mut()
+                        .insert(tonic::GrpcMethod::new(service, method));
+                    let (metadata, extensions, ()) = head.into_parts();
+                    let messages = messages(body, limits.max_decoding);
+                    handler(Request::from_parts(metadata, extensions, messages)).await
+                };
+                match call.await {
                     Ok(response) => encode(response, limits.max_encoding),
                     Err(status) => status.into_http(),
                 }
@@ -116,6 +163,76 @@ impl<S> FrameRoutes<S> {
         Arc::make_mut(&mut self.routes).insert(path, route);
         self
     }
+}
+
+/// A streaming call's messages, decoded from its frames as each is complete.
+pub type Messages<M> = tokio_stream::wrappers::ReceiverStream<Result<M, Status>>;
+
+/// Reads a streaming call's body in a task of its own and hands on each message as its
+/// last byte arrives. Ends at the end of the body; a fault ends it after one error
+/// (tonic's status for the same fault), and a call the client cancelled just ends. One
+/// message waits at most, so a slow handler slows the reads, and HTTP/2 flow control
+/// the client.
+fn messages<M: FromFrames + Send + 'static>(mut body: Body, max_decoding: usize) -> Messages<M> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut received = Frames::default();
+        let mut message_len: Option<usize> = None;
+        loop {
+            // Every message complete so far.
+            loop {
+                let len = match message_len {
+                    Some(len) => len,
+                    None => match received.prefix() {
+                        None => break,
+                        Some(prefix) => match message_len_of(prefix, max_decoding) {
+                            Ok(len) => {
+                                received.advance(PREFIX_LEN);
+                                message_len = Some(len);
+                                len
+                            }
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        },
+                    },
+                };
+                if received.remaining() < len {
+                    break;
+                }
+                message_len = None;
+                let message = M::decode_frames(received.split_to(len));
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    // Trailers of a request stream carry nothing a handler reads.
+                    if let Ok(data) = frame.into_data() {
+                        received.push(data);
+                    }
+                }
+                Some(Err(status)) => {
+                    if status.code() != tonic::Code::Cancelled {
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    return;
+                }
+                None => {
+                    if received.remaining() > 0 || message_len.is_some() {
+                        let _ = tx
+                            .send(Err(Status::internal("Unexpected EOF decoding stream.")))
+                            .await;
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 impl<S: NamedService> NamedService for FrameRoutes<S> {
@@ -164,15 +281,17 @@ fn compressed<B>(request: &http::Request<B>) -> bool {
         .is_some_and(|e| e.as_bytes() != b"identity")
 }
 
-/// tonic's own server-side encoder, its response headers and its trailers.
-fn encode<R>(response: Response<R>, max_encoding: usize) -> http::Response<Body>
+/// tonic's own server-side encoder, its response headers and its trailers, for the
+/// one message of a unary reply or each of a stream's.
+fn encode<R, S>(response: Response<S>, max_encoding: usize) -> http::Response<Body>
 where
     R: prost::Message + Default + Send + 'static,
+    S: tokio_stream::Stream<Item = Result<R, Status>> + Send + 'static,
 {
-    let (metadata, message, extensions) = response.into_parts();
+    let (metadata, messages, extensions) = response.into_parts();
     let body = EncodeBody::new_server(
         tonic_prost::ProstCodec::<R, R>::default().encoder(),
-        tokio_stream::once(Ok(message)),
+        messages,
         None,
         SingleMessageCompressionOverride::default(),
         Some(max_encoding),
@@ -403,6 +522,16 @@ impl Frames {
             if front.is_empty() {
                 self.chunks.pop_front();
             }
+        }
+        out
+    }
+
+    /// The next `len` bytes (at most what remains) as frames of their own: slices of
+    /// these, not copies.
+    fn split_to(&mut self, len: usize) -> Frames {
+        let mut out = Frames::default();
+        for segment in self.take_segments(len).segments {
+            out.push(segment);
         }
         out
     }
@@ -656,5 +785,85 @@ mod tests {
         Body::new(http_body_util::StreamBody::new(
             tokio_stream::StreamExt::chain(first, tokio_stream::pending()),
         ))
+    }
+
+    /// Everything a stream decoder yields for `chunks`.
+    async fn stream_of(
+        chunks: Vec<Bytes>,
+        limit: usize,
+    ) -> Vec<Result<proto::ClassifyRequest, Status>> {
+        use tokio_stream::StreamExt;
+        within_a_second(messages::<proto::ClassifyRequest>(body_of(chunks), limit).collect()).await
+    }
+
+    #[tokio::test]
+    async fn stream_messages_come_out_whole_however_the_frames_cut_them() {
+        let requests: Vec<_> = (1..=3).map(|n| tensor_request(n, 200)).collect();
+        let wire: Vec<u8> = requests
+            .iter()
+            .flat_map(|r| framed(0, &r.encode_to_vec()))
+            .collect();
+        let wire = Bytes::from(wire);
+        for step in [1, 5, 7, 97, 1000, wire.len()] {
+            let chunks = (0..wire.len())
+                .step_by(step)
+                .map(|s| wire.slice(s..(s + step).min(wire.len())))
+                .collect();
+            let got: Vec<_> = stream_of(chunks, 1 << 20)
+                .await
+                .into_iter()
+                .map(|r| r.expect("decodes"))
+                .collect();
+            assert_eq!(got, requests, "frames of {step} bytes");
+        }
+        // A tensor inside one frame is a slice of that frame.
+        let one = Bytes::from(framed(0, &tensor_request(1, 5000).encode_to_vec()));
+        let got = stream_of(vec![one.clone()], 1 << 20).await;
+        let decoded = got[0].as_ref().expect("decodes");
+        let tensor = tensor_data(decoded)[0];
+        assert!(one.as_ptr_range().contains(&tensor.as_ptr()));
+        // An empty message is a default one; an empty body, no message.
+        let empty = stream_of(vec![Bytes::from(framed(0, &[]))], 1 << 20).await;
+        assert_eq!(empty.len(), 1);
+        assert_eq!(
+            empty[0].as_ref().expect("decodes"),
+            &proto::ClassifyRequest::default()
+        );
+        assert!(stream_of(vec![], 1 << 20).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stream_fault_ends_it_after_the_good_messages_with_tonics_status() {
+        let good = framed(0, &tensor_request(1, 50).encode_to_vec());
+        let with = |tail: Vec<u8>| {
+            let mut wire = good.clone();
+            wire.extend(tail);
+            vec![Bytes::from(wire)]
+        };
+        let mut big = vec![0u8];
+        big.extend_from_slice(&(2u32 << 20).to_be_bytes());
+        let cases: Vec<(Vec<u8>, tonic::Code, &str)> = vec![
+            (vec![0, 0], tonic::Code::Internal, "Unexpected EOF"),
+            (
+                framed(0, &[1, 2, 3])[..7].to_vec(),
+                tonic::Code::Internal,
+                "Unexpected EOF",
+            ),
+            (framed(1, &[]), tonic::Code::Internal, "compressed-flag"),
+            (big, tonic::Code::OutOfRange, "the limit is: 1048576 bytes"),
+            (
+                framed(0, &[0xff, 0xff]),
+                tonic::Code::Internal,
+                "failed to decode",
+            ),
+        ];
+        for (tail, code, text) in cases {
+            let got = stream_of(with(tail.clone()), 1 << 20).await;
+            assert_eq!(got.len(), 2, "{tail:?}");
+            assert!(got[0].is_ok());
+            let err = got[1].as_ref().expect_err("fault");
+            assert_eq!(err.code(), code, "{tail:?}: {err}");
+            assert!(err.message().contains(text), "{tail:?}: {err}");
+        }
     }
 }

@@ -185,6 +185,51 @@ impl KServeService {
         })
     }
 
+    /// `ModelStreamInfer` over `requests`, as tonic decodes them or as decoded from the
+    /// call's HTTP/2 frames (server/unary.rs): responses in the requests' order, an
+    /// error in its response's `error_message` without ending the stream.
+    pub fn stream_infer<R: Into<InferRequest> + Send + 'static>(
+        &self,
+        requests: impl tokio_stream::Stream<Item = Result<R, Status>> + Send + Unpin + 'static,
+    ) -> Result<Response<ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>>, Status>
+    {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(ServeError::Draining.into());
+        }
+        let guard = self.state.in_flight.enter();
+        let service = self.clone();
+        let answers = ordered_stream(
+            requests,
+            self.state.stream_window,
+            guard,
+            move |req: R| {
+                let s = service.clone();
+                async move {
+                    // Errors travel in the response, so the stream goes on.
+                    Ok(
+                        match s.infer_recorded(req.into(), None, "ModelStreamInfer").await {
+                            Ok(response) => pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(e) => pb::ModelStreamInferResponse {
+                                error_message: e.to_string(),
+                                infer_response: None,
+                            },
+                        },
+                    )
+                }
+            },
+            |e| {
+                Ok(pb::ModelStreamInferResponse {
+                    error_message: format!("internal error: request task failed: {e}"),
+                    infer_response: None,
+                })
+            },
+        );
+        Ok(Response::new(answers))
+    }
+
     /// Runs one inference and records it under its model, whatever the outcome.
     async fn infer_recorded(
         &self,
@@ -326,41 +371,7 @@ impl GrpcInferenceService for KServeService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        if self.state.draining.load(Ordering::SeqCst) {
-            return Err(ServeError::Draining.into());
-        }
-        let guard = self.state.in_flight.enter();
-        let service = self.clone();
-        let answers = ordered_stream(
-            request.into_inner(),
-            self.state.stream_window,
-            guard,
-            move |req: pb::ModelInferRequest| {
-                let s = service.clone();
-                async move {
-                    // Errors travel in the response, so the stream goes on.
-                    Ok(
-                        match s.infer_recorded(req.into(), None, "ModelStreamInfer").await {
-                            Ok(response) => pb::ModelStreamInferResponse {
-                                error_message: String::new(),
-                                infer_response: Some(response),
-                            },
-                            Err(e) => pb::ModelStreamInferResponse {
-                                error_message: e.to_string(),
-                                infer_response: None,
-                            },
-                        },
-                    )
-                }
-            },
-            |e| {
-                Ok(pb::ModelStreamInferResponse {
-                    error_message: format!("internal error: request task failed: {e}"),
-                    infer_response: None,
-                })
-            },
-        );
-        Ok(Response::new(answers))
+        self.stream_infer(request.into_inner())
     }
 
     async fn model_config(

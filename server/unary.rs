@@ -78,55 +78,38 @@ impl<S> FrameRoutes<InterceptedService<S, Interceptor>> {
 impl<S> FrameRoutes<S> {
     /// Serves `path` ("/package.Service/Method") with `handler`, the same function the
     /// generated service trait would call.
-    pub fn unary<M, R, F, Fut>(mut self, path: &'static str, handler: F) -> Self
+    pub fn unary<M, R, F, Fut>(self, path: &'static str, handler: F) -> Self
     where
         M: FromFrames + Send + 'static,
         R: prost::Message + Default + Send + 'static,
         F: Fn(Request<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or((path, ""));
         let handler = Arc::new(handler);
         let limits = self.limits;
-        let interceptor = self.interceptor;
-        let route: Route = Arc::new(move |request| {
+        self.route(path, move |head, body| {
             let handler = handler.clone();
-            Box::pin(async move {
-                let call = async {
-                    let (parts, body) = request.into_parts();
-                    let mut head =
-                        interceptor(Request::from_http(http::Request::from_parts(parts, ())))?;
-                    head.extensions_mut()
-                        .insert(tonic::GrpcMethod::new(service, method));
-                    let (frames, trailers) = read_message(body, limits.max_decoding).await?;
-                    let message = M::decode_frames(frames)?;
-                    let (mut metadata, extensions, ()) = head.into_parts();
-                    if let Some(trailers) = trailers {
-                        let mut headers = metadata.into_headers();
-                        headers.extend(trailers);
-                        metadata = MetadataMap::from_headers(headers);
-                    }
-                    handler(Request::from_parts(metadata, extensions, message)).await
-                };
-                match call.await {
-                    Ok(response) => encode(
-                        response.map(|message| tokio_stream::once(Ok(message))),
-                        limits.max_encoding,
-                    ),
-                    Err(status) => status.into_http(),
+            async move {
+                let (frames, trailers) = read_message(body, limits.max_decoding).await?;
+                let message = M::decode_frames(frames)?;
+                let (mut metadata, extensions, ()) = head.into_parts();
+                if let Some(trailers) = trailers {
+                    let mut headers = metadata.into_headers();
+                    headers.extend(trailers);
+                    metadata = MetadataMap::from_headers(headers);
                 }
-            })
-        });
-        Arc::make_mut(&mut self.routes).insert(path, route);
-        self
+                let response = handler(Request::from_parts(metadata, extensions, message)).await?;
+                Ok(encode(
+                    response.map(|message| tokio_stream::once(Ok(message))),
+                    limits.max_encoding,
+                ))
+            }
+        })
     }
 
     /// Serves the streaming method `path` with `handler`, which gets the call's messages
     /// as a stream decoded from its frames (tonic's `Streaming` in all but the copy).
-    pub fn streaming<M, R, Out, F, Fut>(mut self, path: &'static str, handler: F) -> Self
+    pub fn streaming<M, R, Out, F, Fut>(self, path: &'static str, handler: F) -> Self
     where
         M: FromFrames + Send + 'static,
         R: prost::Message + Default + Send + 'static,
@@ -134,30 +117,45 @@ impl<S> FrameRoutes<S> {
         F: Fn(Request<Messages<M>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<Out>, Status>> + Send + 'static,
     {
+        let handler = Arc::new(handler);
+        let limits = self.limits;
+        self.route(path, move |head, body| {
+            let handler = handler.clone();
+            async move {
+                let (metadata, extensions, ()) = head.into_parts();
+                let messages = messages(body, limits.max_decoding);
+                let response = handler(Request::from_parts(metadata, extensions, messages)).await?;
+                Ok(encode(response, limits.max_encoding))
+            }
+        })
+    }
+
+    /// Routes `path` to `serve`, which gets the call's head as the interceptor passed it
+    /// (with the method recorded, as tonic's generated server does) and its body; an
+    /// error from either is the call's status.
+    fn route<F, Fut>(mut self, path: &'static str, serve: F) -> Self
+    where
+        F: Fn(Request<()>, Body) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<http::Response<Body>, Status>> + Send + 'static,
+    {
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or((path, ""));
-        let handler = Arc::new(handler);
-        let limits = self.limits;
+        let serve = Arc::new(serve);
         let interceptor = self.interceptor;
         let route: Route = Arc::new(move |request| {
-            let handler = handler.clone();
+            let serve = serve.clone();
             Box::pin(async move {
+                let (parts, body) = request.into_parts();
                 let call = async {
-                    let (parts, body) = request.into_parts();
                     let mut head =
                         interceptor(Request::from_http(http::Request::from_parts(parts, ())))?;
                     head.extensions_mut()
                         .insert(tonic::GrpcMethod::new(service, method));
-                    let (metadata, extensions, ()) = head.into_parts();
-                    let messages = messages(body, limits.max_decoding);
-                    handler(Request::from_parts(metadata, extensions, messages)).await
+                    serve(head, body).await
                 };
-                match call.await {
-                    Ok(response) => encode(response, limits.max_encoding),
-                    Err(status) => status.into_http(),
-                }
+                call.await.unwrap_or_else(|status| status.into_http())
             })
         });
         Arc::make_mut(&mut self.routes).insert(path, route);

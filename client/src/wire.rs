@@ -2,9 +2,9 @@
 //! every large `bytes` field is the caller's own buffer rather than a copy.
 //!
 //! tonic encodes a request into one buffer, so each tensor of a `Classify` or
-//! `ModelInfer` call (or `ClassifyStream` frame) is copied once in user space before the kernel copies it again
-//! into the socket: in a float-tensor load on 2 cores that copy was 14.6% of all CPU
-//! samples, the client's largest cost after the kernel's. Here the message is encoded
+//! `ModelInfer` call (or of a `ClassifyStream` frame) is copied once in user space
+//! before the kernel copies it again into the socket: in a float-tensor load on 2 cores
+//! that copy was 14.6% of all CPU samples, the client's largest cost after the kernel's. Here the message is encoded
 //! with prost into [`Encoded`], a `BufMut` that takes a large `Bytes` field by
 //! reference, and the chunks go to h2 as they are (h2 chains DATA payloads over 256
 //! bytes into its writes instead of copying them). The call itself is tonic's: the same

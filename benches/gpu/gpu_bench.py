@@ -354,10 +354,17 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
             # included): cores busy divided by images per second.
             report["server_cpu_us_per_image"] = round(
                 1e6 * sum(server_cores.values()) / max(report["images_per_s"], 1e-9), 1)
+            # The issue's target: end to end against in process at the same batch size
+            # (with copies, as the server runs it, where the device has them).
+            base = inproc.get("images_per_s_with_copies") or inproc.get("images_per_s")
+            if base and not transport_only:
+                report["vs_in_process"] = report["images_per_s"] / base
             rows.append(report)
             note = {"tcp": "", "transport": " (transport only)", "shm": " (shared memory)"}[kind]
+            ratio = report.get("vs_in_process")
+            versus = f"{ratio:.2f}x in process, " if ratio else ""
             log(f"{key} load c={concurrency} x{per_request}{note}: "
-                f"{report['images_per_s']:.0f} img/s, "
+                f"{report['images_per_s']:.0f} img/s, {versus}"
                 f"p50 {report['latency_ms']['p50']:.1f} ms p99 {report['latency_ms']['p99']:.1f} ms, "
                 f"errors {report['errors']}; server ms: request "
                 f"{(report.get('server') or {}).get('mean_request_ms', 0):.1f}, queue "
@@ -382,7 +389,11 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
 def overhead(args, out: pathlib.Path) -> None:
     """The serving path's ceiling on this machine: examples/server_overhead (the real
     server and load client, a model that costs a fixed time per batch and computes
-    nothing) at the server step's loads."""
+    nothing) at the server step's loads. Then the same loads with `--one-device`: the
+    workers take turns on one emulated device that holds a batch for the GPU's own time
+    (the resident graph's), each staging its batch first, and each row's ratio to that
+    model called in process: the target's ratio with the device emulated, to set beside
+    the real one."""
     if not args.overhead or not pathlib.Path(args.overhead).exists():
         RESULTS["overhead"] = {"error": f"no server_overhead binary at {args.overhead}"}
         return
@@ -393,27 +404,42 @@ def overhead(args, out: pathlib.Path) -> None:
     batch_ms = 1000.0 * args.server_batch / rate if rate else 2.0
     cmd = [args.overhead, "--batch-ms", f"{batch_ms:.3f}", "--seconds", str(args.load_seconds),
            "--connections", str(args.connections),
-           "--batch-sizes", ",".join(map(str, sorted({1, 8, 16, 32, args.server_batch})))]
+           # Up to the server step's batch, the size the in-process figures are taken at.
+           "--batch-sizes", ",".join(map(str, sorted(
+               {s for s in (1, 8, 16, 32) if s < args.server_batch} | {args.server_batch})))]
     cmd += [f"{c}x{n}" for c, n in args.load_rows]
-    rows, stderr = [], ""
-    for extra in ([], ["--shared-memory"]) if args.shared_memory else ([],):
+    resident = inproc.get("images_per_s")
+    device_ms = 1000.0 * args.server_batch / resident if resident else batch_ms / 2
+    transports = ([], ["--shared-memory"]) if args.shared_memory else ([],)
+    passes = [t for t in transports] + [
+        t + ["--one-device", "--batch-ms", f"{device_ms:.3f}"] for t in transports]
+    rows, in_process, stderr = [], [], ""
+    for extra in passes:
         try:
-            p = run(cmd + extra, 60 + 15 * len(args.load_rows) * args.load_seconds)
+            p = run(cmd + extra, 90 + 15 * len(args.load_rows) * args.load_seconds)
         except subprocess.TimeoutExpired:
             RESULTS["overhead"] = {"error": "timeout", "rows": rows}
             return
         stderr += p.stderr[-1500:] if p.returncode else ""
         for line in p.stdout.splitlines():
             try:
-                rows.append(json.loads(line))
+                r = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            (in_process if r.get("in_process") else rows).append(r)
+    for r in in_process:
+        log(f"emulated device in process, batch {r['batch']} ({r['batch_ms']:.2f} ms per batch): "
+            f"{r['images_per_s']:.0f} img/s")
     for r in rows:
-        log(f"ceiling c={r['concurrency']} x{r['images_per_request']} ({batch_ms:.2f} ms per batch): "
-            f"{r['images_per_s']:.0f} img/s, p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}, "
+        ratio = r.get("vs_in_process")
+        log(f"ceiling c={r['concurrency']} x{r['images_per_request']} ({r['batch_ms']:.2f} ms per batch"
+            f"{', one device' if r.get('one_device') else ''}): "
+            f"{r['images_per_s']:.0f} img/s{f', {ratio:.2f}x in process' if ratio else ''}, "
+            f"p50 {r['latency_ms']['p50']:.1f} ms, errors {r['errors']}, "
             f"{r.get('server_cpu_us_per_image', 0):.0f} µs of server CPU per image"
             f"{' (shared memory)' if r.get('shared_memory') else ''}")
-    RESULTS["overhead"] = {"batch_ms": batch_ms, "rows": rows, "stderr": stderr}
+    RESULTS["overhead"] = {"batch_ms": batch_ms, "device_ms": device_ms, "rows": rows,
+                           "in_process": in_process, "stderr": stderr}
     save(out)
 
 

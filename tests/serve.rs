@@ -453,6 +453,51 @@ async fn a_fast_stream_producer_is_slowed_not_buffered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_is_no_longer_in_flight() {
+    use prost::Message;
+    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    // A bare HTTP/2 client, so the call can be reset as a client that goes away resets it.
+    let authority = server.addr.trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect");
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut h2 = h2.ready().await.expect("ready");
+    let head = http::Request::post(format!(
+        "http://{authority}/resnet_serve.v1.Classifier/ClassifyStream"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (response, mut send) = h2.send_request(head, false).expect("send");
+    let frame = StreamFrame {
+        frame_id: 0,
+        model: String::new(),
+        image: Some(tensor_image(0).0),
+        output: None,
+    }
+    .encode_to_vec();
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    message.extend_from_slice(&frame);
+    send.send_data(message.into(), false).expect("frame");
+    let mut body = response.await.expect("response").into_body();
+    let first = body.data().await.expect("a result").expect("data");
+    assert!(first.len() > 5, "the first frame is answered");
+    // Half of the next message, then the stream is reset.
+    send.send_data(vec![0u8, 0, 0, 1, 0, 8].into(), false)
+        .expect("part of a frame");
+    send.send_reset(h2::Reason::CANCEL);
+    // Draining waits for calls in flight (up to 20 s here): the reset one is not.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server.stop()).await;
+    assert!(stopped.is_ok(), "the drain waited for the reset stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;

@@ -19,6 +19,11 @@ const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 2
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The process's own families (`process_resident_memory_bytes`, CPU seconds, open
+    /// fds, threads) under their standard unprefixed names, as every Prometheus client
+    /// library exports them, so stock dashboards and alerts find them; `registry` would
+    /// prefix them `resnet_serve_`. Empty off Linux.
+    process: Registry,
     requests: IntCounterVec,
     request_seconds: HistogramVec,
     queue_seconds: HistogramVec,
@@ -89,6 +94,7 @@ impl Metrics {
         let m = Metrics {
             registry: Registry::new_custom(Some("resnet_serve".into()), None)
                 .unwrap_or_else(|e| panic!("registry: {e}")),
+            process: Registry::new(),
             requests: counter(
                 "requests_total",
                 "Requests by model, RPC and gRPC status code.",
@@ -175,6 +181,12 @@ impl Metrics {
             // Names are fixed and distinct, so registration cannot collide.
             let _ = m.registry.register(c);
         }
+        // Read from /proc/self at each scrape: the soak tool (`resnet-client soak`) and
+        // operators watch the resident memory under load here.
+        #[cfg(target_os = "linux")]
+        let _ = m.process.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         m
     }
 
@@ -212,7 +224,9 @@ impl Metrics {
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let _ = prometheus::TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
 }
@@ -253,4 +267,44 @@ pub async fn serve(
 /// Where the metrics endpoint listens by default.
 pub fn default_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the unlabelled series `name` in Prometheus text.
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_resident_memory_is_exported_under_its_standard_name() {
+        let text = Metrics::new().render();
+        let rss =
+            sample(&text, "process_resident_memory_bytes").unwrap_or_else(|| panic!("{text}"));
+        // This test process holds at least a few MiB.
+        assert!(rss > 1e6, "{rss}");
+        assert!(
+            text.contains("# TYPE process_resident_memory_bytes gauge"),
+            "{text}"
+        );
+        for family in [
+            "process_virtual_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_threads",
+        ] {
+            assert!(sample(&text, family).is_some(), "{family} missing: {text}");
+        }
+        // Not also under the server's prefix.
+        assert!(!text.contains("resnet_serve_process_"), "{text}");
+        // The server's own families keep theirs.
+        assert!(
+            sample(&text, "resnet_serve_requests_in_flight").is_some(),
+            "{text}"
+        );
+    }
 }

@@ -25,6 +25,7 @@ pub mod codec;
 pub mod load;
 pub mod metrics;
 pub mod shm;
+pub mod soak;
 pub mod video;
 pub mod wire;
 

@@ -123,7 +123,7 @@ impl Recorder {
     }
 }
 
-fn code_name(code: tonic::Code) -> String {
+pub(crate) fn code_name(code: tonic::Code) -> String {
     format!("{code:?}").chars().fold(String::new(), |mut s, c| {
         if c.is_uppercase() && !s.is_empty() {
             s.push('_');
@@ -203,7 +203,7 @@ fn shared_window(
 }
 
 /// One KServe `ModelInfer` carrying the same images a `Classify` would.
-async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
+async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Status> {
     use proto::inference::{
         model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse,
     };
@@ -224,7 +224,9 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
         parameters,
         ..Default::default()
     };
-    let (model, input, raw) = match (shared_window(&images)?, tensors) {
+    let window = shared_window(&images)
+        .map_err(|code| tonic::Status::new(code, "a batch in shared memory is one window"))?;
+    let (model, input, raw) = match (window, tensors) {
         // One window of a shared-memory region holds the whole batch.
         (Some(parameters), _) => (cfg.model.clone(), fp32(parameters), Vec::new()),
         (None, Some(raw)) => (cfg.model.clone(), fp32(HashMap::new()), raw),
@@ -232,7 +234,9 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
             let mut raw = Vec::with_capacity(2 * images.len());
             for img in &images {
                 let Some(proto::image::Kind::Encoded(e)) = &img.kind else {
-                    return Err(tonic::Code::InvalidArgument);
+                    return Err(tonic::Status::invalid_argument(
+                        "KServe requests take tensors or encoded files, not raw frames",
+                    ));
                 };
                 raw.push(Bytes::copy_from_slice(&(e.data.len() as u32).to_le_bytes()));
                 raw.push(e.data.clone());
@@ -269,13 +273,19 @@ async fn kserve(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::
         .unary::<ModelInferResponse>(wire::MODEL_INFER, encoded, client.config().timeout)
         .await
         .map(|_| ())
-        .map_err(|s| s.code())
 }
 
 /// `ModelInferRequest.raw_input_contents`' field number.
 const RAW_INPUT_CONTENTS: u32 = 7;
 
 async fn unary(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Code> {
+    call(client, cfg, i).await.map_err(|s| s.code())
+}
+
+/// Request `i` of a unary load (`Classify`, or `ModelInfer` for [`Transport::KServe`]),
+/// sent once, with the whole status: the soak tool tells the server's answers from
+/// transport failures by it.
+pub(crate) async fn call(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::Status> {
     if cfg.transport == Transport::KServe {
         return kserve(client, cfg, i).await;
     }
@@ -294,7 +304,6 @@ async fn unary(client: &Client, cfg: &LoadConfig, i: u64) -> Result<(), tonic::C
         )
         .await
         .map(|_| ())
-        .map_err(|s| s.code())
 }
 
 fn frame(cfg: &LoadConfig, i: u64) -> proto::StreamFrame {

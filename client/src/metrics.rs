@@ -181,14 +181,37 @@ impl std::fmt::Display for BatchStats {
 
 /// GETs `/metrics` from `addr` (`host:port`) and parses the batching counters.
 pub async fn scrape(addr: &str) -> std::io::Result<BatchStats> {
+    Ok(BatchStats::parse(&get(addr).await?))
+}
+
+/// The text of a plain-HTTP GET of `target`: `http://host:port/path`, or `host:port`
+/// for `/metrics` there. Headers are left in front of the body (no metric line looks
+/// like one).
+pub async fn get(target: &str) -> std::io::Result<String> {
+    let rest = target.strip_prefix("http://").unwrap_or(target);
+    let (addr, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/metrics"),
+    };
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await?;
     let mut text = String::new();
     s.read_to_string(&mut text).await?;
-    Ok(BatchStats::parse(&text))
+    Ok(text)
+}
+
+/// The server's resident memory in bytes (`process_resident_memory_bytes`), when its
+/// metrics text has it.
+pub fn resident_memory(text: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix("process_resident_memory_bytes ")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[cfg(test)]
@@ -232,5 +255,19 @@ resnet_serve_compute_duration_seconds_count{model=\"a\",batch_size=\"2\"} 6\n";
         assert_eq!(d.batches, 10.0);
         assert!((d.mean_compute_ms - 5.0).abs() < 1e-9);
         assert_eq!(s.since(&s).mean_request_ms, 0.0, "no requests in between");
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_its_standard_series() {
+        let text = "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n\
+# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+# TYPE process_resident_memory_bytes gauge\n\
+process_resident_memory_bytes 123457536\n\
+process_virtual_memory_bytes 9e9\n";
+        assert_eq!(resident_memory(text), Some(123457536.0));
+        assert_eq!(
+            resident_memory("resnet_serve_process_resident_memory_bytes 5\n"),
+            None
+        );
     }
 }

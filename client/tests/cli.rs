@@ -46,14 +46,23 @@ impl Server {
     }
 
     fn start_with(model: Arc<dyn Backend>) -> Server {
+        Server::start_queue(model, 256)
+    }
+
+    /// As [`Server::start_with`], with a model queue of `queue_capacity` images.
+    fn start_queue(model: Arc<dyn Backend>, queue_capacity: usize) -> Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async move {
                 let options = ServeOptions {
-                    policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 256)
-                        .expect("policy"),
+                    policy: BatchPolicy::new(
+                        &[1, 2, 4, 8],
+                        Duration::from_millis(2),
+                        queue_capacity,
+                    )
+                    .expect("policy"),
                     preprocess_threads: 2,
                     ..ServeOptions::default()
                 };
@@ -719,4 +728,107 @@ fn library_calls_answer_as_the_generated_stub_does() {
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
         assert_eq!(stubbed.code(), tonic::Code::Unavailable, "{stubbed}");
     });
+}
+
+#[test]
+fn a_soak_refuses_past_capacity_and_loses_nothing() {
+    // A queue of 8 images: ten times the capacity must be refused, not queued.
+    let server = Server::start_queue(model(), 8);
+    let metrics_url = format!("http://{}/metrics", server.metrics);
+    let out = server
+        .client()
+        .args([
+            "soak",
+            "--calibrate",
+            "2",
+            "--calibrate-concurrency",
+            "4",
+            "--duration",
+            "4",
+            "--overload",
+            "10",
+            "--connections",
+            "2",
+            "--sample-ms",
+            "100",
+            "--drain-wait",
+            "20",
+            "--json",
+            "--metrics-url",
+            &metrics_url,
+        ])
+        .output()
+        .expect("runs");
+    let r = json_of(&out);
+    let capacity = r["capacity_rps"].as_f64().expect("capacity");
+    let offered = r["offered_rps"].as_f64().expect("offered");
+    assert!(capacity > 0.0 && r["capacity_measured"] == true, "{r}");
+    assert!((offered / capacity - 10.0).abs() < 1e-6, "{r}");
+    assert!(r["drain"].is_null() && r["sigterm"].is_null(), "{r}");
+    let total = &r["total"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("count: {r}"));
+    let sum = |v: &serde_json::Value| -> u64 {
+        v.as_object()
+            .unwrap_or_else(|| panic!("counts: {r}"))
+            .values()
+            .map(n)
+            .sum()
+    };
+    // Every request sent has exactly one outcome.
+    assert_eq!(
+        n(&total["sent"]),
+        sum(&total["answered"]) + sum(&total["not_taken"]) + n(&total["lost"]),
+        "{r}"
+    );
+    assert!(n(&total["sent"]) as f64 >= 0.5 * offered * 4.0, "{r}");
+    assert_eq!(n(&r["lost"]), 0, "{r}");
+    assert_eq!(sum(&total["not_taken"]), 0, "the server stayed up: {r}");
+    assert!(n(&total["refused"]) > 0, "10x overload was refused: {r}");
+    assert!(n(&total["ok"]) > 0, "{r}");
+    for q in ["ok_ms", "refused_ms"] {
+        let p50 = total[q]["p50"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{q}: {r}"));
+        let p99 = total[q]["p99"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{q}: {r}"));
+        assert!(0.0 < p50 && p50 <= p99, "{q}: {r}");
+    }
+    let rss = &r["rss"];
+    for k in ["before", "loaded", "peak", "after"] {
+        assert!(n(&rss[k]) > 1 << 20, "RSS {k}: {r}");
+    }
+    assert!(n(&rss["samples"]) >= 10, "{r}");
+    assert!(
+        n(&rss["peak"]) >= n(&rss["before"]).min(n(&rss["loaded"])),
+        "{r}"
+    );
+
+    // The human summary says the same.
+    let out = server
+        .client()
+        .args([
+            "soak",
+            "--capacity",
+            "20",
+            "--calibrate",
+            "0.5",
+            "--duration",
+            "1",
+            "--overload",
+            "2",
+        ])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("capacity 20.0 req/s (given), offered 40.0 req/s (2x)")
+            && text.contains("requests lost (sent, never given a status): 0"),
+        "{text}"
+    );
 }

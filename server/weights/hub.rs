@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -45,7 +46,21 @@ pub fn verify_file_name_hash(path: &Path) -> Result<(), WeightsError> {
         return Ok(());
     };
     let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
-    let actual = sha256_hex(file).map_err(|e| WeightsError::io(path, e))?;
+    check_hash(&file, path, expected)
+}
+
+/// [`verify_file_name_hash`] of a file already open, called `path`.
+pub fn verify_open_file(file: &File, path: &Path) -> Result<(), WeightsError> {
+    let Some(expected) = expected_hash_prefix(path) else {
+        return Ok(());
+    };
+    check_hash(file, path, expected)
+}
+
+fn check_hash(file: &File, path: &Path, expected: String) -> Result<(), WeightsError> {
+    // Positioned reads: the file's own offset is left where it was.
+    let reader = FileReader { file, at: 0 };
+    let actual = sha256_hex(reader).map_err(|e| WeightsError::io(path, e))?;
     if actual.starts_with(&expected) {
         Ok(())
     } else {
@@ -54,6 +69,20 @@ pub fn verify_file_name_hash(path: &Path) -> Result<(), WeightsError> {
             expected,
             actual,
         })
+    }
+}
+
+/// `Read` by `pread` from an offset of its own.
+struct FileReader<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
     }
 }
 

@@ -10,6 +10,10 @@
 //! - [`hub`]: torch.hub's `-<sha256 prefix>` file names and the check torch.hub skips.
 //! - [`download`]: the weights cache and the verified, resumable download.
 //! - [`convert`]: any checkpoint to safetensors.
+//!
+//! A checkpoint's sizes come from the file. Each reader checks them against [`Limits`]
+//! (what the model being loaded can hold, from its architecture) before it allocates or
+//! inflates anything, and refuses a file past them with [`WeightsError::TooLarge`].
 
 pub mod convert;
 pub mod download;
@@ -26,6 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::{bf16, f16};
+
+use crate::model::resnet::Layout;
+use crate::model::Architecture;
 
 /// Everything that can go wrong reading a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,111 @@ pub enum WeightsError {
     },
     #[error(transparent)]
     Download(#[from] download::DownloadError),
+    #[error("{path}: checkpoint {what} exceeds {limit}")]
+    TooLarge {
+        path: PathBuf,
+        what: String,
+        limit: String,
+    },
+}
+
+/// What one checkpoint may make its reader hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of tensor data: the storages together, and the tensors viewing them
+    /// together (a view can be larger than its storage).
+    pub max_tensor_bytes: u64,
+    /// Bytes of the index: the pickle, or the safetensors header.
+    pub max_index_bytes: u64,
+    /// The model the limits are for, for messages.
+    pub model: &'static str,
+}
+
+impl Limits {
+    /// A state dict's index is ~100 bytes a tensor (~100 KB for the largest model).
+    const INDEX_BYTES: u64 = 16 << 20;
+    /// Per tensor: buffers that are not parameters (`num_batches_tracked`) and padding.
+    const SLACK_PER_TENSOR: u64 = 4096;
+
+    /// What `arch`'s state dict holds: every tensor of the model definition in the widest
+    /// dtype a checkpoint may store (8 bytes), plus a little per tensor.
+    pub fn for_architecture(arch: Architecture) -> Limits {
+        let shapes = Layout::new(arch).expected_shapes();
+        let elements: u64 = shapes
+            .values()
+            .map(|s| s.iter().map(|&d| d as u64).product::<u64>())
+            .sum();
+        let tensors = shapes.len() as u64;
+        Limits {
+            max_tensor_bytes: elements * 8 + (2 * tensors + 64) * Self::SLACK_PER_TENSOR,
+            max_index_bytes: Self::INDEX_BYTES,
+            model: arch.as_str(),
+        }
+    }
+
+    /// The largest any architecture this server serves needs: for files read without
+    /// a model in mind (`inspect`, `convert`).
+    pub fn any_architecture() -> Limits {
+        let largest = Architecture::ALL
+            .into_iter()
+            .map(Limits::for_architecture)
+            .max_by_key(|l| l.max_tensor_bytes)
+            .unwrap_or(Limits {
+                max_tensor_bytes: 0,
+                max_index_bytes: Self::INDEX_BYTES,
+                model: "",
+            });
+        Limits {
+            model: "the largest model this server serves",
+            ..largest
+        }
+    }
+
+    /// "the N bytes resnet18 can hold", for messages.
+    fn holds(&self) -> String {
+        format!(
+            "the {} bytes {} can hold",
+            self.max_tensor_bytes, self.model
+        )
+    }
+
+    fn exceeded(&self, path: &Path, what: String, limit: String) -> WeightsError {
+        WeightsError::TooLarge {
+            path: path.to_path_buf(),
+            what,
+            limit,
+        }
+    }
+
+    /// `total` storage bytes so far plus `len` more, refused past the limit.
+    fn add_storage(&self, path: &Path, total: u64, len: u64) -> Result<u64, WeightsError> {
+        match total.checked_add(len) {
+            Some(t) if t <= self.max_tensor_bytes => Ok(t),
+            _ => Err(self.exceeded(
+                path,
+                format!("storage data of more than {} bytes", total.max(len)),
+                self.holds(),
+            )),
+        }
+    }
+
+    /// `total` bytes of tensors (as read) so far plus `len` more, refused past the limit.
+    fn add_tensor(&self, path: &Path, total: u64, len: u64) -> Result<u64, WeightsError> {
+        match total.checked_add(len) {
+            Some(t) if t <= self.max_tensor_bytes => Ok(t),
+            _ => Err(self.exceeded(
+                path,
+                format!("tensors of more than {} bytes", total.max(len)),
+                self.holds(),
+            )),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::any_architecture()
+    }
 }
 
 impl WeightsError {
@@ -75,6 +187,16 @@ impl WeightsError {
             path: path.to_path_buf(),
             what: what.into(),
         }
+    }
+}
+
+/// A string from a file or a client as a message repeats it: at most 64 characters,
+/// then "…" (a tensor name or a file name can be megabytes long).
+pub fn clip(s: &str) -> String {
+    const KEEP: usize = 64;
+    match s.char_indices().nth(KEEP) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
     }
 }
 
@@ -219,28 +341,46 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a checkpoint of any supported format, found by content, after checking the
-    /// torch.hub hash its file name may carry.
+    /// torch.hub hash its file name may carry; within [`Limits::any_architecture`].
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, WeightsError> {
+        Self::open_within(path, Limits::default())
+    }
+
+    /// [`Checkpoint::open`] for a model whose size is known: a file claiming more than
+    /// `limits` is refused before anything is allocated for it.
+    pub fn open_within(path: impl AsRef<Path>, limits: Limits) -> Result<Checkpoint, WeightsError> {
         let path = path.as_ref();
         hub::verify_file_name_hash(path)?;
-        Self::open_unverified(path)
+        let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
+        Self::read(file, path, &limits)
     }
 
     /// Opens without the file-name hash check (for callers that just verified it).
     pub fn open_unverified(path: &Path) -> Result<Checkpoint, WeightsError> {
         let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
+        Self::read(file, path, &Limits::default())
+    }
+
+    /// A checkpoint already open (from the model repository): `name` is what it is
+    /// called in messages and [`Checkpoint::path`], and whose hash prefix is checked.
+    pub fn from_file(file: File, name: &Path, limits: Limits) -> Result<Checkpoint, WeightsError> {
+        hub::verify_open_file(&file, name)?;
+        Self::read(file, name, &limits)
+    }
+
+    fn read(file: File, path: &Path, limits: &Limits) -> Result<Checkpoint, WeightsError> {
         let mut head = [0u8; 16];
         let n = read_prefix(&file, &mut head).map_err(|e| WeightsError::io(path, e))?;
         let head = &head[..n];
         let mut builder = Builder::default();
         let (format, mmap) = if head.starts_with(b"PK\x03\x04") {
-            torch::read_zip(path, &file, &mut builder)?;
+            torch::read_zip(path, &file, limits, &mut builder)?;
             (Format::TorchZip, None)
         } else if safetensors_file::looks_like(head) {
-            let mmap = safetensors_file::read(path, &file, &mut builder)?;
+            let mmap = safetensors_file::read(path, &file, limits, &mut builder)?;
             (Format::Safetensors, Some(mmap))
         } else if head.starts_with(&[0x80, 0x02]) {
-            torch::read_legacy(path, &file, &mut builder)?;
+            torch::read_legacy(path, &file, limits, &mut builder)?;
             (Format::TorchLegacy, None)
         } else {
             return Err(WeightsError::UnknownFormat {

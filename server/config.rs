@@ -16,6 +16,7 @@ use resnet_serve::preprocess::Limits;
 use resnet_serve::scheduler::{Backend, BatchPolicy};
 use resnet_serve::server::{self, ModelLoader, ServeOptions};
 use resnet_serve::weights::download::Downloader;
+use resnet_serve::weights::repository::ModelRepository;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +69,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RESNET_SERVE_MODEL_CONTROL")]
     #[serde(default)]
     pub model_control: bool,
+    /// The directory RepositoryModelLoad may read checkpoints from, by file name (its
+    /// `file` parameter); with --model-control and no repository, models load by hub
+    /// name from the weights cache only.
+    #[arg(long, env = "RESNET_SERVE_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
     /// Let clients on this host register system shared-memory regions (KServe's
     /// SystemSharedMemoryRegister) and point inputs and outputs at them instead of
     /// sending the bytes [default: true].
@@ -139,6 +145,7 @@ impl ServeArgs {
             workers_per_device: self.workers_per_device.or(file.workers_per_device),
             compute_threads: self.compute_threads.or(file.compute_threads),
             model_control: self.model_control || file.model_control,
+            model_repository: self.model_repository.or(file.model_repository),
             shared_memory: self.shared_memory.or(file.shared_memory),
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
@@ -238,7 +245,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         compute_threads: args.compute_threads,
     });
     if args.model_control {
-        options.model_factory = Some(place.factory());
+        let repository = match &args.model_repository {
+            Some(dir) => {
+                let repository = ModelRepository::new(dir)
+                    .with_context(|| format!("--model-repository {}", dir.display()))?;
+                Some(Arc::new(repository))
+            }
+            None => None,
+        };
+        options.model_factory = Some(place.factory(repository));
+    } else if args.model_repository.is_some() {
+        anyhow::bail!("--model-repository is read only by --model-control, which is off");
     }
     let loader: ModelLoader = Box::new(move || {
         let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();

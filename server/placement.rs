@@ -1,9 +1,9 @@
 //! Where and how models are loaded: on which devices, in what precision, with how many
 //! workers, warmed up how, and from where (a checkpoint path, or the weights cache). The
 //! same for the models given at start-up and those loaded later through KServe's model
-//! repository API.
+//! repository API, which may read only the operator's model repository, by file name.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::device::{self, Precision};
@@ -11,7 +11,8 @@ use crate::model::{Classifier, ModelName};
 use crate::scheduler::Backend;
 use crate::server::ModelFactory;
 use crate::weights::download::Downloader;
-use crate::weights::Checkpoint;
+use crate::weights::repository::{ModelRepository, RepositoryError};
+use crate::weights::{clip, Checkpoint, Limits};
 
 /// Where and how models are loaded: the same for the models given at start-up and those
 /// loaded later through KServe's repository API.
@@ -77,13 +78,24 @@ impl Placement {
             Some(p) => p,
             None => self.cache.fetch(name).map_err(|e| e.to_string())?,
         };
-        let checkpoint = Checkpoint::open(&path).map_err(|e| e.to_string())?;
+        let checkpoint =
+            Checkpoint::open_within(&path, Limits::for_architecture(name.architecture))
+                .map_err(|e| e.to_string())?;
+        self.place(name, &checkpoint)
+    }
+
+    /// One replica per device and worker of an opened checkpoint; blocking.
+    fn place(
+        &self,
+        name: ModelName,
+        checkpoint: &Checkpoint,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
         let mut out: Vec<Arc<dyn Backend>> = Vec::new();
         for dev in &self.devices {
             let started = std::time::Instant::now();
             let model =
-                Classifier::load(name.architecture, &checkpoint, dev, self.precision.dtype())
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Classifier::load(name.architecture, checkpoint, dev, self.precision.dtype())
+                    .map_err(|e| format!("{}: {e}", checkpoint.path().display()))?;
             // A GPU selects kernels and algorithms on first use of each shape; pay for
             // that now, before the model is served.
             if !dev.is_cpu() {
@@ -113,13 +125,44 @@ impl Placement {
 }
 
 impl Placement {
-    /// Run-time loading by hub name, for `--model-control`.
-    pub fn factory(self: &Arc<Self>) -> ModelFactory {
+    /// Run-time loading by hub name, for `--model-control`: from a file named in
+    /// `repository` (and nowhere else), or, with no file named, from the weights cache.
+    /// Its errors name only what the client named: never a path on the server.
+    pub fn factory(self: &Arc<Self>, repository: Option<Arc<ModelRepository>>) -> ModelFactory {
         let me = self.clone();
-        ModelFactory(Arc::new(move |name: &str, path: Option<&Path>| {
-            let name: ModelName = name.parse().map_err(|e| format!("{e}"))?;
-            me.load(name, path.map(Path::to_path_buf))
+        ModelFactory(Arc::new(move |name: &str, file: Option<&str>| {
+            let name: ModelName = name
+                .parse()
+                .map_err(|_| format!("'{}' is not one of the twelve hub models", clip(name)))?;
+            match (file, &repository) {
+                (None, _) => me.load_cached(name),
+                (Some(_), None) => Err(RepositoryError::NoRepository.to_string()),
+                (Some(file), Some(repository)) => me.load_from(repository, name, file),
+            }
         }))
+    }
+
+    /// `name` from the weights cache; the cache's paths stay in the server's log.
+    fn load_cached(&self, name: ModelName) -> Result<Vec<Arc<dyn Backend>>, String> {
+        self.load(name, None).map_err(|e| {
+            tracing::warn!(model = %name, error = %e, "loading from the weights cache failed");
+            format!("{name} could not be loaded from the server's weights cache (the server's log says why)")
+        })
+    }
+
+    /// `name` from the repository file `file`, called by its name alone in messages.
+    fn load_from(
+        &self,
+        repository: &ModelRepository,
+        name: ModelName,
+        file: &str,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
+        let opened = repository.open(file).map_err(|e| e.to_string())?;
+        let shown = PathBuf::from(clip(file));
+        let checkpoint =
+            Checkpoint::from_file(opened, &shown, Limits::for_architecture(name.architecture))
+                .map_err(|e| e.to_string())?;
+        self.place(name, &checkpoint)
     }
 }
 

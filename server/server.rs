@@ -23,10 +23,10 @@ use crate::service::{ClassifierService, State};
 use crate::shm::SharedMemory;
 use crate::unary;
 
-/// Loads one model by hub name (from a checkpoint path, or the weights cache) at run
-/// time, one backend per replica: what KServe's RepositoryModelLoad runs. Blocking.
-pub type LoadFn =
-    dyn Fn(&str, Option<&std::path::Path>) -> Result<Vec<Arc<dyn Backend>>, String> + Send + Sync;
+/// Loads one model by hub name (from a file named in the model repository, or the
+/// weights cache) at run time, one backend per replica: what KServe's
+/// RepositoryModelLoad runs. Blocking. Errors go to the client as they are.
+pub type LoadFn = dyn Fn(&str, Option<&str>) -> Result<Vec<Arc<dyn Backend>>, String> + Send + Sync;
 
 /// Run-time model loading, when enabled (`--model-control`).
 #[derive(Clone)]

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use resnet_serve::placement::Placement;
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
 use resnet_serve::server::{self, ModelFactory, ServeOptions};
 use resnet_serve::weights::download::Downloader;
+use resnet_serve::weights::repository::ModelRepository;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -66,6 +66,16 @@ impl Drop for Tracked {
     }
 }
 
+/// How a test server lets clients load models.
+#[derive(Clone, Copy, PartialEq)]
+enum Control {
+    Off,
+    /// `--model-control` alone: hub names from the weights cache.
+    CacheOnly,
+    /// `--model-control --model-repository <dir>/repo`, which holds the served weights.
+    Repository,
+}
+
 struct KServer {
     server: LocalServer,
     addr: String,
@@ -76,8 +86,19 @@ struct KServer {
 
 impl KServer {
     async fn start(model_control: bool) -> KServer {
+        Self::start_with(if model_control {
+            Control::Repository
+        } else {
+            Control::Off
+        })
+        .await
+    }
+
+    async fn start_with(control: Control) -> KServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let weights = dir.path().join("resnet18.safetensors");
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).expect("mkdir");
+        let weights = repo.join("resnet18.safetensors");
         common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
         let alive = Arc::new(Alive::default());
         let placement = Arc::new(Placement {
@@ -95,8 +116,10 @@ impl KServer {
         let options = ServeOptions {
             policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 64).expect("policy"),
             preprocess_threads: 2,
-            model_factory: model_control.then(|| {
-                let real = placement.factory();
+            model_factory: (control != Control::Off).then(|| {
+                let repository = (control == Control::Repository)
+                    .then(|| Arc::new(ModelRepository::new(&repo).expect("repository")));
+                let real = placement.factory(repository);
                 let alive = alive.clone();
                 ModelFactory(Arc::new(move |name, path| {
                     let replicas = (real.0)(name, path)?;
@@ -713,24 +736,10 @@ async fn models_load_and_unload_at_run_time_when_allowed() {
     assert_eq!(state(MODEL).as_deref(), Some("READY"));
     assert_eq!(state(&format!("{MODEL}_image")).as_deref(), Some("READY"));
     assert_eq!(state("resnet18_swsl").as_deref(), Some("UNAVAILABLE"));
-    // Load another name from a checkpoint path.
-    let path: PathBuf = server.dir.path().join("resnet18.safetensors");
-    let mut parameters = HashMap::new();
-    parameters.insert(
-        "path".to_string(),
-        ModelRepositoryParameter {
-            parameter_choice: Some(model_repository_parameter::ParameterChoice::StringParam(
-                path.display().to_string(),
-            )),
-        },
-    );
-    c.repository_model_load(RepositoryModelLoadRequest {
-        model_name: "resnet18_swsl".into(),
-        parameters,
-        ..Default::default()
-    })
-    .await
-    .expect("load");
+    // Load another name from a file in the model repository.
+    c.repository_model_load(load_file("resnet18_swsl", "resnet18.safetensors"))
+        .await
+        .expect("load");
     let (req, _) = tensor_request("resnet18_swsl", 4, 1);
     c.model_infer(req).await.expect("served after load");
     assert_eq!(server.alive.0.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -792,6 +801,174 @@ async fn models_load_and_unload_at_run_time_when_allowed() {
         .into_inner()
         .models;
     assert_eq!(ready_only.len(), 3, "resnet18_ssl and its two views");
+    server.stop().await;
+}
+
+/// A RepositoryModelLoad of `model` from `file` in the model repository.
+fn load_file(model: &str, file: &str) -> RepositoryModelLoadRequest {
+    load_with(model, "file", file)
+}
+
+fn load_with(model: &str, key: &str, value: &str) -> RepositoryModelLoadRequest {
+    let mut parameters = HashMap::new();
+    parameters.insert(
+        key.to_string(),
+        ModelRepositoryParameter {
+            parameter_choice: Some(model_repository_parameter::ParameterChoice::StringParam(
+                value.to_string(),
+            )),
+        },
+    );
+    RepositoryModelLoadRequest {
+        model_name: model.into(),
+        parameters,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_control_reads_only_the_repository_and_only_by_file_name() {
+    let server = KServer::start(true).await;
+    let mut c = server.kserve().await;
+    let root = server.dir.path();
+    let repo = root.join("repo");
+    // Outside the repository: a valid checkpoint, reached by a link from inside.
+    let outside = root.join("outside.safetensors");
+    std::fs::copy(repo.join("resnet18.safetensors"), &outside).expect("copy");
+    std::os::unix::fs::symlink(&outside, repo.join("escape.safetensors")).expect("link");
+    std::os::unix::fs::symlink("/etc/passwd", repo.join("passwd")).expect("link");
+    std::fs::create_dir(repo.join("subdir")).expect("mkdir");
+    let root_text = root.display().to_string();
+    let hides_the_server = |message: &str| {
+        !message.contains(&root_text)
+            && !["such file", "directory", "denied", "os error"]
+                .iter()
+                .any(|w| message.to_lowercase().contains(w))
+    };
+    // Paths, and anything but a plain name, are refused as names.
+    let outside_text = outside.display().to_string();
+    for name in [
+        "../outside.safetensors",
+        "/etc/passwd",
+        outside_text.as_str(),
+        ".hidden",
+        "a\\b",
+        "nul\0byte",
+        "",
+    ] {
+        let e = c
+            .repository_model_load(load_file("resnet18_swsl", name))
+            .await
+            .expect_err(name);
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {}", e.message());
+        assert!(
+            e.message().contains("is not a model file name"),
+            "{name}: {}",
+            e.message()
+        );
+    }
+    // Missing, a directory, a link leading out: one message, naming only the name.
+    for name in [
+        "missing.safetensors",
+        "subdir",
+        "escape.safetensors",
+        "passwd",
+    ] {
+        let e = c
+            .repository_model_load(load_file("resnet18_swsl", name))
+            .await
+            .expect_err(name);
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}");
+        assert_eq!(
+            e.message(),
+            format!("loading resnet18_swsl: model file '{name}' not found in the model repository")
+        );
+    }
+    // A hostile file inside is refused by its sizes, at once, naming only the file.
+    let mut header = (1u64 << 40).to_le_bytes().to_vec();
+    header.extend_from_slice(b"{}");
+    std::fs::write(repo.join("huge_header.safetensors"), header).expect("write");
+    let started = std::time::Instant::now();
+    let e = c
+        .repository_model_load(load_file("resnet18_swsl", "huge_header.safetensors"))
+        .await
+        .expect_err("hostile");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("huge_header.safetensors: checkpoint safetensors header of")
+            && e.message().contains("exceeds"),
+        "{}",
+        e.message()
+    );
+    assert!(hides_the_server(e.message()), "{}", e.message());
+    // A path parameter is not a thing; long strings come back cut short.
+    let e = c
+        .repository_model_load(load_with("resnet18_swsl", "path", &outside_text))
+        .await
+        .expect_err("path");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("'file'"), "{}", e.message());
+    let long = "x".repeat(100_000);
+    for request in [
+        load_file("resnet18_swsl", &long),
+        load_file(&long, "resnet18.safetensors"),
+        load_with("resnet18_swsl", &long, "x"),
+    ] {
+        let e = c.repository_model_load(request).await.expect_err("long");
+        assert!(e.message().len() < 1000, "{}", e.message().len());
+        assert!(e.message().contains("…"), "{}", e.message());
+    }
+    let e = c
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            model_name: long.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("long");
+    assert!(e.message().len() < 1000, "{}", e.message().len());
+    // What is in the repository loads, by name.
+    c.repository_model_load(load_file("resnet18_swsl", "resnet18.safetensors"))
+        .await
+        .expect("load");
+    let (req, _) = tensor_request("resnet18_swsl", 4, 1);
+    c.model_infer(req).await.expect("served after load");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_control_without_a_repository_names_no_files() {
+    let server = KServer::start_with(Control::CacheOnly).await;
+    let mut c = server.kserve().await;
+    let e = c
+        .repository_model_load(load_file("resnet18_swsl", "resnet18.safetensors"))
+        .await
+        .expect_err("no repository");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("no --model-repository"),
+        "{}",
+        e.message()
+    );
+    // By hub name from the cache, which is empty and cannot download here: the reason
+    // stays in the server's log, with the cache's paths.
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "resnet50_ssl".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing to load");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("resnet50_ssl"), "{}", e.message());
+    assert!(
+        !e.message()
+            .contains(&server.dir.path().display().to_string()),
+        "{}",
+        e.message()
+    );
+    assert_eq!(server.alive.0.load(std::sync::atomic::Ordering::SeqCst), 0);
     server.stop().await;
 }
 

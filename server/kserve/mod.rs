@@ -288,9 +288,13 @@ impl KServeService {
 fn hub_name(name: &str) -> Result<ModelName, ServeError> {
     let base = View::split(name).0;
     base.parse::<ModelName>()
-        .map_err(|e| ServeError::UnknownModel {
-            name: name.to_string(),
-            available: e.to_string(),
+        .map_err(|_| ServeError::UnknownModel {
+            name: crate::weights::clip(name),
+            // The twelve hub names (the parse error would repeat the client's string).
+            available: ModelName::all()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
@@ -448,13 +452,16 @@ impl GrpcInferenceService for KServeService {
         let repo = self.repository()?.clone();
         let r = request.into_inner();
         let name = hub_name(&r.model_name)?;
-        let mut path = None;
+        // A file is named, never a path: the factory opens it in the operator's model
+        // repository (`--model-repository`) or refuses it.
+        let mut file = None;
         for (key, value) in &r.parameters {
             match (key.as_str(), value.parameter_choice.as_ref()) {
-                ("path", Some(RepoParam::StringParam(p))) => path = Some(std::path::PathBuf::from(p)),
+                ("file", Some(RepoParam::StringParam(f))) => file = Some(f.clone()),
                 _ => {
                     return Err(ServeError::InvalidArgument(format!(
-                        "unsupported load parameter '{key}'; give 'path' (a checkpoint file) or nothing (the weights cache)"
+                        "unsupported load parameter '{}'; give 'file' (a file name in the server's model repository) or nothing (the weights cache)",
+                        crate::weights::clip(key)
                     ))
                     .into())
                 }
@@ -500,7 +507,7 @@ impl GrpcInferenceService for KServeService {
                 Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
             }
             None => Err(ServeError::UnknownModel {
-                name: r.model_name,
+                name: crate::weights::clip(&r.model_name),
                 available: self.state.registry.names().join(", "),
             }
             .into()),

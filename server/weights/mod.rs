@@ -10,6 +10,7 @@
 //! - [`hub`]: torch.hub's `-<sha256 prefix>` file names and the check torch.hub skips.
 //! - [`download`]: the weights cache and the verified, resumable download.
 //! - [`convert`]: any checkpoint to safetensors.
+//! - [`repository`]: the model repository, the one directory run-time loads may read.
 //!
 //! A checkpoint's sizes come from the file. Each reader checks them against [`Limits`]
 //! (what the model being loaded can hold, from its architecture) before it allocates or
@@ -20,6 +21,7 @@ pub mod download;
 pub mod hub;
 pub mod inspect;
 pub mod pickle;
+pub mod repository;
 pub mod safetensors_file;
 pub mod torch;
 

@@ -210,6 +210,7 @@ fn main() -> anyhow::Result<()> {
     let largest = args.sizes.iter().copied().max().unwrap_or(1);
     let options = ServeOptions {
         policy: BatchPolicy::new(&args.sizes, Duration::from_millis(2), 64 * largest)?,
+        shared_memory: args.shared_memory,
         ..ServeOptions::default()
     };
     let model = Arc::new(FixedCost {

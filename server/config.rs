@@ -76,9 +76,22 @@ pub struct ServeArgs {
     pub model_repository: Option<PathBuf>,
     /// Let clients on this host register system shared-memory regions (KServe's
     /// SystemSharedMemoryRegister) and point inputs and outputs at them instead of
-    /// sending the bytes [default: true].
-    #[arg(long, env = "RESNET_SERVE_SHARED_MEMORY")]
+    /// sending the bytes; `--shared-memory` alone means true [default: false].
+    #[arg(
+        long,
+        env = "RESNET_SERVE_SHARED_MEMORY",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub shared_memory: Option<bool>,
+    /// Most shared-memory regions registered at once [default: 64].
+    #[arg(long, env = "RESNET_SERVE_SHARED_MEMORY_MAX_REGIONS")]
+    pub shared_memory_max_regions: Option<usize>,
+    /// Most bytes of shared memory registered at once, in MiB; the copies of shared
+    /// inputs held by requests in flight are bounded by the same amount [default: 4096,
+    /// or a quarter of this machine's memory where that is less].
+    #[arg(long, env = "RESNET_SERVE_SHARED_MEMORY_MAX_MIB")]
+    pub shared_memory_max_mib: Option<u64>,
     /// Allowed fixed batch sizes [default: 1,2,4,8,16,32].
     #[arg(long, env = "RESNET_SERVE_BATCH_SIZES", value_delimiter = ',')]
     pub batch_sizes: Vec<usize>,
@@ -147,6 +160,10 @@ impl ServeArgs {
             model_control: self.model_control || file.model_control,
             model_repository: self.model_repository.or(file.model_repository),
             shared_memory: self.shared_memory.or(file.shared_memory),
+            shared_memory_max_regions: self
+                .shared_memory_max_regions
+                .or(file.shared_memory_max_regions),
+            shared_memory_max_mib: self.shared_memory_max_mib.or(file.shared_memory_max_mib),
             batch_sizes: if self.batch_sizes.is_empty() {
                 file.batch_sizes
             } else {
@@ -222,6 +239,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_model: args.default_model.clone(),
         model_factory: None,
         shared_memory: args.shared_memory.unwrap_or(defaults.shared_memory),
+        shared_memory_limits: resnet_serve::shm::Limits {
+            max_regions: args
+                .shared_memory_max_regions
+                .unwrap_or(defaults.shared_memory_limits.max_regions),
+            max_bytes: match args.shared_memory_max_mib {
+                None => defaults.shared_memory_limits.max_bytes,
+                Some(mib) => mib
+                    .checked_mul(1 << 20)
+                    .context("--shared-memory-max-mib is too large")?,
+            },
+        },
     };
     let device_spec: DeviceSpec = args.device.as_deref().unwrap_or("auto").parse()?;
     let precision = args.dtype.unwrap_or_default();
@@ -345,5 +373,35 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--model", "resnet18_ssl,resnet50_swsl=/x.pth"])
             .expect("parses");
         assert_eq!(cli.serve.models.len(), 2);
+    }
+
+    #[test]
+    fn shared_memory_is_off_unless_enabled() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .expect("parses")
+                .serve
+        };
+        assert_eq!(parse(&[]).shared_memory, None);
+        assert!(!ServeOptions::default().shared_memory);
+        assert_eq!(parse(&["--shared-memory"]).shared_memory, Some(true));
+        assert_eq!(
+            parse(&["--shared-memory", "--model", "resnet18_ssl"]).shared_memory,
+            Some(true)
+        );
+        assert_eq!(
+            parse(&["--shared-memory", "false"]).shared_memory,
+            Some(false)
+        );
+        let capped = parse(&[
+            "--shared-memory=true",
+            "--shared-memory-max-regions",
+            "3",
+            "--shared-memory-max-mib",
+            "16",
+        ]);
+        assert_eq!(capped.shared_memory, Some(true));
+        assert_eq!(capped.shared_memory_max_regions, Some(3));
+        assert_eq!(capped.shared_memory_max_mib, Some(16));
     }
 }

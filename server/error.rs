@@ -51,12 +51,18 @@ impl ServeError {
                 ShmError::NotFound(_) => Code::NotFound,
                 ShmError::AlreadyRegistered(_) => Code::AlreadyExists,
                 ShmError::NoName
+                | ShmError::NameTooLong(_)
                 | ShmError::BadKey(_)
                 | ShmError::Open { .. }
+                | ShmError::NotRegular { .. }
                 | ShmError::PastObject { .. }
                 | ShmError::Empty
                 | ShmError::OutOfRange { .. } => Code::InvalidArgument,
+                ShmError::TooManyRegions { .. }
+                | ShmError::TooManyBytes { .. }
+                | ShmError::Busy { .. } => Code::ResourceExhausted,
                 ShmError::Shrunk { .. } => Code::FailedPrecondition,
+                ShmError::Io { .. } => Code::Internal,
             },
         }
     }

@@ -55,8 +55,10 @@ pub struct ServeOptions {
     /// refuses them.
     pub model_factory: Option<ModelFactory>,
     /// Serves KServe's system shared-memory extension (regions of this host's
-    /// `/dev/shm` that clients register).
+    /// `/dev/shm` that clients register). Off by default: the operator enables it.
     pub shared_memory: bool,
+    /// How many regions and bytes clients may register when it is on.
+    pub shared_memory_limits: crate::shm::Limits,
 }
 
 impl Default for ServeOptions {
@@ -70,7 +72,8 @@ impl Default for ServeOptions {
             drain_timeout: Duration::from_secs(30),
             default_model: None,
             model_factory: None,
-            shared_memory: true,
+            shared_memory: false,
+            shared_memory_limits: crate::shm::Limits::default(),
         }
     }
 }
@@ -110,7 +113,7 @@ pub async fn run(
         metrics.clone(),
         options.preprocess_threads,
         options.max_images_per_request,
-        SharedMemory::new(options.shared_memory),
+        SharedMemory::with_limits(options.shared_memory, options.shared_memory_limits),
     );
     // Two batches' worth of frames per stream keeps the device fed without letting one
     // stream fill its model's queue by itself.

@@ -135,6 +135,8 @@ impl KServer {
                         .collect())
                 }))
             }),
+            // tritonclient_check.py exercises the shared-memory extension.
+            shared_memory: true,
             ..ServeOptions::default()
         };
         let loader: server::ModelLoader = Box::new(move || {

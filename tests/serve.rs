@@ -1157,7 +1157,14 @@ async fn shared_memory_tensors_are_read_in_place_and_bad_references_refused() {
     use resnet_client::{Client, ClientConfig, Output};
     use std::os::unix::fs::FileExt;
 
-    let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
+    let server = TestServer::start(
+        ServeOptions {
+            shared_memory: true,
+            ..options(&[1, 2, 4], 1, 64)
+        },
+        model(),
+    )
+    .await;
     let client = Client::connect(ClientConfig::new([server.addr.clone()]))
         .await
         .expect("connect");
@@ -1289,15 +1296,8 @@ async fn shared_memory_tensors_are_read_in_place_and_bad_references_refused() {
         .expect("still serving");
     server.stop().await;
 
-    // A server started without it refuses registration outright.
-    let server = TestServer::start(
-        ServeOptions {
-            shared_memory: false,
-            ..options(&[1], 1, 8)
-        },
-        model(),
-    )
-    .await;
+    // A server started with the defaults refuses registration outright.
+    let server = TestServer::start(options(&[1], 1, 8), model()).await;
     let client = Client::connect(ClientConfig::new([server.addr.clone()]))
         .await
         .expect("connect");
@@ -1308,5 +1308,123 @@ async fn shared_memory_tensors_are_read_in_place_and_bad_references_refused() {
         panic!("{err:?}");
     };
     assert_eq!(status.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_truncating_its_shared_memory_cannot_stop_the_server() {
+    use resnet_client::proto::inference::model_infer_request::InferInputTensor;
+    use resnet_client::proto::inference::{
+        infer_parameter::ParameterChoice, InferParameter, ModelInferRequest,
+        SystemSharedMemoryRegisterRequest,
+    };
+    use resnet_client::shm::{SharedTensors, TENSOR_BYTES};
+    use resnet_client::{Client, ClientConfig, Output};
+
+    // A long batching delay: a lone image waits in the queue, where a truncation used to
+    // find it still pointing into the object.
+    let server = TestServer::start(
+        ServeOptions {
+            shared_memory: true,
+            ..options(&[1, 2, 4], 1500, 64)
+        },
+        model(),
+    )
+    .await;
+    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+        .await
+        .expect("connect");
+    let values: Vec<Vec<f32>> = (31..33).map(|s| synthetic::input(s, 1, 224)).collect();
+    let shared = SharedTensors::create(&client, "doomed", &values)
+        .await
+        .expect("register");
+    let truncate = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(shared.path())
+            .and_then(|f| f.set_len(0))
+            .expect("truncate")
+    };
+
+    // Truncated while its image waits for a batch: the server read it on arrival.
+    let queued = tokio::spawn({
+        let client = client.clone();
+        let image = shared.image(0);
+        async move { client.classify("", vec![image], Output::Logits).await }
+    });
+    eventually("the image is queued", || async {
+        server.metric("resnet_serve_images_queued_total{").await >= 1.0
+    })
+    .await;
+    truncate();
+    let got = queued
+        .await
+        .expect("task")
+        .expect("read before the truncation");
+    let err = common::relative_error(&got.results[0].values, &alone(&values[0]));
+    assert!(err <= 1e-5, "{err:e}");
+
+    // Truncated before the request: FAILED_PRECONDITION, through both APIs.
+    let err = client
+        .classify("", vec![shared.image(1)], Output::Logits)
+        .await
+        .expect_err("shrunk");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("shrank"), "{}", err.message());
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    let input = InferInputTensor {
+        name: "input".into(),
+        datatype: "FP32".into(),
+        shape: vec![1, 3, 224, 224],
+        parameters: [
+            (
+                "shared_memory_region".to_string(),
+                param(ParameterChoice::StringParam("doomed".into())),
+            ),
+            (
+                "shared_memory_byte_size".to_string(),
+                param(ParameterChoice::Int64Param(TENSOR_BYTES as i64)),
+            ),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let err = client
+        .kserve_stub()
+        .model_infer(ModelInferRequest {
+            model_name: MODEL.into(),
+            inputs: vec![input],
+            ..Default::default()
+        })
+        .await
+        .expect_err("shrunk");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // A key that is a symbolic link to another object is refused, never followed.
+    let link = shared.path().with_extension("link");
+    std::os::unix::fs::symlink(shared.path(), &link).expect("symlink");
+    let err = client
+        .kserve_stub()
+        .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+            name: "link".into(),
+            key: format!("/{}", link.file_name().expect("name").to_string_lossy()),
+            offset: 0,
+            byte_size: 16,
+        })
+        .await
+        .expect_err("a link");
+    std::fs::remove_file(&link).expect("remove link");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("symbolic link"), "{}", err.message());
+
+    // The server goes on serving.
+    let (ok, _) = tensor_image(7);
+    client
+        .classify("", vec![ok], Output::Logits)
+        .await
+        .expect("still serving");
+    shared.release(&client).await.expect("unregister");
     server.stop().await;
 }

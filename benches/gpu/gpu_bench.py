@@ -289,6 +289,8 @@ def server(args, out: pathlib.Path, sync: str = "block") -> None:
            "--dtype", dtype, "--batch-sizes", ",".join(map(str, sizes)), "--max-queue-delay-ms", "2",
            "--queue-capacity", str(max(1024, 8 * batch)), "--listen", "127.0.0.1:50151",
            "--metrics-listen", "127.0.0.1:9191"]
+    if args.shared_memory:
+        cmd += ["--shared-memory", "true"]  # off unless enabled; the shm rows register regions
     t0 = time.time()
     with open(server_log, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,

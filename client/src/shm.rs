@@ -137,7 +137,7 @@ impl SharedTensors {
 
 impl Drop for SharedTensors {
     fn drop(&mut self) {
-        // The server keeps its own mapping of whatever it still reads.
+        // The server holds its own copy of whatever its requests read.
         let _ = std::fs::remove_file(&self.path);
     }
 }

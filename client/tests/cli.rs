@@ -64,6 +64,8 @@ impl Server {
                     )
                     .expect("policy"),
                     preprocess_threads: 2,
+                    // `load --shared-memory` registers a region.
+                    shared_memory: true,
                     ..ServeOptions::default()
                 };
                 let loader: server::ModelLoader =

@@ -82,6 +82,27 @@ def system_shared_memory(c, m, x, want):
             check(False, "registering a name twice must fail")
         except InferenceServerException as e:
             check("ALREADY_EXISTS" in str(e.status()), f"ALREADY_EXISTS: {e.message()[:80]}")
+        # A key that is a symbolic link is refused, never followed.
+        link = key + "-link"
+        os.symlink(f"/dev/shm{key}", f"/dev/shm{link}")
+        try:
+            c.register_system_shared_memory("link", link, 64)
+            check(False, "a symbolic link must be refused")
+        except InferenceServerException as e:
+            check("INVALID_ARGUMENT" in str(e.status()) and "symbolic link" in e.message(),
+                  f"INVALID_ARGUMENT for a symbolic link: {e.message()[:90]}")
+        finally:
+            os.unlink(f"/dev/shm{link}")
+        # The client truncates its object under a registered region: that call fails,
+        # the server goes on.
+        os.truncate(f"/dev/shm{key}", 0)
+        try:
+            c.infer(m, [inp])
+            check(False, "an input in a truncated object must fail")
+        except InferenceServerException as e:
+            check("FAILED_PRECONDITION" in str(e.status()) and "shrank" in e.message(),
+                  f"FAILED_PRECONDITION for a truncated object: {e.message()[:90]}")
+        check(c.is_server_live(), "the server lives on after a truncated object")
         c.unregister_system_shared_memory()
         check(c.get_system_shared_memory_status(as_json=True).get("regions", {}) == {},
               "every region unregistered")

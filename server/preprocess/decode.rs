@@ -120,7 +120,12 @@ fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, Prepro
 fn decode_jpeg_inner(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, PreprocessError> {
     use mozjpeg::{ColorSpace, DctMethod, Decompress};
     let err = |e: std::io::Error| PreprocessError::Decode(format!("JPEG: {e}"));
-    let mut d = Decompress::new_mem(bytes).map_err(err)?;
+    let ran_out = std::rc::Rc::new(std::cell::Cell::new(false));
+    let source = Watched {
+        rest: bytes,
+        ran_out: ran_out.clone(),
+    };
+    let mut d = Decompress::builder().from_reader(source).map_err(err)?;
     let (width, height) = (d.width() as u32, d.height() as u32);
     limits.check_pixels(width, height)?;
     if !matches!(
@@ -133,10 +138,46 @@ fn decode_jpeg_inner(bytes: &[u8], limits: &Limits) -> Result<Option<RgbImage>, 
     d.do_fancy_upsampling(true);
     let mut started = d.rgb().map_err(err)?;
     let pixels = started.read_scanlines::<u8>().map_err(err)?;
-    started.finish().map_err(err)?;
+    // libjpeg pads a file that ends inside its image data with grey and only warns; PIL
+    // (the reference) refuses it as "image file is truncated", and so do we.
+    if ran_out.get() {
+        return Err(PreprocessError::Decode(
+            "JPEG: image file is truncated (its data ends before the last row)".into(),
+        ));
+    }
+    drop(started);
     RgbImage::from_raw(width, height, pixels)
         .map(Some)
         .ok_or_else(|| PreprocessError::Decode("JPEG: image data ends early".into()))
+}
+
+/// A JPEG's bytes as libjpeg's source, noting when libjpeg asked for more than there is.
+struct Watched<'a> {
+    rest: &'a [u8],
+    ran_out: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl std::io::Read for Watched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::io::Read::read(&mut self.rest, buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for Watched<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.rest.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(self.rest)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.rest = &self.rest[amt.min(self.rest.len())..];
+    }
 }
 
 fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
@@ -297,6 +338,24 @@ mod tests {
                 matches!(err, Err(PreprocessError::Decode(_))),
                 "cut {cut}: {err:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_as_pil_refuses_it() {
+        let img = image::RgbImage::from_fn(160, 120, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 2) as u8, (x ^ y) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .expect("encode");
+        assert!(decode_rgb8(&jpeg, &Limits::default()).is_ok());
+        for cut in [jpeg.len() / 2, jpeg.len() - 40] {
+            match decode_rgb8(&jpeg[..cut], &Limits::default()) {
+                Err(PreprocessError::Decode(m)) => assert!(m.contains("truncated"), "{m}"),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
         }
     }
 

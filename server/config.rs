@@ -101,6 +101,14 @@ pub struct ServeArgs {
     /// Images that may wait per model before requests are refused (RESOURCE_EXHAUSTED) [default: 256].
     #[arg(long, env = "RESNET_SERVE_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
+    /// Bytes of request messages held at once (received and not yet answered), in MiB;
+    /// past it new calls are refused with RESOURCE_EXHAUSTED [default: an eighth of the
+    /// memory of the machine or of the container's cgroup limit, at least 256].
+    #[arg(long, env = "RESNET_SERVE_MAX_IN_FLIGHT_MIB")]
+    pub max_in_flight_mib: Option<usize>,
+    /// Concurrent calls one HTTP/2 connection may have open [default: 128].
+    #[arg(long, env = "RESNET_SERVE_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Largest gRPC message, in MiB [default: 64].
     #[arg(long, env = "RESNET_SERVE_MAX_MESSAGE_MIB")]
     pub max_message_mib: Option<usize>,
@@ -172,6 +180,8 @@ impl ServeArgs {
             max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             max_message_mib: self.max_message_mib.or(file.max_message_mib),
+            max_in_flight_mib: self.max_in_flight_mib.or(file.max_in_flight_mib),
+            max_concurrent_streams: self.max_concurrent_streams.or(file.max_concurrent_streams),
             max_images_per_request: self.max_images_per_request.or(file.max_images_per_request),
             max_image_mib: self.max_image_mib.or(file.max_image_mib),
             max_image_megapixels: self.max_image_megapixels.or(file.max_image_megapixels),
@@ -239,6 +249,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_model: args.default_model.clone(),
         model_factory: None,
         shared_memory: args.shared_memory.unwrap_or(defaults.shared_memory),
+        max_in_flight_bytes: match args.max_in_flight_mib {
+            None => defaults.max_in_flight_bytes,
+            Some(mib) => mib
+                .checked_mul(1 << 20)
+                .context("--max-in-flight-mib is too large")?,
+        },
+        max_concurrent_streams: args
+            .max_concurrent_streams
+            .unwrap_or(defaults.max_concurrent_streams),
+        configured_models: models.iter().map(|(name, _)| name.to_string()).collect(),
         shared_memory_limits: resnet_serve::shm::Limits {
             max_regions: args
                 .shared_memory_max_regions

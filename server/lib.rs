@@ -29,7 +29,10 @@
 //!   inputs (and KServe outputs) at, instead of sending the bytes.
 //! - [`unary`]: the tensor-carrying unary methods (`Classify`, `ModelInfer`) decoded
 //!   from their HTTP/2 frames as received, without tonic's copy into one buffer.
-//! - [`error`]: request errors and their single mapping to gRPC statuses.
+//! - [`admission`]: what a call may cost before it is decoded: the server's budget for
+//!   request bytes in flight and the counts of repeated fields, checked from the wire.
+//! - [`error`]: request errors and their single mapping to gRPC statuses;
+//!   [`refusals`]: refusals counted by a fixed reason and logged at most once a second.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
 //!   per-model totals KServe's `ModelStatistics` reports.
 //! - [`server`]: health, reflection, model loading, serving and graceful drain;
@@ -38,6 +41,7 @@
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 //! - [`allocator`]: how the binaries' allocator keeps freed activation memory.
 
+pub mod admission;
 pub mod allocator;
 pub mod device;
 pub mod error;
@@ -49,6 +53,7 @@ pub mod model;
 pub mod placement;
 pub mod predict;
 pub mod preprocess;
+pub mod refusals;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

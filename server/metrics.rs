@@ -36,6 +36,7 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     worker_restarts: IntCounterVec,
     images_queued: IntCounterVec,
+    refusals: IntCounterVec,
     /// Requests (unary calls and open streams) being served now.
     pub in_flight: IntGauge,
 }
@@ -156,6 +157,11 @@ impl Metrics {
                 "Images accepted into a model's queue.",
                 &["model"],
             ),
+            refusals: counter(
+                "refusals_total",
+                "Calls and images refused, by reason (a fixed set: never a client's string).",
+                &["reason"],
+            ),
             in_flight: IntGauge::new(
                 "requests_in_flight",
                 "Requests and open streams being served.",
@@ -176,6 +182,7 @@ impl Metrics {
             Box::new(m.worker_restarts.clone()),
             Box::new(m.in_flight.clone()),
             Box::new(m.images_queued.clone()),
+            Box::new(m.refusals.clone()),
         ];
         for c in collectors {
             // Names are fixed and distinct, so registration cannot collide.
@@ -202,6 +209,11 @@ impl Metrics {
         self.request_seconds
             .with_label_values(&[model, rpc])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The counter of refusals for one fixed `reason`.
+    pub fn refusals(&self, reason: &'static str) -> IntCounter {
+        self.refusals.with_label_values(&[reason])
     }
 
     pub fn for_model(&self, model: &str) -> Arc<ModelMetrics> {

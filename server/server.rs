@@ -23,6 +23,10 @@ use crate::service::{ClassifierService, State};
 use crate::shm::SharedMemory;
 use crate::unary;
 
+/// The largest message of a method that tonic decodes (every one but the four that
+/// carry images and tensors).
+const CONTROL_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Loads one model by hub name (from a file named in the model repository, or the
 /// weights cache) at run time, one backend per replica: what KServe's
 /// RepositoryModelLoad runs. Blocking. Errors go to the client as they are.
@@ -59,6 +63,14 @@ pub struct ServeOptions {
     pub shared_memory: bool,
     /// How many regions and bytes clients may register when it is on.
     pub shared_memory_limits: crate::shm::Limits,
+    /// Bytes of request messages the server holds at once (received and not yet
+    /// answered); past it a new call is refused with RESOURCE_EXHAUSTED at once.
+    pub max_in_flight_bytes: usize,
+    /// Concurrent streams (calls) one HTTP/2 connection may open.
+    pub max_concurrent_streams: u32,
+    /// The models the loader will load, by the names they will be served under: while
+    /// they load, a request for one answers UNAVAILABLE rather than NOT_FOUND.
+    pub configured_models: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -74,6 +86,9 @@ impl Default for ServeOptions {
             model_factory: None,
             shared_memory: false,
             shared_memory_limits: crate::shm::Limits::default(),
+            max_in_flight_bytes: crate::admission::default_in_flight_bytes(),
+            max_concurrent_streams: 128,
+            configured_models: Vec::new(),
         }
     }
 }
@@ -120,6 +135,7 @@ pub async fn run(
     state.stream_window = (2 * options.policy.max_batch())
         .min(options.policy.queue_capacity)
         .max(1);
+    state.configured_models = options.configured_models.clone();
     let state = Arc::new(state);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -131,7 +147,18 @@ pub async fn run(
     let limits = unary::Limits {
         max_decoding: options.max_message_bytes,
         max_encoding: options.max_message_bytes,
+        counts: crate::admission::Counts::new(
+            options.max_images_per_request,
+            options.max_message_bytes,
+        ),
+        budget: crate::admission::ByteBudget::new(
+            options.max_in_flight_bytes,
+            Some(metrics.refusals("in_flight_bytes")),
+        ),
     };
+    // The methods tonic decodes itself carry names and small parameters, never tensors
+    // (those are all routed through `unary`): a message of theirs is held to 1 MiB.
+    let control_message_bytes = options.max_message_bytes.min(CONTROL_MESSAGE_BYTES);
     let classifier_service = Arc::new(ClassifierService {
         state: state.clone(),
     });
@@ -140,9 +167,9 @@ pub async fn run(
     let streaming_service = classifier_service.clone();
     let classifier = unary::FrameRoutes::new(
         ClassifierServer::from_arc(classifier_service.clone())
-            .max_decoding_message_size(options.max_message_bytes)
+            .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
-        limits,
+        limits.clone(),
         crate::service::stamp_deadline,
     )
     .unary("/resnet_serve.v1.Classifier/Classify", move |request| {
@@ -167,7 +194,7 @@ pub async fn run(
     let streaming_kserve = kserve_service.clone();
     let kserve = unary::FrameRoutes::new(
         GrpcInferenceServiceServer::from_arc(kserve_service.clone())
-            .max_decoding_message_size(options.max_message_bytes)
+            .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
         limits,
         crate::service::stamp_deadline,
@@ -205,6 +232,9 @@ pub async fn run(
             // (server/unary.rs), a tensor is copied only when it straddles two of them:
             // ~6% of tensors at 8 MiB against ~56% at 1 MiB.
             .max_frame_size(8 << 20)
+            // Each open stream holds a task and buffers: one connection may not open
+            // an unbounded number (h2's default).
+            .max_concurrent_streams(Some(options.max_concurrent_streams))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(classifier)
@@ -250,6 +280,7 @@ pub async fn run(
         }
         registry.set_default(d);
     }
+    state.loaded.store(true, Ordering::SeqCst);
     state.ready.store(true, Ordering::SeqCst);
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!("ready");

@@ -11,12 +11,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::admission::Held;
 use crate::error::ServeError;
 use crate::labels;
 use crate::metrics::Metrics;
 use crate::model::{ModelInput, INPUT_SIZE, NUM_CLASSES};
 use crate::preprocess::{Input, Preprocessor};
 use crate::proto::{self, classifier_server::Classifier, image, stream_result, OutputKind};
+use crate::refusals::RefusalLog;
 use crate::registry::Registry;
 use crate::scheduler::ModelHandle;
 use crate::shm::SharedMemory;
@@ -38,6 +40,9 @@ enum Pixels {
         rgb: bytes::Bytes,
     },
 }
+
+/// The `model` label of requests for a model the server does not serve.
+pub const UNKNOWN_MODEL_LABEL: &str = "(unknown)";
 
 /// Counts requests in flight so a drain knows when it is done.
 pub struct InFlight {
@@ -105,6 +110,13 @@ pub struct State {
     pub stream_window: usize,
     /// The system shared-memory regions clients registered (both APIs read them).
     pub shared_memory: SharedMemory,
+    /// The models the server was started with, named before they load (a request for
+    /// one of them meanwhile is UNAVAILABLE, not NOT_FOUND); empty when not known.
+    pub configured_models: Vec<String>,
+    /// The start-up load has finished (unlike `ready`, stays set while draining).
+    pub loaded: AtomicBool,
+    /// Refusals, logged at most once per second per kind.
+    pub refusal_log: RefusalLog,
     next_id: AtomicU64,
 }
 
@@ -129,28 +141,62 @@ impl State {
             max_images_per_request,
             stream_window: 64,
             shared_memory,
+            configured_models: Vec::new(),
+            loaded: AtomicBool::new(false),
+            refusal_log: RefusalLog::default(),
             next_id: AtomicU64::new(1),
         }
     }
 
     pub(crate) fn model(&self, name: &str) -> Result<ModelHandle, ServeError> {
+        if let Some(handle) = self.registry.get(name) {
+            return Ok(handle);
+        }
+        let shown = || {
+            if name.is_empty() {
+                "(default)".to_string()
+            } else {
+                crate::error::excerpt(name, crate::error::NAME_CHARS)
+            }
+        };
+        let loading = !self.loaded.load(Ordering::SeqCst)
+            && (name.is_empty()
+                || self.configured_models.is_empty()
+                || self.configured_models.iter().any(|m| m == name));
+        if loading {
+            return Err(ServeError::Loading(shown()));
+        }
+        Err(ServeError::UnknownModel {
+            name: shown(),
+            available: self.registry.names().join(", "),
+        })
+    }
+
+    /// Whether a served model takes requests now: not while the server drains.
+    pub(crate) fn model_ready(&self) -> bool {
+        !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The `model` label a request is counted under: a served model's name, or one
+    /// fixed label for every name the server does not serve (clients never choose a
+    /// metric label).
+    pub(crate) fn metric_label(&self, name: &str) -> String {
         self.registry
             .get(name)
-            .ok_or_else(|| ServeError::UnknownModel {
-                name: if name.is_empty() {
-                    "(default)".into()
-                } else {
-                    name.to_string()
-                },
-                available: self.registry.names().join(", "),
-            })
+            .map_or_else(|| UNKNOWN_MODEL_LABEL.to_string(), |h| h.name().to_string())
+    }
+
+    /// Logs a refused request (at most once per second per status) and counts it.
+    pub(crate) fn refused(&self, code: tonic::Code, error: &ServeError) {
+        self.metrics.refusals(crate::refusals::reason(code)).inc();
+        self.refusal_log.log(code_name(code), &error.message());
     }
 
     pub(crate) fn request_id(&self, given: &str) -> String {
         if given.is_empty() {
             format!("req-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
         } else {
-            given.to_string()
+            crate::error::excerpt(given, crate::error::NAME_CHARS)
         }
     }
 
@@ -311,7 +357,10 @@ impl State {
         .await;
         let (label, code) = match &outcome {
             Ok((name, _)) => (name.clone(), tonic::Code::Ok),
-            Err(e) => (model.clone(), e.code()),
+            Err(e) => {
+                self.refused(e.code(), e);
+                (self.metric_label(&model), e.code())
+            }
         };
         self.metrics
             .observe_request(&label, "ClassifyStream", code_name(code), started.elapsed());
@@ -321,7 +370,7 @@ impl State {
                 Ok((_, c)) => stream_result::Outcome::Result(c),
                 Err(e) => stream_result::Outcome::Error(proto::FrameError {
                     code: e.code() as i32,
-                    message: e.to_string(),
+                    message: e.message(),
                 }),
             }),
         }
@@ -364,7 +413,13 @@ where
                 }
                 Ok(None) => break,
                 Err(status) => {
-                    tracing::debug!("stream ended by the client: {status}");
+                    // A malformed, oversize or refused message ends the stream with its
+                    // status once the messages before it are answered (never OK, and
+                    // never a silent end that leaves the client waiting).
+                    tracing::debug!("stream ended: {status}");
+                    let _ = pending_tx
+                        .send(tokio::spawn(async move { Err(status) }))
+                        .await;
                     break;
                 }
             }
@@ -394,8 +449,10 @@ pub struct Deadline(pub Instant);
 pub fn stamp_deadline(mut req: Request<()>) -> Result<Request<()>, Status> {
     if let Some(d) = grpc_timeout(&req) {
         let margin = (d / 10).min(Duration::from_millis(25));
-        req.extensions_mut()
-            .insert(Deadline(Instant::now() + d.saturating_sub(margin)));
+        // A timeout past what the clock can add is no deadline at all.
+        if let Some(at) = Instant::now().checked_add(d.saturating_sub(margin)) {
+            req.extensions_mut().insert(Deadline(at));
+        }
     }
     Ok(req)
 }
@@ -406,8 +463,16 @@ pub(crate) fn deadline_of<T>(req: &Request<T>) -> Option<Instant> {
 
 /// The `grpc-timeout` header as a duration.
 fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
-    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(req.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value: at most 8 ASCII digits and a unit, as the gRPC spec writes it
+/// (tonic ignores anything else, and so do we).
+pub fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     let timeout = match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -496,7 +561,7 @@ impl OutputFormat {
     }
 }
 
-fn model_info(h: &ModelHandle) -> proto::ModelInfo {
+fn model_info(h: &ModelHandle, ready: bool) -> proto::ModelInfo {
     let info = h.info();
     proto::ModelInfo {
         name: h.name().to_string(),
@@ -511,7 +576,7 @@ fn model_info(h: &ModelHandle) -> proto::ModelInfo {
             .collect(),
         device: info.device.clone(),
         dtype: info.dtype.clone(),
-        ready: true,
+        ready,
     }
 }
 
@@ -526,7 +591,7 @@ impl ClassifierService {
     /// call's HTTP/2 frames (server/unary.rs): results in the frames' order.
     pub fn classify_frames(
         &self,
-        frames: impl tokio_stream::Stream<Item = Result<proto::StreamFrame, Status>>
+        frames: impl tokio_stream::Stream<Item = Result<Held<proto::StreamFrame>, Status>>
             + Send
             + Unpin
             + 'static,
@@ -541,13 +606,19 @@ impl ClassifierService {
             frames,
             self.state.stream_window,
             guard,
-            move |frame: proto::StreamFrame| {
+            move |Held {
+                      message: frame,
+                      reservation,
+                  }: Held<proto::StreamFrame>| {
                 // A frame that names no model uses the stream's last named one.
                 if !frame.model.is_empty() {
                     model.clone_from(&frame.model);
                 }
                 let (state, model) = (state.clone(), model.clone());
-                async move { Ok(state.classify_frame(model, frame).await) }
+                async move {
+                    let _reservation = reservation;
+                    Ok(state.classify_frame(model, frame).await)
+                }
             },
             |e| Err(Status::internal(format!("frame task failed: {e}"))),
         );
@@ -565,11 +636,7 @@ impl Classifier for ClassifierService {
         let deadline = deadline_of(&request);
         let mut req = request.into_inner();
         req.request_id = self.state.request_id(&req.request_id);
-        let model_label = if req.model.is_empty() {
-            self.state.registry.default_name().unwrap_or_default()
-        } else {
-            req.model.clone()
-        };
+        let model_label = self.state.metric_label(&req.model);
         let span = tracing::info_span!("classify", request_id = %req.request_id, model = %model_label, images = req.images.len());
         let started = Instant::now();
         let result = self
@@ -593,7 +660,7 @@ impl Classifier for ClassifierService {
         }
         span.in_scope(|| match &result {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
-            Err(e) => tracing::info!(code = code_name(code), "{e}"),
+            Err(e) => self.state.refused(code, e),
         });
         result.map(Response::new).map_err(Status::from)
     }
@@ -604,7 +671,8 @@ impl Classifier for ClassifierService {
         &self,
         request: Request<Streaming<proto::StreamFrame>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        self.classify_frames(request.into_inner())
+        use tokio_stream::StreamExt;
+        self.classify_frames(request.into_inner().map(|r| r.map(Held::unreserved)))
     }
 
     async fn list_models(
@@ -612,7 +680,13 @@ impl Classifier for ClassifierService {
         _: Request<proto::ListModelsRequest>,
     ) -> Result<Response<proto::ListModelsResponse>, Status> {
         Ok(Response::new(proto::ListModelsResponse {
-            models: self.state.registry.all().iter().map(model_info).collect(),
+            models: self
+                .state
+                .registry
+                .all()
+                .iter()
+                .map(|h| model_info(h, self.state.model_ready()))
+                .collect(),
         }))
     }
 
@@ -621,6 +695,6 @@ impl Classifier for ClassifierService {
         request: Request<proto::GetModelRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         let h = self.state.model(&request.into_inner().name)?;
-        Ok(Response::new(model_info(&h)))
+        Ok(Response::new(model_info(&h, self.state.model_ready())))
     }
 }

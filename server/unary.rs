@@ -35,6 +35,8 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::admission::{Bounded, ByteBudget, Counts, Held, Reservation};
+
 /// The gRPC message prefix: a compressed flag, then the length as a big-endian u32.
 const PREFIX_LEN: usize = 5;
 
@@ -45,11 +47,16 @@ type RouteFuture = Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>;
 type Route = Arc<dyn Fn(http::Request<Body>) -> RouteFuture + Send + Sync>;
 
 /// Message-size limits, as tonic's `max_decoding_message_size` /
-/// `max_encoding_message_size` set them.
-#[derive(Debug, Clone, Copy)]
+/// `max_encoding_message_size` set them, and what a message may cost before it is
+/// decoded (server/admission.rs).
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_decoding: usize,
     pub max_encoding: usize,
+    /// Bounds on the counts of repeated fields, checked before decoding.
+    pub counts: Counts,
+    /// The server's budget for the bytes of messages in flight.
+    pub budget: Arc<ByteBudget>,
 }
 
 /// A tonic service with some of its unary methods served from the frames as received.
@@ -80,17 +87,22 @@ impl<S> FrameRoutes<S> {
     /// generated service trait would call.
     pub fn unary<M, R, F, Fut>(self, path: &'static str, handler: F) -> Self
     where
-        M: FromFrames + Send + 'static,
+        M: FromFrames + Bounded + Send + 'static,
         R: prost::Message + Default + Send + 'static,
         F: Fn(Request<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let limits = self.limits;
+        let limits = self.limits.clone();
         self.route(path, move |head, body| {
             let handler = handler.clone();
+            let limits = limits.clone();
             async move {
-                let (frames, trailers) = read_message(body, limits.max_decoding).await?;
+                // Held until the answer is made: the message's bytes count against the
+                // server's budget while any of them may still be in use.
+                let (frames, trailers, _reservation) =
+                    read_message(body, limits.max_decoding, &limits.budget).await?;
+                M::check_counts(&frames, &limits.counts)?;
                 let message = M::decode_frames(frames)?;
                 let (mut metadata, extensions, ()) = head.into_parts();
                 if let Some(trailers) = trailers {
@@ -111,21 +123,23 @@ impl<S> FrameRoutes<S> {
     /// as a stream decoded from its frames (tonic's `Streaming` in all but the copy).
     pub fn streaming<M, R, Out, F, Fut>(self, path: &'static str, handler: F) -> Self
     where
-        M: FromFrames + Send + 'static,
+        M: FromFrames + Bounded + Send + 'static,
         R: prost::Message + Default + Send + 'static,
         Out: tokio_stream::Stream<Item = Result<R, Status>> + Send + 'static,
         F: Fn(Request<Messages<M>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<Out>, Status>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let limits = self.limits;
+        let limits = self.limits.clone();
         self.route(path, move |head, body| {
             let handler = handler.clone();
+            let limits = limits.clone();
             async move {
                 let (metadata, extensions, ()) = head.into_parts();
-                let messages = messages(body, limits.max_decoding);
+                let max_encoding = limits.max_encoding;
+                let messages = messages(body, limits);
                 let response = handler(Request::from_parts(metadata, extensions, messages)).await?;
-                Ok(encode(response, limits.max_encoding))
+                Ok(encode(response, max_encoding))
             }
         })
     }
@@ -163,30 +177,37 @@ impl<S> FrameRoutes<S> {
     }
 }
 
-/// A streaming call's messages, decoded from its frames as each is complete.
-pub type Messages<M> = tokio_stream::wrappers::ReceiverStream<Result<M, Status>>;
+/// A streaming call's messages, decoded from its frames as each is complete, each with
+/// the share of the server's budget it holds until answered.
+pub type Messages<M> = tokio_stream::wrappers::ReceiverStream<Result<Held<M>, Status>>;
 
 /// Reads a streaming call's body in a task of its own and hands on each message as its
 /// last byte arrives. Ends at the end of the body; a fault ends it after one error
-/// (tonic's status for the same fault), and a call the client cancelled just ends. One
+/// (tonic's status for the same fault; RESOURCE_EXHAUSTED when the server's budget is
+/// spent, INVALID_ARGUMENT past a count), and a call the client cancelled just ends. One
 /// message waits at most, so a slow handler slows the reads, and HTTP/2 flow control
 /// the client.
-fn messages<M: FromFrames + Send + 'static>(mut body: Body, max_decoding: usize) -> Messages<M> {
+pub fn messages<M: FromFrames + Bounded + Send + 'static>(
+    mut body: Body,
+    limits: Limits,
+) -> Messages<M> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         let mut received = Frames::default();
-        let mut message_len: Option<usize> = None;
+        let mut message: Option<(usize, Reservation)> = None;
         loop {
             // Every message complete so far.
             loop {
-                let len = match message_len {
-                    Some(len) => len,
+                let len = match &message {
+                    Some((len, _)) => *len,
                     None => match received.prefix() {
                         None => break,
-                        Some(prefix) => match message_len_of(prefix, max_decoding) {
-                            Ok(len) => {
+                        Some(prefix) => match message_len_of(prefix, limits.max_decoding)
+                            .and_then(|len| Ok((len, limits.budget.reserve(len)?)))
+                        {
+                            Ok((len, reservation)) => {
                                 received.advance(PREFIX_LEN);
-                                message_len = Some(len);
+                                message = Some((len, reservation));
                                 len
                             }
                             Err(status) => {
@@ -199,8 +220,16 @@ fn messages<M: FromFrames + Send + 'static>(mut body: Body, max_decoding: usize)
                 if received.remaining() < len {
                     break;
                 }
-                message_len = None;
-                let message = M::decode_frames(received.split_to(len));
+                let Some((_, reservation)) = message.take() else {
+                    break;
+                };
+                let frames = received.split_to(len);
+                let message = M::check_counts(&frames, &limits.counts)
+                    .and_then(|()| M::decode_frames(frames))
+                    .map(|message| Held {
+                        message,
+                        reservation: Some(reservation),
+                    });
                 let failed = message.is_err();
                 if tx.send(message).await.is_err() || failed {
                     return;
@@ -220,7 +249,7 @@ fn messages<M: FromFrames + Send + 'static>(mut body: Body, max_decoding: usize)
                     return;
                 }
                 None => {
-                    if received.remaining() > 0 || message_len.is_some() {
+                    if received.remaining() > 0 || message.is_some() {
                         let _ = tx
                             .send(Err(Status::internal("Unexpected EOF decoding stream.")))
                             .await;
@@ -306,21 +335,27 @@ where
 }
 
 /// Reads a unary call's one message (the frames after its prefix) and the request's
-/// trailers, if it sent any. The statuses are tonic's for the same faults.
-async fn read_message(
+/// trailers, if it sent any, with the message's reservation of `budget`, made as soon as
+/// its prefix announces its length (a call past the budget is refused before its body is
+/// read). The statuses are tonic's for the same faults.
+pub async fn read_message(
     mut body: Body,
     max_decoding: usize,
-) -> Result<(Frames, Option<http::HeaderMap>), Status> {
+    budget: &Arc<ByteBudget>,
+) -> Result<(Frames, Option<http::HeaderMap>, Reservation), Status> {
     let mut received = Frames::default();
     let mut trailers: Option<http::HeaderMap> = None;
     let mut message_len = None;
+    let mut reservation = None;
     while let Some(frame) = body.frame().await {
         match frame?.into_data() {
             Ok(data) => {
                 received.push(data);
                 if message_len.is_none() {
                     if let Some(prefix) = received.prefix() {
-                        message_len = Some(message_len_of(prefix, max_decoding)?);
+                        let len = message_len_of(prefix, max_decoding)?;
+                        reservation = Some(budget.reserve(len)?);
+                        message_len = Some(len);
                     }
                 }
                 // Refused as soon as it shows, so what a call holds stays within the limit.
@@ -341,11 +376,14 @@ async fn read_message(
         return Err(Status::internal("Missing request message."));
     }
     // Never more (refused above): fewer is a body that ended inside its message.
-    if message_len != Some(received.remaining().saturating_sub(PREFIX_LEN)) {
+    let (Some(reservation), true) = (
+        reservation,
+        message_len == Some(received.remaining().saturating_sub(PREFIX_LEN)),
+    ) else {
         return Err(Status::internal("Unexpected EOF decoding stream."));
-    }
+    };
     received.advance(PREFIX_LEN);
-    Ok((received, trailers))
+    Ok((received, trailers, reservation))
 }
 
 /// The message length a prefix announces, checked against the limit.
@@ -492,13 +530,26 @@ impl<M: prost::Message + Default, const FIELD: u32> FromFrames for WithSegments<
 /// A message's bytes as the frames that carried them. As a [`Buf`], its
 /// `copy_to_bytes` (what prost decodes a `Bytes` field with) hands out a slice of a
 /// frame, not a copy, whenever the field lies inside that frame.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Frames {
     chunks: VecDeque<Bytes>,
     len: usize,
 }
 
 impl Frames {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The frames' bytes, in order.
+    pub(crate) fn chunks(&self) -> impl Iterator<Item = &Bytes> {
+        self.chunks.iter()
+    }
+
     pub fn push(&mut self, data: Bytes) {
         if !data.is_empty() {
             self.len += data.len();
@@ -526,7 +577,7 @@ impl Frames {
 
     /// The next `len` bytes (at most what remains) as frames of their own: slices of
     /// these, not copies.
-    fn split_to(&mut self, len: usize) -> Frames {
+    pub(crate) fn split_to(&mut self, len: usize) -> Frames {
         let mut out = Frames::default();
         for segment in self.take_segments(len).segments {
             out.push(segment);
@@ -704,7 +755,10 @@ mod tests {
             .step_by(97)
             .map(|s| wire.slice(s..(s + 97).min(wire.len())))
             .collect();
-        let (frames, trailers) = read_message(body_of(chunks), 1 << 20).await.expect("read");
+        let (frames, trailers, _) =
+            read_message(body_of(chunks), 1 << 20, &ByteBudget::unlimited())
+                .await
+                .expect("read");
         assert!(trailers.is_none());
         assert_eq!(frames.remaining(), message.len());
         let decoded = proto::ClassifyRequest::decode(frames).expect("decodes");
@@ -743,9 +797,13 @@ mod tests {
             ),
         ];
         for (wire, code, text) in cases {
-            let err = read_message(body_of(vec![Bytes::from(wire.clone())]), 1024)
-                .await
-                .expect_err("refused");
+            let err = read_message(
+                body_of(vec![Bytes::from(wire.clone())]),
+                1024,
+                &ByteBudget::unlimited(),
+            )
+            .await
+            .expect_err("refused");
             assert_eq!(err.code(), code, "{wire:?}: {err}");
             assert!(err.message().contains(text), "{wire:?}: {}", err.message());
         }
@@ -754,9 +812,13 @@ mod tests {
     #[tokio::test]
     async fn bytes_past_the_message_are_refused_without_waiting_for_the_body_to_end() {
         let wire = Bytes::from([framed(0, &[1, 2, 3]), framed(0, &[4])].concat());
-        let err = within_a_second(read_message(unending_body(wire), 1 << 20))
-            .await
-            .expect_err("refused");
+        let err = within_a_second(read_message(
+            unending_body(wire),
+            1 << 20,
+            &ByteBudget::unlimited(),
+        ))
+        .await
+        .expect_err("refused");
         assert!(err.message().contains("one message"), "{err}");
     }
 
@@ -764,10 +826,39 @@ mod tests {
     async fn an_oversized_message_is_refused_from_its_prefix_before_its_body_arrives() {
         let mut announced = vec![0u8];
         announced.extend_from_slice(&(64u32 << 20).to_be_bytes());
-        let err = within_a_second(read_message(unending_body(announced.into()), 1 << 20))
-            .await
-            .expect_err("refused");
+        let err = within_a_second(read_message(
+            unending_body(announced.into()),
+            1 << 20,
+            &ByteBudget::unlimited(),
+        ))
+        .await
+        .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::OutOfRange);
+    }
+
+    #[tokio::test]
+    async fn a_message_past_the_servers_budget_is_refused_from_its_prefix() {
+        let budget = ByteBudget::new(1 << 20, None);
+        let held = budget.reserve(600 << 10).expect("fits");
+        let mut announced = vec![0u8];
+        announced.extend_from_slice(&(500u32 << 10).to_be_bytes());
+        let err = within_a_second(read_message(
+            unending_body(announced.into()),
+            1 << 30,
+            &budget,
+        ))
+        .await
+        .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        drop(held);
+        // Freed: the same message fits, and holds its bytes until dropped.
+        let wire = Bytes::from(framed(0, &[7; 1000]));
+        let (_, _, reservation) = read_message(body_of(vec![wire]), 1 << 30, &budget)
+            .await
+            .expect("read");
+        assert_eq!(budget.used(), 1000);
+        drop(reservation);
+        assert_eq!(budget.used(), 0);
     }
 
     /// Fails the test instead of hanging it when `f` waits for more of the body.
@@ -791,7 +882,16 @@ mod tests {
         limit: usize,
     ) -> Vec<Result<proto::ClassifyRequest, Status>> {
         use tokio_stream::StreamExt;
-        within_a_second(messages::<proto::ClassifyRequest>(body_of(chunks), limit).collect()).await
+        let limits = Limits {
+            max_decoding: limit,
+            max_encoding: limit,
+            counts: Counts::new(256, limit),
+            budget: ByteBudget::unlimited(),
+        };
+        let held: Vec<_> =
+            within_a_second(messages::<proto::ClassifyRequest>(body_of(chunks), limits).collect())
+                .await;
+        held.into_iter().map(|r| r.map(|h| h.message)).collect()
     }
 
     #[tokio::test]

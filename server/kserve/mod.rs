@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::{Bounded, Counts, Held};
 use crate::error::ServeError;
 use crate::model::ModelName;
 use crate::proto::inference::{
@@ -63,6 +64,12 @@ const RAW_INPUT_CONTENTS: u32 = 7;
 /// A `ModelInfer` request with its `raw_input_contents` kept apart, as the slices of
 /// the frames they arrived in (a batch of tensors is usually longer than one frame).
 pub type InferRequest = WithSegments<pb::ModelInferRequest, RAW_INPUT_CONTENTS>;
+
+impl Bounded for InferRequest {
+    fn check_counts(frames: &crate::unary::Frames, counts: &Counts) -> Result<(), Status> {
+        crate::admission::check_infer_request(frames, counts)
+    }
+}
 
 impl From<pb::ModelInferRequest> for InferRequest {
     fn from(mut message: pb::ModelInferRequest) -> Self {
@@ -135,8 +142,12 @@ impl KServeService {
         let deadline = match tensors::integer(&req.parameters, "timeout")? {
             None | Some(0) => deadline,
             Some(us) if us > 0 => {
-                let own = Instant::now() + Duration::from_micros(us.min(u64::MAX as i128) as u64);
-                Some(deadline.map_or(own, |d| d.min(own)))
+                let us = u64::try_from(us).unwrap_or(u64::MAX);
+                // A timeout past what the clock can add sets no deadline of its own.
+                match Instant::now().checked_add(Duration::from_micros(us)) {
+                    Some(own) => Some(deadline.map_or(own, |d| d.min(own))),
+                    None => deadline,
+                }
             }
             Some(us) => {
                 return Err(ServeError::InvalidArgument(format!(
@@ -146,14 +157,13 @@ impl KServeService {
         };
         let shared_memory = &self.state.shared_memory;
         let outputs = tensors::requested(&req.outputs, shared_memory)?;
-        let images = tensors::images(view, &req, raw, shared_memory)?;
-        if images.len() > self.state.max_images_per_request {
-            return Err(ServeError::InvalidArgument(format!(
-                "a batch of {} images in one request; the limit is {}",
-                images.len(),
-                self.state.max_images_per_request
-            )));
-        }
+        let images = tensors::images(
+            view,
+            &req,
+            raw,
+            shared_memory,
+            self.state.max_images_per_request,
+        )?;
         for o in &outputs {
             o.check_fits(images.len())?;
         }
@@ -188,9 +198,12 @@ impl KServeService {
     /// `ModelStreamInfer` over `requests`, as tonic decodes them or as decoded from the
     /// call's HTTP/2 frames (server/unary.rs): responses in the requests' order, an
     /// error in its response's `error_message` without ending the stream.
-    pub fn stream_infer<R: Into<InferRequest> + Send + 'static>(
+    pub fn stream_infer(
         &self,
-        requests: impl tokio_stream::Stream<Item = Result<R, Status>> + Send + Unpin + 'static,
+        requests: impl tokio_stream::Stream<Item = Result<Held<InferRequest>, Status>>
+            + Send
+            + Unpin
+            + 'static,
     ) -> Result<Response<ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>>, Status>
     {
         if self.state.draining.load(Ordering::SeqCst) {
@@ -202,18 +215,22 @@ impl KServeService {
             requests,
             self.state.stream_window,
             guard,
-            move |req: R| {
+            move |Held {
+                      message: req,
+                      reservation,
+                  }: Held<InferRequest>| {
                 let s = service.clone();
                 async move {
+                    let _reservation = reservation;
                     // Errors travel in the response, so the stream goes on.
                     Ok(
-                        match s.infer_recorded(req.into(), None, "ModelStreamInfer").await {
+                        match s.infer_recorded(req, None, "ModelStreamInfer").await {
                             Ok(response) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(response),
                             },
                             Err(e) => pb::ModelStreamInferResponse {
-                                error_message: e.to_string(),
+                                error_message: e.message(),
                                 infer_response: None,
                             },
                         },
@@ -238,7 +255,9 @@ impl KServeService {
         rpc: &str,
     ) -> Result<pb::ModelInferResponse, ServeError> {
         let started = Instant::now();
-        let label = View::split(&req.message.model_name).0.to_string();
+        let label = self
+            .state
+            .metric_label(View::split(&req.message.model_name).0);
         let result = self.infer(req, deadline).await;
         let elapsed = started.elapsed();
         let code = result
@@ -256,7 +275,7 @@ impl KServeService {
                 if let Some(h) = self.state.registry.get(&label) {
                     h.metrics().stats.record_request(false, elapsed);
                 }
-                tracing::debug!(model = %label, code = code_name(code), "{e}");
+                self.state.refused(code, &e);
                 Err(e)
             }
         }
@@ -375,7 +394,12 @@ impl GrpcInferenceService for KServeService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        self.stream_infer(request.into_inner())
+        use tokio_stream::StreamExt;
+        self.stream_infer(
+            request
+                .into_inner()
+                .map(|r| r.map(|m| Held::unreserved(InferRequest::from(m)))),
+        )
     }
 
     async fn model_config(
@@ -471,7 +495,7 @@ impl GrpcInferenceService for KServeService {
         let factory = repo.factory.clone();
         let model = name.to_string();
         let started = std::time::Instant::now();
-        let replicas = tokio::task::spawn_blocking(move || (factory.0)(&model, path.as_deref()))
+        let replicas = tokio::task::spawn_blocking(move || (factory.0)(&model, file.as_deref()))
             .await
             .map_err(|e| ServeError::Internal(format!("loading task failed: {e}")))?
             .map_err(|e| ServeError::InvalidArgument(format!("loading {name}: {e}")))?;

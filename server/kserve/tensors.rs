@@ -76,6 +76,7 @@ pub fn images(
     req: &ModelInferRequest,
     raw_input_contents: Vec<Segmented>,
     shared_memory: &SharedMemory,
+    max_images: usize,
 ) -> Result<Vec<proto::Image>, ServeError> {
     let [input] = req.inputs.as_slice() else {
         return Err(bad(format!(
@@ -124,9 +125,9 @@ pub fn images(
 
     let input = &req.inputs[0];
     match view {
-        View::Tensor => tensors(input, raw),
-        View::Frame => frames(input, raw),
-        View::Image => encoded(input, raw),
+        View::Tensor => tensors(input, raw, max_images),
+        View::Frame => frames(input, raw, max_images),
+        View::Image => encoded(input, raw, max_images),
     }
 }
 
@@ -145,8 +146,13 @@ fn dims(input: &InferInputTensor) -> Result<Vec<usize>, ServeError> {
         .collect()
 }
 
-fn batch_of(input: &InferInputTensor, shape: &[usize]) -> Result<usize, ServeError> {
+/// The batch a shape declares, checked against the per-request limit before any size is
+/// computed from it (a batch of 2^52 would overflow them).
+fn batch_of(input: &InferInputTensor, shape: &[usize], max: usize) -> Result<usize, ServeError> {
     match shape.first() {
+        Some(&n) if n > max => Err(bad(format!(
+            "a batch of {n} images in one request; the limit is {max}"
+        ))),
         Some(&n) if n > 0 => Ok(n),
         _ => Err(bad(format!(
             "input '{}' needs a batch of at least one; shape {:?}",
@@ -166,6 +172,7 @@ fn nth(bytes: &Segmented, i: usize, per: usize) -> Result<Bytes, ServeError> {
 fn tensors(
     input: &InferInputTensor,
     raw: Option<Segmented>,
+    max_images: usize,
 ) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     let side = INPUT_SIZE;
@@ -175,8 +182,11 @@ fn tensors(
             input.shape
         )));
     }
-    let n = batch_of(input, &shape)?;
+    let n = batch_of(input, &shape, max_images)?;
     let per = 3 * side * side * 4;
+    let total = n
+        .checked_mul(per)
+        .ok_or_else(|| bad(format!("input shape {:?} is too large", input.shape)))?;
     let bytes = match raw {
         Some(b) => b,
         None => {
@@ -190,11 +200,10 @@ fn tensors(
             ))
         }
     };
-    if bytes.len() != n * per {
+    if bytes.len() != total {
         return Err(bad(format!(
-            "input 'input' of shape {:?} needs {} bytes of FP32 data; got {}",
+            "input 'input' of shape {:?} needs {total} bytes of FP32 data; got {}",
             input.shape,
-            n * per,
             bytes.len()
         )));
     }
@@ -213,6 +222,7 @@ fn tensors(
 fn frames(
     input: &InferInputTensor,
     raw: Option<Segmented>,
+    max_images: usize,
 ) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
@@ -221,7 +231,7 @@ fn frames(
             input.shape
         )));
     }
-    let n = batch_of(input, &shape)?;
+    let n = batch_of(input, &shape, max_images)?;
     let (h, w) = (shape[1], shape[2]);
     let per = h
         .checked_mul(w)
@@ -269,6 +279,7 @@ fn frames(
 fn encoded(
     input: &InferInputTensor,
     raw: Option<Segmented>,
+    max_images: usize,
 ) -> Result<Vec<proto::Image>, ServeError> {
     let shape = dims(input)?;
     if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
@@ -277,9 +288,9 @@ fn encoded(
             input.shape
         )));
     }
-    let n = batch_of(input, &shape)?;
+    let n = batch_of(input, &shape, max_images)?;
     let elements: Vec<Bytes> = match raw {
-        Some(b) => split_bytes(&b.contiguous())?,
+        Some(b) => split_bytes(&b.contiguous(), n)?,
         None => input
             .contents
             .as_ref()
@@ -302,11 +313,17 @@ fn encoded(
 }
 
 /// KServe's raw BYTES layout: each element a little-endian u32 length, then its bytes.
-/// The elements are slices of `b`, not copies.
-fn split_bytes(b: &Bytes) -> Result<Vec<Bytes>, ServeError> {
+/// The elements are slices of `b`, not copies; more than `max` of them (the batch the
+/// shape declares) is refused as soon as it shows, not after splitting them all.
+fn split_bytes(b: &Bytes, max: usize) -> Result<Vec<Bytes>, ServeError> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < b.len() {
+        if out.len() == max {
+            return Err(bad(format!(
+                "raw BYTES data holds more than the {max} elements its shape declares"
+            )));
+        }
         let Some(len) = b.get(at..at + 4) else {
             return Err(bad("raw BYTES data ends inside an element's length".into()));
         };
@@ -545,7 +562,7 @@ mod tests {
             .into_iter()
             .map(Segmented::from)
             .collect();
-        images(view, req, raw, shm)
+        images(view, req, raw, shm, 256)
     }
 
     #[test]
@@ -579,6 +596,7 @@ mod tests {
             &decoded.message,
             decoded.field.clone(),
             &SharedMemory::new(false),
+            256,
         )
         .expect("images");
         let within = |frame: &Bytes, b: &Bytes| {
@@ -617,18 +635,41 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_past_the_limit_is_refused_before_any_size_is_computed() {
+        let shm = SharedMemory::new(false);
+        for (view, datatype, shape) in [
+            (View::Tensor, "FP32", vec![(1i64 << 52) + 1, 3, 224, 224]),
+            (View::Tensor, "FP32", vec![i64::MAX, 3, 224, 224]),
+            (View::Frame, "UINT8", vec![1 << 40, 1 << 20, 1 << 20, 3]),
+            (View::Image, "BYTES", vec![257]),
+        ] {
+            let mut req = request(view, datatype, shape.clone(), vec![]);
+            let err = images_of(view, &mut req, &shm).expect_err("refused");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{shape:?}");
+            assert!(err.to_string().contains("the limit is 256"), "{err}");
+        }
+        // Within the batch limit, a frame too large to size is refused, not wrapped.
+        let mut req = request(View::Frame, "UINT8", vec![2, 1 << 62, 1 << 62, 3], vec![]);
+        let err = images_of(View::Frame, &mut req, &shm).expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // More BYTES elements than the shape declares stop the split early.
+        let joined = Bytes::from(join_bytes(std::iter::repeat_n(&b""[..], 1000)));
+        assert!(split_bytes(&joined, 3).is_err());
+    }
+
+    #[test]
     fn raw_bytes_round_trip_and_truncation_is_an_error() {
         let joined = Bytes::from(join_bytes([&b"ab"[..], b"", b"xyz"].into_iter()));
         assert_eq!(
-            split_bytes(&joined).ok(),
+            split_bytes(&joined, 10).ok(),
             Some(vec![
                 Bytes::from_static(b"ab"),
                 Bytes::new(),
                 Bytes::from_static(b"xyz")
             ])
         );
-        assert!(split_bytes(&joined.slice(..joined.len() - 1)).is_err());
-        assert!(split_bytes(&Bytes::from_static(&[1, 0])).is_err());
+        assert!(split_bytes(&joined.slice(..joined.len() - 1), 10).is_err());
+        assert!(split_bytes(&Bytes::from_static(&[1, 0]), 10).is_err());
     }
 
     #[test]
@@ -755,7 +796,7 @@ mod tests {
             (t.datatype.as_str(), t.shape.clone()),
             ("BYTES", vec![1, 2])
         );
-        let items = split_bytes(&raw).expect("bytes");
+        let items = split_bytes(&raw, 256).expect("bytes");
         assert_eq!(
             String::from_utf8_lossy(&items[0]),
             format!("2.500000:3:{}", labels::label(3))

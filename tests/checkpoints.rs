@@ -4,7 +4,6 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
 use std::time::Instant;
 
 use resnet_serve::model::Architecture;
@@ -181,57 +180,16 @@ fn converts_every_format_to_safetensors() {
     }
 }
 
-/// This process's peak resident set, in bytes.
-fn peak_rss() -> u64 {
-    let status = fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
-}
-
 #[test]
 fn a_zip_member_that_inflates_to_a_gibibyte_costs_neither_time_nor_memory() {
-    // torch.save's own zip file, one storage member replaced by 1 GiB of zeros
-    // deflated (~1 MiB on disk).
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bomb.pth");
-    let mut source = zip::ZipArchive::new(
-        fs::File::open(common::fixture("checkpoints/mixed_zip.pth")).expect("fixture"),
-    )
-    .expect("zip");
-    let mut out = zip::ZipWriter::new(fs::File::create(&path).expect("create"));
-    let mut replaced = None;
-    for i in 0..source.len() {
-        let mut member = source.by_index(i).expect("member");
-        let name = member.name().expect("name").to_string();
-        if replaced.is_none() && name.contains("/data/") {
-            let deflated = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Deflated)
-                .compression_level(Some(9));
-            out.start_file(&name, deflated).expect("start");
-            let zeros = vec![0u8; 1 << 20];
-            for _ in 0..1024 {
-                out.write_all(&zeros).expect("zeros");
-            }
-            replaced = Some(name);
-        } else {
-            let mut bytes = Vec::new();
-            member.read_to_end(&mut bytes).expect("read");
-            let stored = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored);
-            out.start_file(&name, stored).expect("start");
-            out.write_all(&bytes).expect("write");
-        }
-    }
-    out.finish().expect("finish");
+    let replaced = common::write_zip_bomb(&path);
     let on_disk = fs::metadata(&path).expect("meta").len();
     assert!(on_disk < 2 << 20, "{on_disk} bytes on disk");
 
     // Loading resnet18: refused from the member's size before it inflates.
-    let before = peak_rss();
+    let before = common::peak_rss();
     let started = Instant::now();
     let err = Checkpoint::open_within(&path, Limits::for_architecture(Architecture::Resnet18))
         .expect_err("refused");
@@ -248,11 +206,11 @@ fn a_zip_member_that_inflates_to_a_gibibyte_costs_neither_time_nor_memory() {
         let info = ck.info(name).expect("info");
         assert_eq!(raw.len(), info.numel() * dtype.size(), "{name}");
     }
-    let grew = peak_rss().saturating_sub(before);
+    let grew = common::peak_rss().saturating_sub(before);
     eprintln!(
         "1 GiB zip member ({on_disk} bytes on disk, {}): refused for resnet18 in {refused_in:?}, \
          opened within the default limits in {opened_in:?}; peak RSS grew {} KiB",
-        replaced.unwrap_or_default(),
+        replaced,
         grew >> 10
     );
     assert!(refused_in.as_millis() < 500, "{refused_in:?}");

@@ -905,6 +905,30 @@ async fn model_control_reads_only_the_repository_and_only_by_file_name() {
         e.message()
     );
     assert!(hides_the_server(e.message()), "{}", e.message());
+    // A 1 MiB checkpoint whose storage inflates to 1 GiB: refused from its sizes.
+    common::write_zip_bomb(&repo.join("bomb.pth"));
+    let before = common::peak_rss();
+    let started = std::time::Instant::now();
+    let e = c
+        .repository_model_load(load_file("resnet18_swsl", "bomb.pth"))
+        .await
+        .expect_err("bomb");
+    let took = started.elapsed();
+    let grew = common::peak_rss().saturating_sub(before);
+    eprintln!(
+        "zip bomb refused through RepositoryModelLoad in {took:?}; peak RSS grew {grew} bytes"
+    );
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("loading resnet18_swsl: bomb.pth: checkpoint storage")
+            && e.message().contains("exceeds")
+            && e.message().contains("resnet18 can hold"),
+        "{}",
+        e.message()
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(grew < 64 << 20, "peak RSS grew {grew} bytes");
     // A path parameter is not a thing; long strings come back cut short.
     let e = c
         .repository_model_load(load_with("resnet18_swsl", "path", &outside_text))

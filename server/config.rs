@@ -424,4 +424,51 @@ mod tests {
         assert_eq!(capped.shared_memory_max_regions, Some(3));
         assert_eq!(capped.shared_memory_max_mib, Some(16));
     }
+
+    #[test]
+    fn the_model_repository_comes_from_the_flag_or_the_toml_file_and_needs_model_control() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(
+            &file,
+            "model_control = true\nmodel_repository = \"/srv/models\"\n",
+        )
+        .expect("write");
+        let config = file.to_str().expect("utf8");
+        let merged = |extra: &[&str]| {
+            let args = ["x", "--config", config]
+                .into_iter()
+                .chain(extra.iter().copied());
+            Cli::try_parse_from(args)
+                .expect("parses")
+                .serve
+                .merged()
+                .expect("merges")
+        };
+        let from_file = merged(&[]);
+        assert!(from_file.model_control);
+        assert_eq!(
+            from_file.model_repository,
+            Some(PathBuf::from("/srv/models"))
+        );
+        assert_eq!(
+            merged(&["--model-repository", "/other"]).model_repository,
+            Some(PathBuf::from("/other")),
+            "the flag wins"
+        );
+        // Refused before anything listens or loads.
+        let err = serve(ServeArgs {
+            model_repository: Some(dir.path().to_path_buf()),
+            ..ServeArgs::default()
+        })
+        .expect_err("without --model-control");
+        assert!(err.to_string().contains("--model-control"), "{err}");
+        let err = serve(ServeArgs {
+            model_control: true,
+            model_repository: Some(dir.path().join("missing")),
+            ..ServeArgs::default()
+        })
+        .expect_err("no such directory");
+        assert!(format!("{err:#}").contains("--model-repository"), "{err:#}");
+    }
 }

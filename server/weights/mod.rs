@@ -129,6 +129,34 @@ impl Limits {
         }
     }
 
+    /// The largest file: twice the tensor bytes (room for a training checkpoint's
+    /// optimizer state beside the weights) and the index. Files are read in part, but
+    /// the hash check of a torch.hub name reads all of one.
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_tensor_bytes
+            .saturating_mul(2)
+            .saturating_add(self.max_index_bytes)
+    }
+
+    fn check_file(&self, path: &Path, file: &File) -> Result<(), WeightsError> {
+        let len = file
+            .metadata()
+            .map_err(|e| WeightsError::io(path, e))?
+            .len();
+        if len > self.max_file_bytes() {
+            return Err(self.exceeded(
+                path,
+                format!("file of {len} bytes"),
+                format!(
+                    "the {} bytes a {} checkpoint may take",
+                    self.max_file_bytes(),
+                    self.model
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// "the N bytes resnet18 can hold", for messages.
     fn holds(&self) -> String {
         format!(
@@ -352,9 +380,8 @@ impl Checkpoint {
     /// `limits` is refused before anything is allocated for it.
     pub fn open_within(path: impl AsRef<Path>, limits: Limits) -> Result<Checkpoint, WeightsError> {
         let path = path.as_ref();
-        hub::verify_file_name_hash(path)?;
         let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
-        Self::read(file, path, &limits)
+        Self::from_file(file, path, limits)
     }
 
     /// Opens without the file-name hash check (for callers that just verified it).
@@ -366,11 +393,14 @@ impl Checkpoint {
     /// A checkpoint already open (from the model repository): `name` is what it is
     /// called in messages and [`Checkpoint::path`], and whose hash prefix is checked.
     pub fn from_file(file: File, name: &Path, limits: Limits) -> Result<Checkpoint, WeightsError> {
+        // Before the hash, which reads the whole file.
+        limits.check_file(name, &file)?;
         hub::verify_open_file(&file, name)?;
         Self::read(file, name, &limits)
     }
 
     fn read(file: File, path: &Path, limits: &Limits) -> Result<Checkpoint, WeightsError> {
+        limits.check_file(path, &file)?;
         let mut head = [0u8; 16];
         let n = read_prefix(&file, &mut head).map_err(|e| WeightsError::io(path, e))?;
         let head = &head[..n];

@@ -152,4 +152,23 @@ mod tests {
         assert!(err.to_string().contains("resnet18 can hold"), "{err}");
         assert!(Checkpoint::open(&path).is_ok());
     }
+
+    #[test]
+    fn a_file_past_twice_what_the_model_holds_is_refused_before_it_is_hashed() {
+        // A sparse file named like a torch.hub download: hashing it would read it all.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resnet18-0123abcd.safetensors");
+        let resnet18 = Limits::for_architecture(Architecture::Resnet18);
+        let file = std::fs::File::create(&path).expect("create");
+        file.set_len(resnet18.max_file_bytes() + 1).expect("extend");
+        let started = std::time::Instant::now();
+        let err = Checkpoint::open_within(&path, resnet18).expect_err("refused");
+        assert!(matches!(err, WeightsError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("checkpoint file of"), "{err}");
+        assert!(
+            started.elapsed().as_millis() < 100,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

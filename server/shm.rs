@@ -7,9 +7,9 @@
 //! Off unless the operator turns it on (`--shared-memory`, [`SharedMemory::new`]): a
 //! registration makes the server open a file of this host's `/dev/shm` on a client's
 //! word. The key names one entry of `/dev/shm`; it is opened with `O_NOFOLLOW` and
-//! checked with `fstat` to be a regular file, so a symbolic link (which could point the
-//! server's writes at any file it may write), a directory, a FIFO, a socket or a device
-//! is refused, never followed. Regions are capped in number and in registered bytes
+//! checked with `fstat` to be a regular file on a tmpfs, so a symbolic link (which could
+//! point the server's writes at any file it may write), a directory, a FIFO, a socket,
+//! a device or a hard link to a file elsewhere is refused, never followed. Regions are capped in number and in registered bytes
 //! ([`Limits`]).
 //!
 //! The object belongs to another process, which may write, shrink or remove it at any
@@ -531,7 +531,25 @@ fn open_object(key: &str, path: &std::path::Path) -> Result<File, ShmError> {
     if !file_type.is_file() {
         return Err(not_regular(kind(&file_type)));
     }
+    // POSIX shared memory is a tmpfs (glibc's shm_open looks for one). Where /dev/shm
+    // shares a filesystem with other files, a hard link in it could name any of them.
+    if !on_tmpfs(&file).map_err(open_error)? {
+        return Err(not_regular("a file outside a tmpfs"));
+    }
     Ok(file)
+}
+
+/// Whether `file` lies on a tmpfs.
+fn on_tmpfs(file: &File) -> io::Result<bool> {
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the struct it is given on success (checked before reading
+    // it) and reads nothing else; the descriptor is open for the call's duration.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so the struct is initialised.
+    let fs = unsafe { fs.assume_init() };
+    Ok(fs.f_type == libc::TMPFS_MAGIC)
 }
 
 /// What a file that is not a regular file is, for the refusal's message.
@@ -695,7 +713,7 @@ mod tests {
     }
 
     #[test]
-    fn directories_fifos_and_sockets_are_refused() {
+    fn only_regular_files_on_a_tmpfs_are_opened() {
         let dir = Object(format!("resnet-serve-test-dir-{}", std::process::id()));
         std::fs::create_dir(dir.path()).expect("dir");
         let fifo = Object(format!("resnet-serve-test-fifo-{}", std::process::id()));
@@ -720,6 +738,22 @@ mod tests {
         // The checks on the opened file itself: a FIFO reached past the first look.
         let err = open_object("/fifo", &fifo.path()).expect_err("fifo");
         assert!(matches!(err, ShmError::NotRegular { .. }), "{err}");
+        // A regular file that is no shared-memory object (as a hard link in a /dev/shm
+        // that is not a tmpfs of its own could name): refused before any write.
+        let comm = std::path::Path::new("/proc/self/comm");
+        let before = std::fs::read(comm).expect("comm");
+        let err = open_object("/comm", comm).expect_err("procfs");
+        assert!(
+            matches!(
+                err,
+                ShmError::NotRegular {
+                    kind: "a file outside a tmpfs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(comm).expect("comm"), before);
         assert!(shm.status("").expect("status").is_empty());
     }
 

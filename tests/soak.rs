@@ -128,6 +128,7 @@ fn sigterm_under_ten_times_capacity_loses_no_request() {
 
     let sigterm = report.sigterm.as_ref().expect("sigterm");
     assert!(sigterm.exited_after_s.is_some(), "{text}");
+    assert!(sigterm.outstanding > 0, "SIGTERM came under load: {text}");
     assert_eq!(report.lost, 0, "{text}");
     let drain = report.drain.as_ref().expect("a drain phase");
     assert!(drain.sent > 0, "load went on after SIGTERM: {text}");

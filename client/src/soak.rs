@@ -155,6 +155,8 @@ pub struct SigtermReport {
     pub pid: i32,
     /// Seconds into the overload it was sent.
     pub sent_at_s: f64,
+    /// Requests sent and not yet answered when it was sent: the drain owes each an answer.
+    pub outstanding: u64,
     /// Seconds from SIGTERM until the process was gone (exited or a zombie); `None`: it
     /// was still running when the soak ended.
     pub exited_after_s: Option<f64>,
@@ -455,16 +457,25 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
         drain: Tally::new(),
     }));
     let sigterm_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let slots = Arc::new(Semaphore::new(cfg.max_outstanding.max(1)));
+    let outstanding_at_sigterm = Arc::new(AtomicU64::new(0));
     let exited_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let server_gone = Arc::new(AtomicBool::new(false));
     let signaller = cfg.sigterm.map(|s| {
         let (sigterm_at, exited_at, server_gone) =
             (sigterm_at.clone(), exited_at.clone(), server_gone.clone());
+        let (slots, outstanding, most) = (
+            slots.clone(),
+            outstanding_at_sigterm.clone(),
+            cfg.max_outstanding.max(1),
+        );
         tokio::spawn(async move {
             tokio::time::sleep_until(start + s.after).await;
             if let Ok(mut at) = sigterm_at.lock() {
                 *at = Some(Instant::now());
             }
+            let waiting = most.saturating_sub(slots.available_permits());
+            outstanding.store(waiting as u64, Ordering::SeqCst);
             send_sigterm(s.pid).map_err(|source| SoakError::Signal { pid: s.pid, source })?;
             // Watch for the exit so the load can stop once nobody is there to take it.
             while running(s.pid) {
@@ -477,7 +488,6 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
             Ok(())
         })
     });
-    let slots = Arc::new(Semaphore::new(cfg.max_outstanding.max(1)));
     let skipped = AtomicU64::new(0);
     let mut tasks = Vec::new();
     let mut i = 0u64;
@@ -590,6 +600,7 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
         SigtermReport {
             pid: s.pid,
             sent_at_s: sent.map_or(f64::NAN, |at| (at - start).as_secs_f64()),
+            outstanding: outstanding_at_sigterm.load(Ordering::SeqCst),
             exited_after_s: match (sent, exited) {
                 (Some(s), Some(e)) => Some((e - s).as_secs_f64()),
                 _ => None,
@@ -685,13 +696,13 @@ impl std::fmt::Display for SoakReport {
             match s.exited_after_s {
                 Some(e) => writeln!(
                     f,
-                    "SIGTERM to {} at {:.1} s; it exited {:.2} s later",
-                    s.pid, s.sent_at_s, e
+                    "SIGTERM to {} at {:.1} s with {} requests outstanding; it exited {:.2} s later",
+                    s.pid, s.sent_at_s, s.outstanding, e
                 )?,
                 None => writeln!(
                     f,
-                    "SIGTERM to {} at {:.1} s; it had not exited when the soak ended",
-                    s.pid, s.sent_at_s
+                    "SIGTERM to {} at {:.1} s with {} requests outstanding; it had not exited when the soak ended",
+                    s.pid, s.sent_at_s, s.outstanding
                 )?,
             }
         }

@@ -2,7 +2,7 @@
 //! `RepositoryModelLoad` read (`--model-repository DIR`), by file name only.
 //!
 //! A client names a file, never a path: a name with a separator, `..`, a leading `.`, a
-//! NUL or more than 255 bytes is refused as such. The file is then resolved inside the
+//! control character (NUL, newline ...) or more than 255 bytes is refused as such. The file is then resolved inside the
 //! repository and must stay there: its canonical path (every symlink followed) must lie
 //! under the repository's canonical path, it is opened without following a final
 //! symlink, and on Linux the opened descriptor's own path is checked again, so a link
@@ -23,7 +23,7 @@ const MAX_NAME_BYTES: usize = 255;
 /// Why a model file cannot be loaded from the repository.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RepositoryError {
-    #[error("'{0}' is not a model file name: name a file in the model repository (no '/', '\\', '..', NUL or leading '.'; at most 255 bytes)")]
+    #[error("'{0}' is not a model file name: name a file in the model repository (no '/', '\\', '..', control characters or leading '.'; at most 255 bytes)")]
     InvalidName(String),
     #[error("model file '{0}' not found in the model repository")]
     NotFound(String),
@@ -97,10 +97,14 @@ pub fn check_name(name: &str) -> Result<(), RepositoryError> {
     let bad = name.is_empty()
         || name.len() > MAX_NAME_BYTES
         || name.starts_with('.')
-        || name.contains(['/', '\\', '\0'])
+        || name.contains(['/', '\\'])
+        || name.chars().any(char::is_control)
         || name.contains("..");
     if bad {
-        return Err(RepositoryError::InvalidName(clip(name)));
+        // Escaped: the name goes into messages and logs.
+        return Err(RepositoryError::InvalidName(
+            clip(name).escape_debug().to_string(),
+        ));
     }
     Ok(())
 }
@@ -133,6 +137,8 @@ mod tests {
             "a/b",
             "a\\b",
             "a\0b",
+            "line\nbreak",
+            "esc\u{1b}[31m",
             long.as_str(),
         ] {
             assert!(
@@ -151,6 +157,8 @@ mod tests {
         assert!(text.len() < 400, "{text}");
         assert!(text.contains("…"), "{text}");
         assert_eq!(clip("short"), "short");
+        let e = check_name("a\nb\u{1b}").expect_err("control characters");
+        assert!(e.to_string().starts_with("'a\\nb\\u{1b}' is not"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use prost::encoding::{decode_key, decode_varint, WireType};
 use tonic::Status;
 
 use crate::proto;
+use crate::refusals::RefusalLog;
 use crate::unary::Frames;
 
 /// Bytes of request messages received and not yet answered, across the server.
@@ -25,6 +26,7 @@ pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
     refused: Option<prometheus::IntCounter>,
+    log: RefusalLog,
 }
 
 /// Bytes of one message, counted against its budget until dropped.
@@ -41,6 +43,7 @@ impl ByteBudget {
             limit,
             used: AtomicUsize::new(0),
             refused,
+            log: RefusalLog::default(),
         })
     }
 
@@ -69,10 +72,12 @@ impl ByteBudget {
                 if let Some(c) = &self.refused {
                     c.inc();
                 }
-                return Err(Status::resource_exhausted(format!(
+                let message = format!(
                     "server is busy: {used} bytes of requests in flight and this one needs {bytes} (limit {}); retry later",
                     self.limit
-                )));
+                );
+                self.log.log("RESOURCE_EXHAUSTED (in-flight bytes)", &message);
+                return Err(Status::resource_exhausted(message));
             };
             match self
                 .used

@@ -683,6 +683,52 @@ mod tests {
     }
 
     #[test]
+    fn reads_and_writes_racing_truncations_fail_cleanly() {
+        // Through a mapping, a read racing a truncation died of SIGBUS; here each access
+        // either completes or fails, however the two interleave.
+        const SIZE: u64 = 1 << 20;
+        let obj = Object::new("race", SIZE as usize);
+        let shm = SharedMemory::new(true);
+        shm.register("r", &obj.key(), 0, SIZE).expect("register");
+        let region = shm.region("r").expect("r");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (mut ok, mut shrunk) = (0, 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(obj.path())
+                    .expect("open");
+                while !stop.load(Ordering::Relaxed) {
+                    // Long enough whole that some reads complete, short enough that
+                    // others are cut off halfway.
+                    file.set_len(SIZE).expect("regrow");
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    file.set_len(SIZE / 3).expect("shrink");
+                    file.set_len(0).expect("truncate");
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            });
+            for i in 0..2_000u64 {
+                let offset = (i * 4096) % (SIZE / 2);
+                for result in [
+                    shm.bytes("r", offset, SIZE / 2).map(|b| b.len()),
+                    region.write(offset, &[1; 4096]).map(|()| 4096),
+                ] {
+                    match result {
+                        Ok(_) => ok += 1,
+                        Err(ShmError::Shrunk { .. }) => shrunk += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(ok + shrunk, 4_000);
+        assert_eq!(shm.copies.held.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
     fn a_symbolic_link_is_refused_and_its_target_untouched() {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = dir.path().join("precious");

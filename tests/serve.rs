@@ -705,6 +705,13 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable);
+    // The model says it takes no requests while the server drains.
+    let info = late
+        .get_model(GetModelRequest { name: MODEL.into() })
+        .await
+        .expect("info")
+        .into_inner();
+    assert!(!info.ready, "ModelInfo.ready while draining");
     gate.open.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await

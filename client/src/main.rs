@@ -201,6 +201,9 @@ enum Command {
         model: String,
         #[arg(long)]
         json: bool,
+        /// Also write the JSON report to this file (the text summary still prints).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
     },
 }
 
@@ -494,6 +497,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kserve,
             model,
             json,
+            json_out,
         } => {
             let seconds = |name: &str, v: f64| {
                 if v.is_finite() && v >= 0.0 {
@@ -575,6 +579,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let report = soak::run(&clients, &cfg).await?;
+            if let Some(path) = json_out {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

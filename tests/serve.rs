@@ -1156,7 +1156,7 @@ async fn oversized_messages_are_refused_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_memory_tensors_are_read_in_place_and_bad_references_refused() {
+async fn shared_memory_tensors_are_read_and_bad_references_refused() {
     use resnet_client::proto::inference::{
         SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
     };

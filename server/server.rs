@@ -139,10 +139,18 @@ pub async fn run(
     let state = Arc::new(state);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both generations of the reflection protocol: grpcurl 1.8, Postman and older evans
+    // ask for v1alpha only, newer clients for v1.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| RunError::Load(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| RunError::Load(format!("reflection: {e}")))?;
     let limits = unary::Limits {
         max_decoding: options.max_message_bytes,
@@ -237,6 +245,7 @@ pub async fn run(
             .max_concurrent_streams(Some(options.max_concurrent_streams))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(classifier)
             .add_service(kserve)
             .serve_with_incoming_shutdown(without_nagle(listener), async {

@@ -516,6 +516,51 @@ async fn reflection_lists_the_services() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+    // The older generation that grpcurl 1.8, Postman and older evans ask for.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let channel = Channel::from_shared(server.addr.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = ServerReflectionClient::new(channel);
+        let ask = |request| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut resp = client
+            .server_reflection_info(tokio_stream::iter(vec![
+                ask(MessageRequest::ListServices(String::new())),
+                ask(MessageRequest::FileContainingSymbol(
+                    "resnet_serve.v1.Classifier".into(),
+                )),
+            ]))
+            .await
+            .expect("v1alpha reflection")
+            .into_inner();
+        let msg = resp.message().await.expect("message").expect("a list");
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1alpha answer {msg:?}");
+        };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            alpha.contains(&"resnet_serve.v1.Classifier".to_string()),
+            "{alpha:?}"
+        );
+        assert!(
+            alpha.contains(&"inference.GRPCInferenceService".to_string()),
+            "{alpha:?}"
+        );
+        let msg = resp.message().await.expect("message").expect("a file");
+        let Some(MessageResponse::FileDescriptorResponse(files)) = msg.message_response else {
+            panic!("unexpected v1alpha answer {msg:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
     server.stop().await;
 }
 

@@ -43,8 +43,9 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
     /// A model to serve, NAME or NAME=PATH (repeatable). A bare name comes from the
     /// weights cache, downloaded on first use [default: resnet50_swsl].
-    #[arg(long = "model", env = "RESNET_SERVE_MODELS", value_delimiter = ',')]
-    #[serde(rename = "models")]
+    /// (Also `RESNET_SERVE_MODELS`, the variable's earlier name, and `models` in the file.)
+    #[arg(long = "model", env = "RESNET_SERVE_MODEL", value_delimiter = ',')]
+    #[serde(rename = "model", alias = "models")]
     pub models: Vec<String>,
     /// The model for requests that name none [default: the first --model].
     #[arg(long, env = "RESNET_SERVE_DEFAULT_MODEL")]
@@ -130,20 +131,23 @@ pub struct ServeArgs {
     /// Weights cache directory [default: $XDG_CACHE_HOME/resnet-serve].
     #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Log format.
-    #[arg(
-        long,
-        env = "RESNET_SERVE_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    #[serde(skip)]
-    pub log_format: LogFormat,
+    /// Log format [default: text].
+    #[arg(long, env = "RESNET_SERVE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 impl ServeArgs {
     /// Fills what the command line and environment left unset from the TOML file.
-    fn merged(self) -> anyhow::Result<ServeArgs> {
+    fn merged(mut self) -> anyhow::Result<ServeArgs> {
+        if self.models.is_empty() {
+            if let Ok(legacy) = std::env::var(LEGACY_MODELS_ENV) {
+                self.models = legacy
+                    .split(',')
+                    .filter(|m| !m.trim().is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+        }
         let Some(path) = &self.config else {
             return Ok(self);
         };
@@ -188,10 +192,26 @@ impl ServeArgs {
             preprocess_threads: self.preprocess_threads.or(file.preprocess_threads),
             drain_timeout_s: self.drain_timeout_s.or(file.drain_timeout_s),
             cache_dir: self.cache_dir.or(file.cache_dir),
-            log_format: self.log_format,
+            log_format: self.log_format.or(file.log_format),
         })
     }
+
+    /// The log format, known before the rest is checked (logging starts first): the flag
+    /// or environment, else the TOML file's, else text. A file that does not parse is
+    /// reported once logging runs.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+            .or_else(|| {
+                let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
+                toml::from_str::<ServeArgs>(&text).ok()?.log_format
+            })
+            .unwrap_or_default()
+    }
 }
+
+/// The environment variable `--model` read before it was named by the rule
+/// (`RESNET_SERVE_<FLAG>`); still read when `RESNET_SERVE_MODEL` is not set.
+const LEGACY_MODELS_ENV: &str = "RESNET_SERVE_MODELS";
 
 /// `NAME` or `NAME=PATH`.
 fn parse_model(spec: &str) -> anyhow::Result<(ModelName, Option<PathBuf>)> {
@@ -393,6 +413,65 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--model", "resnet18_ssl,resnet50_swsl=/x.pth"])
             .expect("parses");
         assert_eq!(cli.serve.models.len(), 2);
+    }
+
+    #[test]
+    fn every_flag_has_its_variable_by_one_rule_and_its_toml_key() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let mut seen = 0;
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            seen += 1;
+            let want = format!("RESNET_SERVE_{}", long.to_uppercase().replace('-', "_"));
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or("(none)");
+            assert_eq!(env, want, "--{long}");
+            if long == "config" {
+                continue;
+            }
+            // The key is known to the file: any error is about the value, never the key.
+            let key = long.replace('-', "_");
+            let err = toml::from_str::<ServeArgs>(&format!("{key} = {{}}"))
+                .expect_err("a table fits no setting")
+                .to_string();
+            assert!(!err.contains("unknown field"), "--{long}: {err}");
+        }
+        assert!(seen >= 25, "{seen} flags");
+        let err = toml::from_str::<ServeArgs>("batch_size = [1]\nqueue_capcity = 3\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("batch_size"), "names the key: {err}");
+    }
+
+    #[test]
+    fn the_model_and_log_format_come_from_any_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(&file, "model = [\"resnet18_ssl\"]\nlog_format = \"json\"\n")
+            .expect("write");
+        let cli =
+            Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
+        assert_eq!(
+            cli.serve.log_format(),
+            LogFormat::Json,
+            "known before merging"
+        );
+        let merged = cli.serve.merged().expect("merges");
+        assert_eq!(merged.models, vec!["resnet18_ssl"]);
+        assert_eq!(merged.log_format, Some(LogFormat::Json));
+        std::fs::write(&file, "models = [\"resnet50_ssl\"]\n").expect("write");
+        let cli =
+            Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
+        assert_eq!(cli.serve.log_format(), LogFormat::Text);
+        assert_eq!(
+            cli.serve.merged().expect("merges").models,
+            vec!["resnet50_ssl"]
+        );
+        let cli = Cli::try_parse_from(["x", "--log-format", "json"]).expect("parses");
+        assert_eq!(cli.serve.log_format(), LogFormat::Json);
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if cli.serve.log_format == config::LogFormat::Json {
+    if cli.serve.log_format() == config::LogFormat::Json {
         logs.json().init();
     } else {
         logs.init();

@@ -141,12 +141,16 @@ pub struct Rss {
     pub before: u64,
     /// Median of the samples in the second half of the calibration (serving at capacity).
     pub loaded: u64,
+    /// Median of the samples in the second half of the overload before SIGTERM (all of it
+    /// without one): the plateau under 10x load, a full queue included.
+    pub overloaded: u64,
     /// Highest sample from the start of the overload to the end.
     pub peak: u64,
     /// After the overload: with SIGTERM, the last sample before the server went away;
     /// without, one taken once every request had its outcome.
     pub after: u64,
     pub peak_over_loaded: f64,
+    pub peak_over_overloaded: f64,
     pub samples: usize,
 }
 
@@ -518,7 +522,8 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
         }));
         i += 1;
     }
-    let offered_s = (Instant::now().min(end) - start).as_secs_f64();
+    let offer_end = Instant::now();
+    let offered_s = (offer_end.min(end) - start).as_secs_f64();
 
     // Unanswered requests get `drain_wait`; the rest are lost.
     let deadline = Instant::now() + cfg.drain_wait;
@@ -577,6 +582,15 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
                 .collect(),
         )
         .unwrap_or(before);
+        let overload_end = sigterm_at.lock().ok().and_then(|a| *a).unwrap_or(offer_end);
+        let overload_half = start + (overload_end.max(start) - start) / 2;
+        let overloaded = median(
+            s.iter()
+                .filter(|(at, _)| *at >= overload_half && *at <= overload_end)
+                .filter_map(|(_, v)| *v)
+                .collect(),
+        )
+        .unwrap_or(0.0);
         let peak = s
             .iter()
             .filter(|(at, _)| *at >= start)
@@ -588,9 +602,15 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
         Rss {
             before: before as u64,
             loaded: loaded as u64,
+            overloaded: overloaded as u64,
             peak: peak as u64,
             after: after as u64,
             peak_over_loaded: if loaded > 0.0 { peak / loaded } else { 0.0 },
+            peak_over_overloaded: if overloaded > 0.0 {
+                peak / overloaded
+            } else {
+                0.0
+            },
             samples: s.iter().filter(|(_, v)| v.is_some()).count(),
         }
     });
@@ -709,11 +729,13 @@ impl std::fmt::Display for SoakReport {
         if let Some(r) = &self.rss {
             writeln!(
                 f,
-                "server RSS MiB: before {:.1}, loaded {:.1}, peak {:.1} ({:.2}x loaded), after {:.1} ({} samples)",
+                "server RSS MiB: before {:.1}, loaded {:.1}, overloaded {:.1}, peak {:.1} ({:.2}x loaded, {:.2}x overloaded), after {:.1} ({} samples)",
                 mib(r.before),
                 mib(r.loaded),
+                mib(r.overloaded),
                 mib(r.peak),
                 r.peak_over_loaded,
+                r.peak_over_overloaded,
                 mib(r.after),
                 r.samples
             )?;

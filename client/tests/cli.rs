@@ -797,7 +797,7 @@ fn a_soak_refuses_past_capacity_and_loses_nothing() {
         assert!(0.0 < p50 && p50 <= p99, "{q}: {r}");
     }
     let rss = &r["rss"];
-    for k in ["before", "loaded", "peak", "after"] {
+    for k in ["before", "loaded", "overloaded", "peak", "after"] {
         assert!(n(&rss[k]) > 1 << 20, "RSS {k}: {r}");
     }
     assert!(n(&rss["samples"]) >= 10, "{r}");

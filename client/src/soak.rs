@@ -533,14 +533,19 @@ pub async fn run(clients: &[Client], cfg: &SoakConfig) -> Result<SoakReport, Soa
         }
     }
     let signal = match signaller {
-        Some(s) => {
-            // The watcher ends when the server exits; give it the drain's time too.
-            match tokio::time::timeout_at(deadline, s).await {
+        Some(mut s) => {
+            // The watcher ends when the server exits; give it the drain's time too, and
+            // stop it if the server outlives that.
+            match tokio::time::timeout_at(deadline, &mut s).await {
                 Ok(Ok(Err(e))) => {
                     sampling.store(false, Ordering::SeqCst);
                     return Err(e);
                 }
-                _ => true,
+                Err(_) => {
+                    s.abort();
+                    true
+                }
+                Ok(_) => true,
             }
         }
         None => false,

@@ -131,6 +131,15 @@ pub struct ServeArgs {
     /// Weights cache directory [default: $XDG_CACHE_HOME/resnet-serve].
     #[arg(long, env = "RESNET_SERVE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// File of bearer tokens every call must carry (`authorization: Bearer <token>`):
+    /// one per line, or `sha256:<hex>` of it, then optionally its scope, `infer` or
+    /// `admin` (the default). Re-read when it changes [default: none, the server is open].
+    #[arg(long, env = "RESNET_SERVE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// With a token file, the calls that stay open without a token: `health`,
+    /// `reflection`, both, or `none` [default: health,reflection].
+    #[arg(long, env = "RESNET_SERVE_AUTH_OPEN", value_delimiter = ',')]
+    pub auth_open: Vec<String>,
     /// Log format [default: text].
     #[arg(long, env = "RESNET_SERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -192,6 +201,12 @@ impl ServeArgs {
             preprocess_threads: self.preprocess_threads.or(file.preprocess_threads),
             drain_timeout_s: self.drain_timeout_s.or(file.drain_timeout_s),
             cache_dir: self.cache_dir.or(file.cache_dir),
+            auth_token_file: self.auth_token_file.or(file.auth_token_file),
+            auth_open: if self.auth_open.is_empty() {
+                file.auth_open
+            } else {
+                self.auth_open
+            },
             log_format: self.log_format.or(file.log_format),
         })
     }
@@ -212,6 +227,26 @@ impl ServeArgs {
 /// The environment variable `--model` read before it was named by the rule
 /// (`RESNET_SERVE_<FLAG>`); still read when `RESNET_SERVE_MODEL` is not set.
 const LEGACY_MODELS_ENV: &str = "RESNET_SERVE_MODELS";
+
+/// `--auth-open`: which calls stay open when tokens are required.
+fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::auth::Open> {
+    if names.is_empty() {
+        return Ok(resnet_serve::auth::Open::default());
+    }
+    let mut open = resnet_serve::auth::Open {
+        health: false,
+        reflection: false,
+    };
+    for name in names {
+        match name.trim() {
+            "health" => open.health = true,
+            "reflection" => open.reflection = true,
+            "none" => {}
+            other => anyhow::bail!("--auth-open takes health, reflection or none, not '{other}'"),
+        }
+    }
+    Ok(open)
+}
 
 /// `NAME` or `NAME=PATH`.
 fn parse_model(spec: &str) -> anyhow::Result<(ModelName, Option<PathBuf>)> {
@@ -279,6 +314,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_concurrent_streams
             .unwrap_or(defaults.max_concurrent_streams),
         configured_models: models.iter().map(|(name, _)| name.to_string()).collect(),
+        auth_tokens: args
+            .auth_token_file
+            .as_ref()
+            .map(|path| resnet_serve::auth::Tokens::load(path).map(Arc::new))
+            .transpose()?,
+        auth_open: auth_open(&args.auth_open)?,
         shared_memory_limits: resnet_serve::shm::Limits {
             max_regions: args
                 .shared_memory_max_regions

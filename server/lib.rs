@@ -31,6 +31,8 @@
 //!   from their HTTP/2 frames as received, without tonic's copy into one buffer.
 //! - [`admission`]: what a call may cost before it is decoded: the server's budget for
 //!   request bytes in flight and the counts of repeated fields, checked from the wire.
+//! - [`auth`]: bearer tokens (and their scopes) every call but health must carry, when
+//!   the operator names a token file.
 //! - [`error`]: request errors and their single mapping to gRPC statuses;
 //!   [`refusals`]: refusals counted by a fixed reason and logged at most once a second.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
@@ -43,6 +45,7 @@
 
 pub mod admission;
 pub mod allocator;
+pub mod auth;
 pub mod device;
 pub mod error;
 pub mod kserve;

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use crate::proto::inference::ServerReadyRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
 use crate::server::{self, ModelLoader, RunError, ServeOptions};
 
 /// A running server on `127.0.0.1`, gRPC and metrics each on a port of their own.
@@ -44,8 +46,8 @@ impl LocalServer {
         })
     }
 
-    /// Waits until the models are loaded and served (KServe's `ServerReady`), at most
-    /// `timeout`.
+    /// Waits until the models are loaded and served (the whole server's gRPC health is
+    /// SERVING), at most `timeout`.
     pub async fn ready(&self, timeout: Duration) -> Result<(), RunError> {
         let give_up = tokio::time::Instant::now() + timeout;
         loop {
@@ -54,9 +56,17 @@ impl LocalServer {
                     "the server stopped before it was ready".into(),
                 ));
             }
-            if let Ok(mut c) = GrpcInferenceServiceClient::connect(self.url.clone()).await {
-                if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
-                    if r.into_inner().ready {
+            // Health, which answers without credentials when the server requires them.
+            let channel = match tonic::transport::Channel::from_shared(self.url.clone()) {
+                Ok(endpoint) => endpoint.connect().await.ok(),
+                Err(_) => None,
+            };
+            if let Some(mut c) = channel.map(HealthClient::new) {
+                let whole_server = HealthCheckRequest {
+                    service: String::new(),
+                };
+                if let Ok(r) = c.check(whole_server).await {
+                    if r.into_inner().status == ServingStatus::Serving as i32 {
                         return Ok(());
                     }
                 }

@@ -37,6 +37,7 @@ pub struct Metrics {
     worker_restarts: IntCounterVec,
     images_queued: IntCounterVec,
     refusals: IntCounterVec,
+    auth_refusals: IntCounterVec,
     /// Requests (unary calls and open streams) being served now.
     pub in_flight: IntGauge,
 }
@@ -162,6 +163,11 @@ impl Metrics {
                 "Calls and images refused, by reason (a fixed set: never a client's string).",
                 &["reason"],
             ),
+            auth_refusals: counter(
+                "auth_refusals_total",
+                "Calls refused for their credentials: missing, invalid, scope.",
+                &["reason"],
+            ),
             in_flight: IntGauge::new(
                 "requests_in_flight",
                 "Requests and open streams being served.",
@@ -183,6 +189,7 @@ impl Metrics {
             Box::new(m.in_flight.clone()),
             Box::new(m.images_queued.clone()),
             Box::new(m.refusals.clone()),
+            Box::new(m.auth_refusals.clone()),
         ];
         for c in collectors {
             // Names are fixed and distinct, so registration cannot collide.
@@ -209,6 +216,11 @@ impl Metrics {
         self.request_seconds
             .with_label_values(&[model, rpc])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Calls refused for their credentials, by reason.
+    pub fn auth_refusals(&self) -> IntCounterVec {
+        self.auth_refusals.clone()
     }
 
     /// The counter of refusals for one fixed `reason`.

@@ -71,6 +71,10 @@ pub struct ServeOptions {
     /// The models the loader will load, by the names they will be served under: while
     /// they load, a request for one answers UNAVAILABLE rather than NOT_FOUND.
     pub configured_models: Vec<String>,
+    /// Bearer tokens every call must carry (`None`: the server is open).
+    pub auth_tokens: Option<Arc<crate::auth::Tokens>>,
+    /// The calls that stay open when tokens are required.
+    pub auth_open: crate::auth::Open,
 }
 
 impl Default for ServeOptions {
@@ -89,6 +93,8 @@ impl Default for ServeOptions {
             max_in_flight_bytes: crate::admission::default_in_flight_bytes(),
             max_concurrent_streams: 128,
             configured_models: Vec::new(),
+            auth_tokens: None,
+            auth_open: crate::auth::Open::default(),
         }
     }
 }
@@ -243,6 +249,9 @@ pub async fn run(
             // Each open stream holds a task and buffers: one connection may not open
             // an unbounded number (h2's default).
             .max_concurrent_streams(Some(options.max_concurrent_streams))
+            .layer(crate::auth::AuthLayer(options.auth_tokens.clone().map(
+                |tokens| crate::auth::Guard::new(tokens, options.auth_open, &metrics),
+            )))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

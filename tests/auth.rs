@@ -1,0 +1,238 @@
+//! Bearer tokens through the real server: a token file made in the test, calls from the
+//! generated clients with and without `authorization`, scopes, a `sha256:` line, the
+//! file rewritten while serving, and the open health and reflection services.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use resnet_client::proto::classifier_client::ClassifierClient;
+use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use resnet_client::proto::inference::{
+    RepositoryModelLoadRequest, ServerLiveRequest, SystemSharedMemoryStatusRequest,
+};
+use resnet_client::proto::{image, ClassifyRequest, FloatTensor, Image, ListModelsRequest};
+use resnet_serve::auth::{Open, Tokens};
+use resnet_serve::local::LocalServer;
+use resnet_serve::model::synthetic::SyntheticWeights;
+use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::scheduler::{Backend, BatchPolicy};
+use resnet_serve::server::{self, ServeOptions};
+use sha2::Digest;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const MODEL: &str = "resnet18_swsl";
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    r
+}
+
+fn classify_request() -> ClassifyRequest {
+    ClassifyRequest {
+        model: MODEL.into(),
+        images: vec![Image {
+            kind: Some(image::Kind::Tensor(FloatTensor {
+                data: vec![0u8; 3 * 224 * 224 * 4].into(),
+            })),
+        }],
+        ..Default::default()
+    }
+}
+
+async fn start(tokens: &std::path::Path, open: Open) -> (LocalServer, Channel) {
+    let loader: server::ModelLoader = Box::new(|| {
+        let arch = Architecture::Resnet18;
+        let model: Arc<dyn Backend> = Arc::new(
+            Classifier::load(
+                arch,
+                &SyntheticWeights::new(arch, 7),
+                &Device::Cpu,
+                DType::F32,
+            )
+            .expect("model"),
+        );
+        Ok(vec![(MODEL.to_string(), model)])
+    });
+    let options = ServeOptions {
+        policy: BatchPolicy::new(&[1, 2], Duration::from_millis(1), 16).expect("policy"),
+        preprocess_threads: 2,
+        auth_tokens: Some(Arc::new(Tokens::load(tokens).expect("token file"))),
+        auth_open: open,
+        ..ServeOptions::default()
+    };
+    let server = LocalServer::start(options, loader).await.expect("bind");
+    server.ready(Duration::from_secs(120)).await.expect("ready");
+    let channel = Channel::from_shared(server.url.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    (server, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_need_a_token_and_changes_need_an_admin_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    let hashed = hex::encode(sha2::Sha256::digest(b"kept-out-of-the-file"));
+    std::fs::write(
+        &file,
+        format!("# infer-only reader, then the operator\nreader-1 infer\noperator-1 admin\nsha256:{hashed} infer\n"),
+    )
+    .expect("write");
+    let (server, channel) = start(&file, Open::default()).await;
+    let mut c = ClassifierClient::new(channel.clone());
+    let mut k = GrpcInferenceServiceClient::new(channel.clone());
+
+    // No token, a wrong one, a malformed header: UNAUTHENTICATED, saying nothing of tokens.
+    let err = c.classify(classify_request()).await.expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let err = c
+        .classify(with_token(classify_request(), "reader-2"))
+        .await
+        .expect_err("wrong");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(!err.message().contains("reader-1"), "{err}");
+    let mut basic = Request::new(classify_request());
+    basic.metadata_mut().insert(
+        "authorization",
+        "Basic cmVhZGVyLTE6".parse().expect("ascii"),
+    );
+    assert_eq!(
+        c.classify(basic).await.expect_err("not bearer").code(),
+        Code::Unauthenticated
+    );
+    let err = k
+        .server_live(ServerLiveRequest {})
+        .await
+        .expect_err("KServe too");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // A stream, refused before its first message.
+    let (response, mut send) =
+        common::bare_call(&server.url, "/resnet_serve.v1.Classifier/ClassifyStream").await;
+    let _ = send.send_data(bytes::Bytes::new(), true);
+    let (status, _) = common::bare_status(response).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+
+    // The infer token classifies, and may not change the server.
+    c.classify(with_token(classify_request(), "reader-1"))
+        .await
+        .expect("an infer token classifies");
+    c.list_models(with_token(ListModelsRequest {}, "reader-1"))
+        .await
+        .expect("metadata");
+    c.classify(with_token(classify_request(), "kept-out-of-the-file"))
+        .await
+        .expect("a token given by its sha256 in the file");
+    let load = || RepositoryModelLoadRequest {
+        repository_name: String::new(),
+        model_name: MODEL.into(),
+        parameters: HashMap::new(),
+    };
+    let err = k
+        .repository_model_load(with_token(load(), "reader-1"))
+        .await
+        .expect_err("admin only");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = k
+        .system_shared_memory_status(with_token(
+            SystemSharedMemoryStatusRequest {
+                name: String::new(),
+            },
+            "reader-1",
+        ))
+        .await
+        .expect_err("admin only");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    // The admin token gets through to the call itself (model control is off here).
+    let err = k
+        .repository_model_load(with_token(load(), "operator-1"))
+        .await
+        .expect_err("model control is off");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+
+    // Health and reflection stay open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health without a token")
+        .into_inner();
+    assert_eq!(status.status, 1);
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        let mut r = ServerReflectionClient::new(channel.clone());
+        r.server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .expect("reflection without a token");
+    }
+
+    // A rewritten file is read again within a couple of seconds: the old token goes,
+    // the new one works.
+    std::fs::write(&file, "reader-2 infer\n").expect("rewrite");
+    let mut switched = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.classify(with_token(classify_request(), "reader-2"))
+            .await
+            .is_ok()
+        {
+            switched = true;
+            break;
+        }
+    }
+    assert!(switched, "the new token was never accepted");
+    let err = c
+        .classify(with_token(classify_request(), "reader-1"))
+        .await
+        .expect_err("the old token is gone");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let metrics = common::scrape(server.metrics_addr).await;
+    for reason in ["missing", "invalid", "scope"] {
+        let line = format!("resnet_serve_auth_refusals_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&line), "{reason}: {metrics}");
+    }
+    server.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_closed_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "t\n").expect("write");
+    let open = Open {
+        health: true,
+        reflection: false,
+    };
+    let (server, channel) = start(&file, open).await;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut r = ServerReflectionClient::new(channel);
+    let err = r
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .expect_err("closed");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    server.stop().await.expect("stops");
+}

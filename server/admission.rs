@@ -76,7 +76,8 @@ impl ByteBudget {
                     "server is busy: {used} bytes of requests in flight and this one needs {bytes} (limit {}); retry later",
                     self.limit
                 );
-                self.log.log("RESOURCE_EXHAUSTED (in-flight bytes)", &message);
+                self.log
+                    .log("RESOURCE_EXHAUSTED (in-flight bytes)", &message);
                 return Err(Status::resource_exhausted(message));
             };
             match self

@@ -236,3 +236,50 @@ async fn reflection_can_be_closed_too() {
     assert_eq!(err.code(), Code::Unauthenticated);
     server.stop().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_crate_sends_its_token_on_every_kind_of_call() {
+    use resnet_client::{Client, ClientConfig, Output, Token};
+    use tokio_stream::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "client-token infer\n").expect("write");
+    let (server, _) = start(&file, Open::default()).await;
+    let connect = |token: Option<&str>| {
+        let mut config = ClientConfig::new([server.url.clone()]);
+        config.token = token.map(|t| Token(t.into()));
+        config.retries = 0;
+        Client::connect(config)
+    };
+    let tensor = || Image {
+        kind: Some(image::Kind::Tensor(FloatTensor {
+            data: vec![0u8; 3 * 224 * 224 * 4].into(),
+        })),
+    };
+    let without = connect(None).await.expect("connect");
+    let err = without
+        .classify(MODEL, vec![tensor()], Output::TopK(1))
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let with = connect(Some("client-token")).await.expect("connect");
+    assert_eq!(format!("{:?}", with.config().token), "Some(Token(…))");
+    with.classify(MODEL, vec![tensor()], Output::TopK(1))
+        .await
+        .expect("unary with the token");
+    assert_eq!(with.list_models().await.expect("list").len(), 1);
+    let frames = tokio_stream::iter((0..2u64).map(move |i| resnet_client::proto::StreamFrame {
+        frame_id: i,
+        model: MODEL.into(),
+        image: Some(tensor()),
+        output: None,
+    }));
+    let mut results = with.classify_stream(frames).await.expect("stream opens");
+    let mut answered = 0;
+    while let Some(r) = results.next().await {
+        r.expect("a frame's result");
+        answered += 1;
+    }
+    assert_eq!(answered, 2);
+    server.stop().await.expect("stops");
+}

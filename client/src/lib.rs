@@ -62,6 +62,18 @@ pub enum ClientError {
     },
     #[error("cannot connect: {0}")]
     Connect(#[source] tonic::transport::Error),
+    #[error("the token is not a valid header value (printable ASCII only)")]
+    Token,
+}
+
+/// A bearer token: kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
 }
 
 /// How to reach the server(s) and how patient to be.
@@ -80,6 +92,9 @@ pub struct ClientConfig {
     pub backoff: Duration,
     /// Largest message received (logits of a large batch).
     pub max_message_bytes: usize,
+    /// Sent with every call as `authorization: Bearer <token>` (a server started with
+    /// `--auth-token-file`).
+    pub token: Option<Token>,
 }
 
 impl ClientConfig {
@@ -92,6 +107,7 @@ impl ClientConfig {
             retries: 3,
             backoff: Duration::from_millis(50),
             max_message_bytes: 64 << 20,
+            token: None,
         }
     }
 }
@@ -167,11 +183,19 @@ pub struct Client {
     stub: ClassifierClient<Channel>,
     kserve: proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<Channel>,
     config: ClientConfig,
+    /// `Bearer <token>`, checked once when connecting.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
     /// Connects to every endpoint (balanced when there are several).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let authorization = config
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {}", t.0.trim()).parse())
+            .transpose()
+            .map_err(|_| ClientError::Token)?;
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for url in &config.endpoints {
             let mut e = Endpoint::from_shared(url.clone())
@@ -220,6 +244,7 @@ impl Client {
             stub,
             kserve,
             config,
+            authorization,
         })
     }
 
@@ -252,6 +277,7 @@ impl Client {
         if let Some(t) = timeout {
             call.set_timeout(t);
         }
+        self.authorize(call.metadata_mut());
         wire::unary(
             self.channel.clone(),
             path,
@@ -269,13 +295,21 @@ impl Client {
         }
     }
 
-    /// A request carrying the configured deadline.
+    /// A request carrying the configured deadline and token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
         if let Some(t) = self.config.timeout {
             r.set_timeout(t);
         }
+        self.authorize(r.metadata_mut());
         r
+    }
+
+    /// Adds the configured token, if any, to a call's metadata.
+    fn authorize(&self, metadata: &mut MetadataMap) {
+        if let Some(value) = &self.authorization {
+            metadata.insert("authorization", value.clone());
+        }
     }
 
     /// Classifies `images` with `model` (empty: the server's default).
@@ -333,11 +367,13 @@ impl Client {
         frames: impl tokio_stream::Stream<Item = proto::StreamFrame> + Send + 'static,
     ) -> Result<tonic::Streaming<proto::StreamResult>, Status> {
         use tokio_stream::StreamExt;
+        let mut metadata = MetadataMap::new();
+        self.authorize(&mut metadata);
         wire::streaming(
             self.channel.clone(),
             wire::CLASSIFY_STREAM,
             frames.map(|f| wire::Encoded::new(&f)),
-            MetadataMap::new(),
+            metadata,
             self.limits(),
         )
         .await
@@ -346,7 +382,7 @@ impl Client {
     pub async fn list_models(&self) -> Result<Vec<proto::ModelInfo>, Status> {
         let mut stub = self.stub.clone();
         Ok(stub
-            .list_models(proto::ListModelsRequest {})
+            .list_models(self.request(proto::ListModelsRequest {}))
             .await?
             .into_inner()
             .models)

@@ -36,6 +36,14 @@ struct Cli {
     /// Per-call deadline in milliseconds (sent as grpc-timeout).
     #[arg(long, global = true)]
     timeout_ms: Option<u64>,
+    /// Bearer token sent with every call (a server with --auth-token-file).
+    #[arg(
+        long,
+        env = "RESNET_CLIENT_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -266,6 +274,7 @@ fn synthetic_tensor(seed: u64) -> Vec<f32> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(cli.endpoints.clone());
     config.timeout = cli.timeout_ms.map(Duration::from_millis);
+    config.token = cli.token.clone().map(resnet_client::Token);
     let client = Client::connect(config).await.context("connecting")?;
     match cli.command {
         Command::Classify {

@@ -51,6 +51,15 @@ impl Server {
 
     /// As [`Server::start_with`], with a model queue of `queue_capacity` images.
     fn start_queue(model: Arc<dyn Backend>, queue_capacity: usize) -> Server {
+        Server::start_configured(model, queue_capacity, None)
+    }
+
+    /// As [`Server::start_queue`], requiring the bearer tokens of `tokens` when given.
+    fn start_configured(
+        model: Arc<dyn Backend>,
+        queue_capacity: usize,
+        tokens: Option<PathBuf>,
+    ) -> Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -66,6 +75,9 @@ impl Server {
                     preprocess_threads: 2,
                     // `load --shared-memory` registers a region.
                     shared_memory: true,
+                    auth_tokens: tokens.map(|path| {
+                        Arc::new(resnet_serve::auth::Tokens::load(path).expect("tokens"))
+                    }),
                     ..ServeOptions::default()
                 };
                 let loader: server::ModelLoader =
@@ -833,4 +845,66 @@ fn a_soak_refuses_past_capacity_and_loses_nothing() {
             && text.contains("requests lost (sent, never given a status): 0"),
         "{text}"
     );
+}
+
+#[test]
+fn every_subcommand_sends_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "cli-secret\n").expect("write");
+    let server = Server::start_configured(model(), 256, Some(tokens));
+    let image = fixture("rocket.jpg");
+    let image = image.to_str().expect("utf8");
+    let refused = server
+        .client()
+        .args(["classify", image])
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("token"), "{said}");
+    let classified = server
+        .client()
+        .args(["--token", "cli-secret", "classify", "--json", image])
+        .output()
+        .expect("runs");
+    assert!(
+        classified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&classified.stderr)
+    );
+    // From the environment, on a load test's own connections, for each transport.
+    for extra in [
+        vec![],
+        vec!["--stream"],
+        vec!["--kserve", "--model", "resnet18_swsl"],
+    ] {
+        let load = server
+            .client()
+            .env("RESNET_CLIENT_TOKEN", "cli-secret")
+            .args([
+                "load",
+                "--concurrency",
+                "2",
+                "--connections",
+                "2",
+                "--duration",
+                "1",
+                "--synthetic",
+                "--json",
+            ])
+            .args(&extra)
+            .output()
+            .expect("runs");
+        let report = json_of(&load);
+        assert!(
+            report["ok"].as_u64().unwrap_or(0) > 0,
+            "{extra:?}: {report}"
+        );
+        assert_eq!(
+            report["errors"].as_object().map(|e| e.len()),
+            Some(0),
+            "{extra:?}: {report}"
+        );
+    }
 }

@@ -130,14 +130,32 @@ pub fn image(data: &[u8]) {
     }
 }
 
-/// A raw RGB8 frame: width and height are the first 4 + 4 bytes (little-endian), the
-/// pixels the rest (whatever their count: the check is what is fuzzed).
+/// Largest pixel buffer [`raw_frame`] makes up, so one input stays within milliseconds.
+const MAX_MADE_UP_RGB: usize = 1 << 20;
+
+/// A raw RGB8 frame: width and height are the first 4 + 4 bytes (little-endian). When the
+/// ninth byte is even the pixels are the bytes after it, whatever their count (the size
+/// check is what is fuzzed); when it is odd they are those bytes repeated to exactly the
+/// size the frame needs (up to [`MAX_MADE_UP_RGB`]), so that frames of every size and
+/// aspect ratio reach the resize and crop.
 pub fn raw_frame(data: &[u8]) {
-    let Some((head, rgb)) = data.split_at_checked(8) else {
+    let Some((head, rest)) = data.split_at_checked(9) else {
         return;
     };
     let width = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let height = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let needed = (width as usize)
+        .checked_mul(height as usize)
+        .and_then(|n| n.checked_mul(3))
+        .filter(|&n| head[8] % 2 == 1 && n <= MAX_MADE_UP_RGB);
+    let made_up: Vec<u8>;
+    let rgb = match needed {
+        Some(n) => {
+            made_up = rest.iter().copied().chain([0x80]).cycle().take(n).collect();
+            &made_up[..]
+        }
+        None => rest,
+    };
     let p = Preprocessor::default();
     if let Ok(input) = p.prepare(Input::Raw { width, height, rgb }) {
         assert_eq!(

@@ -261,28 +261,65 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Whether the server takes traffic now: `Err` says why not ("models are loading",
+/// "draining").
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves, as plain HTTP on `listener` until `shutdown` resolves: `GET /metrics`; `GET
+/// /livez`, 200 while the process and its runtime answer (a liveness probe: it says
+/// nothing of the models, so a long load never restarts the pod); `GET /readyz`, 200 only
+/// when `ready` says so, else 503 with the reason (a readiness probe that works when the
+/// gRPC port speaks TLS, which kubelet's gRPC probes cannot).
 pub async fn serve(
     metrics: Metrics,
     listener: tokio::net::TcpListener,
+    ready: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
+    let text = |status: StatusCode, body: String| {
+        (
+            status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            body,
+        )
+    };
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/livez",
+            get(move || async move { text(StatusCode::OK, "alive\n".into()) }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready() {
+                        Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -263,7 +263,9 @@ pub async fn run(
     );
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics_listener.map(|l| {
-        tokio::spawn(crate::metrics::serve(metrics.clone(), l, async {
+        let probed = state.clone();
+        let ready: crate::metrics::Readiness = Arc::new(move || probed.readiness());
+        tokio::spawn(crate::metrics::serve(metrics.clone(), l, ready, async {
             let _ = metrics_stop_rx.await;
         }))
     });

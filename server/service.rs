@@ -172,6 +172,18 @@ impl State {
         })
     }
 
+    /// Whether the server takes traffic now, and if not why: every configured model
+    /// loaded, and not draining (the `/readyz` probe).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining: finishing the requests in flight before it stops".into());
+        }
+        if !self.loaded.load(Ordering::SeqCst) {
+            return Err("models are loading".into());
+        }
+        Ok(())
+    }
+
     /// Whether a served model takes requests now: not while the server drains.
     pub(crate) fn model_ready(&self) -> bool {
         !self.draining.load(Ordering::SeqCst)

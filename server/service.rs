@@ -41,6 +41,39 @@ enum Pixels {
     },
 }
 
+/// The caller's `x-request-id`, when it sent one.
+pub(crate) fn request_id_header(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// The answer (or the status) of a call with its request id in `x-request-id`.
+#[allow(clippy::result_large_err)]
+pub(crate) fn with_request_id<T>(
+    answer: Result<Response<T>, Status>,
+    id: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Result<Response<T>, Status> {
+    let Some(id) = id else {
+        return answer;
+    };
+    match answer {
+        Ok(mut response) => {
+            response.metadata_mut().insert(REQUEST_ID, id);
+            Ok(response)
+        }
+        Err(mut status) => {
+            status.metadata_mut().insert(REQUEST_ID, id);
+            Err(status)
+        }
+    }
+}
+
+/// The metadata key a request id travels in, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
 /// The `model` label of requests for a model the server does not serve.
 pub const UNKNOWN_MODEL_LABEL: &str = "(unknown)";
 
@@ -204,11 +237,18 @@ impl State {
         self.refusal_log.log(code_name(code), &error.message());
     }
 
+    /// The id a request is known by in logs, spans and its answer: the client's (its
+    /// visible ASCII, at most 64 characters), else one made here.
     pub(crate) fn request_id(&self, given: &str) -> String {
-        if given.is_empty() {
+        let kept: String = given
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(crate::error::NAME_CHARS)
+            .collect();
+        if kept.is_empty() {
             format!("req-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
         } else {
-            crate::error::excerpt(given, crate::error::NAME_CHARS)
+            kept
         }
     }
 
@@ -646,8 +686,12 @@ impl Classifier for ClassifierService {
     ) -> Result<Response<proto::ClassifyResponse>, Status> {
         let _guard = self.state.in_flight.enter();
         let deadline = deadline_of(&request);
+        let header_id = request_id_header(request.metadata());
         let mut req = request.into_inner();
-        req.request_id = self.state.request_id(&req.request_id);
+        req.request_id = self
+            .state
+            .request_id(header_id.as_deref().unwrap_or(&req.request_id));
+        let id = tonic::metadata::MetadataValue::try_from(req.request_id.as_str()).ok();
         let model_label = self.state.metric_label(&req.model);
         let span = tracing::info_span!("classify", request_id = %req.request_id, model = %model_label, images = req.images.len());
         let started = Instant::now();
@@ -674,7 +718,7 @@ impl Classifier for ClassifierService {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(e) => self.state.refused(code, e),
         });
-        result.map(Response::new).map_err(Status::from)
+        with_request_id(result.map(Response::new).map_err(Status::from), id)
     }
 
     type ClassifyStreamStream = ReceiverStream<Result<proto::StreamResult, Status>>;

@@ -1480,3 +1480,79 @@ async fn a_client_truncating_its_shared_memory_cannot_stop_the_server() {
     shared.release(&client).await.expect("unregister");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_id_travels_both_ways() {
+    use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use resnet_client::proto::inference::{
+        model_infer_request::InferInputTensor, ModelInferRequest,
+    };
+    let server = TestServer::start(options(&[1, 2], 1, 16), model()).await;
+    let mut client = server.client().await;
+    let id_of = |m: &tonic::metadata::MetadataMap| {
+        m.get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let with_header = |mut r: tonic::Request<ClassifyRequest>, id: &str| {
+        r.metadata_mut()
+            .insert("x-request-id", id.parse().expect("ascii"));
+        r
+    };
+    // The header's id wins, and comes back in the header and the body.
+    let mut request = logits_request(vec![tensor_image(1).0]);
+    request.request_id = "from-the-body".into();
+    let reply = client
+        .classify(with_header(
+            tonic::Request::new(request.clone()),
+            "trace-7f3a",
+        ))
+        .await
+        .expect("classified");
+    assert_eq!(id_of(reply.metadata()).as_deref(), Some("trace-7f3a"));
+    assert_eq!(reply.into_inner().request_id, "trace-7f3a");
+    // Else the body's; else one made here.
+    let reply = client.classify(request).await.expect("classified");
+    assert_eq!(id_of(reply.metadata()).as_deref(), Some("from-the-body"));
+    let reply = client
+        .classify(logits_request(vec![tensor_image(2).0]))
+        .await
+        .expect("classified");
+    let made = id_of(reply.metadata()).expect("an id is made");
+    assert!(made.starts_with("req-"), "{made}");
+    assert_eq!(reply.into_inner().request_id, made);
+    // A refusal carries it too.
+    let mut unknown = logits_request(vec![tensor_image(3).0]);
+    unknown.model = "nope".into();
+    let err = client
+        .classify(with_header(tonic::Request::new(unknown), "trace-err"))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(id_of(err.metadata()).as_deref(), Some("trace-err"));
+    // KServe's ModelInfer returns the header it was sent.
+    let mut kserve = GrpcInferenceServiceClient::connect(server.addr.clone())
+        .await
+        .expect("connect");
+    let values = synthetic::input(4, 1, 224);
+    let mut infer = tonic::Request::new(ModelInferRequest {
+        model_name: MODEL.into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 3, 224, 224],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()],
+        ..Default::default()
+    });
+    infer
+        .metadata_mut()
+        .insert("x-request-id", "kserve-1".parse().expect("ascii"));
+    let reply = kserve.model_infer(infer).await.expect("inferred");
+    assert_eq!(id_of(reply.metadata()).as_deref(), Some("kserve-1"));
+    server.stop().await;
+}

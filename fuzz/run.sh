@@ -22,6 +22,10 @@ mkdir -p "$work" "fuzz/artifacts/$target" fuzz/target/logs
 log=fuzz/target/logs/$target-$(date -u +%Y%m%dT%H%M%SZ).log
 flags=(-max_len="$max_len" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
        -artifact_prefix="fuzz/artifacts/$target/")
+# FUZZ_EXTRA: more libFuzzer flags, e.g. "-fork=1 -ignore_crashes=1" to go on past a known
+# finding (each crash still written to fuzz/artifacts/TARGET/).
+read -r -a extra <<<"${FUZZ_EXTRA:-}"
+flags+=("${extra[@]}")
 echo "# $(date -u +%FT%TZ) on $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server || echo ' + uncommitted changes under server/'), $(nproc) cores" | tee "$log"
 echo "+ nice -n 10 $bin $work fuzz/corpus/$target ${flags[*]} -max_total_time=$seconds" | tee -a "$log"
 status=0

@@ -219,8 +219,20 @@ fn walk(mut buf: Frames, mut visit: impl FnMut(u32, Field) -> Walk) -> Walk {
                     .ok_or(Stop::Malformed)?;
                 Field::Bytes(buf.split_to(len))
             }
-            // Groups: prost refuses them for these messages.
-            WireType::StartGroup | WireType::EndGroup => return Err(Stop::Malformed),
+            // A group: prost skips one under a field number it does not know and decodes
+            // the rest, so the walk skips it the same way (stopping here would let what
+            // follows it through unchecked). Under a known field number prost refuses it.
+            WireType::StartGroup => {
+                prost::encoding::skip_field(
+                    wire_type,
+                    tag,
+                    &mut buf,
+                    prost::encoding::DecodeContext::default(),
+                )
+                .map_err(|_| Stop::Malformed)?;
+                Field::Scalar
+            }
+            WireType::EndGroup => return Err(Stop::Malformed),
         };
         visit(tag, field)?;
     }
@@ -400,6 +412,16 @@ mod tests {
             proto::ClassifyRequest::check_counts(&frames(&request(5)), &counts).expect_err("over");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("more than 4 images"), "{err}");
+        // A group under an unknown field number, which prost skips, hides nothing.
+        let mut grouped = vec![0x7b, 0x7c];
+        grouped.extend(request(5).encode_to_vec());
+        let mut f = Frames::default();
+        f.push(Bytes::from(grouped.clone()));
+        assert!(
+            proto::ClassifyRequest::decode(&grouped[..]).is_ok(),
+            "prost takes it"
+        );
+        assert!(proto::ClassifyRequest::check_counts(&f, &counts).is_err());
         // Garbage is left to prost, which names the fault as tonic does.
         let mut junk = Frames::default();
         junk.push(Bytes::from_static(&[0xff, 0xff]));

@@ -457,14 +457,15 @@ async fn a_reset_stream_is_no_longer_in_flight() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
     // A bare HTTP/2 client, so the call can be reset as a client that goes away resets it.
     let (response, mut send) =
-        bare_call(&server.addr, "/resnet_serve.v1.Classifier/ClassifyStream").await;
+        common::bare_call(&server.addr, "/resnet_serve.v1.Classifier/ClassifyStream").await;
     let frame = StreamFrame {
         frame_id: 0,
         model: String::new(),
         image: Some(tensor_image(0).0),
         output: None,
     };
-    send.send_data(grpc_body(&frame), false).expect("frame");
+    send.send_data(common::grpc_body(&frame), false)
+        .expect("frame");
     let mut body = response.await.expect("response").into_body();
     let first = body.data().await.expect("a result").expect("data");
     assert!(first.len() > 5, "the first frame is answered");
@@ -1014,36 +1015,6 @@ async fn bad_inputs_get_the_right_status_and_the_server_keeps_serving() {
 }
 
 /// A gRPC body: the message prefix (uncompressed, length) and the encoded message.
-fn grpc_body(request: &impl prost::Message) -> bytes::Bytes {
-    let message = request.encode_to_vec();
-    let mut wire = vec![0u8];
-    wire.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    wire.extend_from_slice(&message);
-    wire.into()
-}
-
-/// A call of `path` opened on a bare HTTP/2 connection (its own), headers sent, body not.
-async fn bare_call(
-    addr: &str,
-    path: &str,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let authority = addr.trim_start_matches("http://");
-    let tcp = tokio::net::TcpStream::connect(authority)
-        .await
-        .expect("connect");
-    let (h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut h2 = h2.ready().await.expect("ready");
-    let head = http::Request::post(format!("http://{authority}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .expect("request");
-    h2.send_request(head, false).expect("send")
-}
-
 /// One `Classify` call over a bare HTTP/2 connection, `body` sent as DATA frames of
 /// `frame` bytes each: its status (OK included) and the decoded reply.
 async fn classify_in_frames(
@@ -1055,7 +1026,8 @@ async fn classify_in_frames(
     Option<resnet_client::proto::ClassifyResponse>,
 ) {
     use prost::Message;
-    let (response, mut send) = bare_call(addr, "/resnet_serve.v1.Classifier/Classify").await;
+    let (response, mut send) =
+        common::bare_call(addr, "/resnet_serve.v1.Classifier/Classify").await;
     let mut start = 0;
     while start < body.len() {
         let end = (start + frame).min(body.len());
@@ -1095,7 +1067,7 @@ async fn a_call_cut_into_small_frames_is_answered_as_one_sent_whole() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
     let (a, a_values) = tensor_image(21);
     let (b, b_values) = tensor_image(22);
-    let body = grpc_body(&logits_request(vec![a, encoded("coffee.png"), b]));
+    let body = common::grpc_body(&logits_request(vec![a, encoded("coffee.png"), b]));
     let png = std::fs::read(common::fixture("images/coffee.png")).expect("fixture");
     let png_values = Preprocessor::default()
         .prepare(Input::Encoded(&png))

@@ -138,16 +138,7 @@ impl TestServer {
     }
 
     async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.server.metrics_addr)
-            .await
-            .expect("metrics connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+        common::scrape(self.server.metrics_addr).await
     }
 
     /// The value of one sample line, e.g. `resnet_serve_batches_total{model="m"}`.

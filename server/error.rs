@@ -40,7 +40,8 @@ impl ServeError {
             ServeError::UnknownModel { .. } => Code::NotFound,
             ServeError::Image { .. }
             | ServeError::InvalidArgument(_)
-            | ServeError::Schedule(ScheduleError::NonFinite { .. }) => Code::InvalidArgument,
+            | ServeError::Schedule(ScheduleError::NonFinite { .. })
+            | ServeError::Schedule(ScheduleError::LargerThanQueue { .. }) => Code::InvalidArgument,
             ServeError::Schedule(ScheduleError::QueueFull { .. }) => Code::ResourceExhausted,
             ServeError::Schedule(ScheduleError::DeadlineExceeded(_)) => Code::DeadlineExceeded,
             ServeError::Schedule(ScheduleError::Stopped(_))

@@ -83,7 +83,8 @@ impl Default for ServeOptions {
             policy: BatchPolicy::default(),
             limits: Limits::default(),
             max_message_bytes: 64 << 20,
-            max_images_per_request: 256,
+            // One default queue's worth (scheduler::policy::default_queue_capacity).
+            max_images_per_request: 128,
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout: Duration::from_secs(30),
             default_model: None,

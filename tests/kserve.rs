@@ -365,7 +365,7 @@ async fn startup_rpcs_answer_what_triton_would() {
         .into_inner()
         .config
         .expect("config body");
-    assert_eq!(config.max_batch_size, 256, "the per-request image limit");
+    assert_eq!(config.max_batch_size, 128, "the per-request image limit");
     assert_eq!(config.input[0].dims, vec![3, 224, 224]);
     assert_eq!(config.output[0].dims, vec![1000]);
     let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {

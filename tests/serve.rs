@@ -560,15 +560,16 @@ async fn reflection_lists_the_services() {
 async fn a_full_queue_answers_resource_exhausted_at_once() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 4), model()).await;
     let mut client = server.client().await;
-    // More images than the queue holds: refused whole, immediately.
+    // More images than the whole queue holds: no retry could succeed, so it is the
+    // request that is wrong, refused whole, immediately.
     let images = (0..5u64).map(|s| tensor_image(s).0).collect();
     let err = client
         .classify(logits_request(images))
         .await
         .expect_err("refused");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(
-        err.message().contains("queue of 4 images is full"),
+        err.message().contains("queues at most 4 images; this request has 5"),
         "{}",
         err.message()
     );

@@ -99,7 +99,9 @@ pub fn config(handle: &ModelHandle, view: View, max_images_per_request: usize) -
         name: view.name(handle.name()),
         platform: PLATFORM.into(),
         backend: "candle".into(),
-        max_batch_size: i32::try_from(max_images_per_request).unwrap_or(i32::MAX),
+        // A request larger than the model's queue could never be queued whole.
+        max_batch_size: i32::try_from(max_images_per_request.min(handle.policy().queue_capacity))
+            .unwrap_or(i32::MAX),
         input: vec![ModelInput {
             name: view.input_name().into(),
             data_type: data_type(view) as i32,

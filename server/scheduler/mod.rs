@@ -38,6 +38,13 @@ pub enum ScheduleError {
     DeadlineExceeded(String),
     #[error("model '{model}' failed on this batch: {message}")]
     Compute { model: String, message: String },
+    /// More images than the model's whole queue holds: no retry can succeed.
+    #[error("model '{model}' queues at most {capacity} images; this request has {images}: send fewer per request")]
+    LargerThanQueue {
+        model: String,
+        images: usize,
+        capacity: usize,
+    },
     #[error("model '{0}' is shutting down")]
     Stopped(String),
     /// Found while its batch was assembled, where each value is read anyway.
@@ -237,3 +244,10 @@ impl ModelHandle {
         }
     }
 }
+        if inputs.len() > self.policy.queue_capacity {
+            return Err(ScheduleError::LargerThanQueue {
+                model: self.name.to_string(),
+                images: inputs.len(),
+                capacity: self.policy.queue_capacity,
+            });
+        }

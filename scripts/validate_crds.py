@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""Checks deploy/ offline where kubernetes-validate cannot, and against the server itself.
+
+    scripts/validate_crds.py [FILE_OR_DIR ...]      (default: deploy/)
+
+Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonschema
+(scripts/validate_deploy.sh installs them).
+
+1. Custom resources, strictly (a field the schema does not declare is an error: the API
+   server would silently prune it, and the setting would be lost):
+   - KServe's InferenceService, ClusterServingRuntime and ServingRuntime against the
+     openAPIV3Schema of KServe's CRDs vendored in deploy/validation/kserve/;
+   - KEDA's ScaledObject and the Prometheus Operator's ServiceMonitor against the schemas
+     below: no PyPI package ships those CRDs, so these are written from KEDA v2.20's and
+     prometheus-operator's CRDs, for the fields our manifests use (a subset: a field
+     they do not list is reported even where upstream would accept it; add it here).
+2. Kustomizations: every resource they list exists.
+3. deploy/ against the server's sources, so a renamed flag or metric fails CI here
+   instead of in a cluster:
+   - every `--flag` a server container passes, every RESNET_SERVE_* variable in the
+     manifests and Dockerfiles, and every key of the resnet-serve.toml ConfigMap is one
+     the server declares (server/config.rs and the rest of server/);
+   - every resnet_serve_* metric in a Prometheus query is one server/metrics.rs exports;
+   - a ScaledObject scales a Deployment defined here; a ServiceMonitor selects a Service
+     here that has the port it scrapes;
+   - an InferenceService's name is a DNS-1035 label, its runtime is defined here and
+     supports its model format and protocol; a serving runtime's container is
+     `kserve-container`, passes `--model {{.Name}}=/mnt/models` and, for grpc-v2,
+     declares a port named h2c.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KSERVE_CRDS = ROOT / "deploy" / "validation" / "kserve"
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+findings: list[str] = []
+
+
+def finding(where: str, what: str) -> None:
+    findings.append(f"{where}: {what}")
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# --- schemas written here (see the module docs) ------------------------------------------
+
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+HPA_POLICY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "value", "periodSeconds"],
+    "properties": {
+        "type": {"enum": ["Pods", "Percent"]},
+        "value": {"type": "integer", "minimum": 1},
+        "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800},
+    },
+}
+HPA_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {"type": "array", "items": HPA_POLICY},
+    },
+}
+# keda.sh/v1alpha1 ScaledObject (KEDA v2.20, config/crd/bases/keda.sh_scaledobjects.yaml),
+# with the prometheus trigger's metadata keys (pkg/scalers/prometheus_scaler.go).
+SCALED_OBJECT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string"},
+                        "envSourceContainerName": {"type": "string"},
+                    },
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "fallback": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["failureThreshold", "replicas"],
+                    "properties": {
+                        "failureThreshold": {"type": "integer", "minimum": 1},
+                        "replicas": {"type": "integer", "minimum": 0},
+                        "behavior": {
+                            "enum": [
+                                "static",
+                                "currentReplicas",
+                                "currentReplicasIfHigher",
+                                "currentReplicasIfLower",
+                            ]
+                        },
+                    },
+                },
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "behavior": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {"scaleUp": HPA_RULES, "scaleDown": HPA_RULES},
+                                },
+                            },
+                        },
+                    },
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"const": "prometheus"},
+                            "name": {"type": "string"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "useCachedMetrics": {"type": "boolean"},
+                            "authenticationRef": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+                                },
+                            },
+                            "metadata": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["serverAddress", "query", "threshold"],
+                                "properties": {
+                                    "serverAddress": {"type": "string", "pattern": "^https?://"},
+                                    "query": {"type": "string", "minLength": 1},
+                                    # KEDA parses these from strings: a YAML number here is
+                                    # refused by the CRD (metadata is map[string]string).
+                                    "threshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "activationThreshold": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                    "namespace": {"type": "string"},
+                                    "ignoreNullValues": {"enum": ["true", "false"]},
+                                    "unsafeSsl": {"enum": ["true", "false"]},
+                                    "timeout": {"type": "string"},
+                                    "authModes": {"type": "string"},
+                                    "customHeaders": {"type": "string"},
+                                    "queryParameters": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+# monitoring.coreos.com/v1 ServiceMonitor (prometheus-operator,
+# example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml).
+SERVICE_MONITOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": LABEL_SELECTOR,
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "sampleLimit": {"type": "integer", "minimum": 0},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "honorTimestamps": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": {"type": "object"}},
+                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# --- KServe's vendored CRDs -------------------------------------------------------------
+
+
+def strict(schema):
+    """The schema with every object that declares properties closed to others, and
+    OpenAPI's `nullable` as JSON Schema's null type."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if schema.get("nullable") and isinstance(schema.get("type"), str):
+        out["type"] = [schema["type"], "null"]
+    return out
+
+
+def kserve_schema(kind: str, version: str):
+    plural = {
+        "InferenceService": "inferenceservices",
+        "ClusterServingRuntime": "clusterservingruntimes",
+        "ServingRuntime": "servingruntimes",
+    }[kind]
+    path = KSERVE_CRDS / f"serving.kserve.io_{plural}.yaml"
+    if not path.exists():
+        return None, f"no vendored CRD {path.relative_to(ROOT)}"
+    crd = yaml.load(path.read_text(), Loader=Loader)
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            schema = strict(v["schema"]["openAPIV3Schema"])
+            # The CRD leaves metadata open (`type: object`); check what we rely on.
+            schema.setdefault("properties", {})["metadata"] = METADATA
+            return schema, None
+    return None, f"the vendored CRD has no version {version}"
+
+
+# --- the server's own declarations ------------------------------------------------------
+
+
+def server_sources() -> str:
+    return "\n".join(p.read_text() for p in sorted((ROOT / "server").rglob("*.rs")))
+
+
+def server_variables(src: str) -> set[str]:
+    return set(re.findall(r'"(RESNET_SERVE_[A-Z0-9_]+)"', src))
+
+
+def flag_variables(src: str) -> set[str]:
+    """Variables clap reads for a flag (`env = "RESNET_SERVE_..."`): the config rule makes
+    `--foo-bar` read RESNET_SERVE_FOO_BAR and the TOML key foo_bar."""
+    return set(re.findall(r'env\s*=\s*"(RESNET_SERVE_[A-Z0-9_]+)"', src))
+
+
+def server_metrics() -> set[str]:
+    text = (ROOT / "server" / "metrics.rs").read_text()
+    names = re.findall(
+        r'(?:counter|histogram|Opts::new|IntGauge::new|Gauge::new|HistogramOpts::new)\(\s*"([a-z_]+)"',
+        text,
+    )
+    return {"resnet_serve_" + n for n in names}
+
+
+def flag_variable(flag: str) -> str:
+    return "RESNET_SERVE_" + flag.upper().replace("-", "_")
+
+
+# --- the checks -------------------------------------------------------------------------
+
+
+def documents(paths: list[Path]):
+    for path in paths:
+        try:
+            docs = list(yaml.load_all(path.read_text(), Loader=Loader))
+        except yaml.YAMLError as e:
+            finding(shown(path), f"not YAML: {e}")
+            continue
+        for doc in docs:
+            if isinstance(doc, dict):
+                yield path, doc
+
+
+def validate(where: str, doc, schema) -> None:
+    validator = jsonschema.Draft7Validator(schema)
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        at = "/".join(str(p) for p in error.absolute_path) or "(top)"
+        finding(where, f"{at}: {error.message[:300]}")
+
+
+def containers_of(doc) -> list[dict]:
+    kind = doc.get("kind")
+    spec = doc.get("spec") or {}
+    if kind in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+        return (spec.get("template", {}).get("spec", {}) or {}).get("containers", []) or []
+    if kind in ("ClusterServingRuntime", "ServingRuntime"):
+        return spec.get("containers", []) or []
+    if kind == "InferenceService":
+        model = (spec.get("predictor") or {}).get("model")
+        return [model] if model else []
+    return []
+
+
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def main(argv: list[str]) -> int:
+    targets = [Path(a).resolve() for a in argv] or [ROOT / "deploy"]
+    files: list[Path] = []
+    for t in targets:
+        if t.is_dir():
+            files += sorted(p for p in t.rglob("*.y*ml") if p.parent != KSERVE_CRDS)
+        else:
+            files.append(t)
+
+    src = server_sources()
+    variables = server_variables(src)
+    flag_vars = flag_variables(src)
+    metrics = server_metrics()
+    if not flag_vars or not metrics:
+        finding("scripts/validate_crds.py", "found no flags in server/ or no metrics in server/metrics.rs: update its patterns")
+
+    objects: list[tuple[Path, dict]] = list(documents(files))
+    by_kind: dict[str, list[tuple[Path, dict]]] = {}
+    for path, doc in objects:
+        by_kind.setdefault(doc.get("kind", ""), []).append((path, doc))
+
+    def where(path: Path, doc) -> str:
+        name = (doc.get("metadata") or {}).get("name", "?")
+        return f"{shown(path)} {doc.get('kind')}/{name}"
+
+    for path, doc in objects:
+        w = where(path, doc)
+        api, kind = doc.get("apiVersion", ""), doc.get("kind", "")
+        group, _, version = api.rpartition("/")
+
+        # 1. custom resources
+        if group == "serving.kserve.io":
+            schema, problem = kserve_schema(kind, version)
+            if problem:
+                finding(w, problem)
+            else:
+                validate(w, doc, schema)
+        elif kind == "ScaledObject":
+            validate(w, doc, SCALED_OBJECT)
+        elif kind == "ServiceMonitor":
+            validate(w, doc, SERVICE_MONITOR)
+        elif kind == "Kustomization":
+            for r in list(doc.get("resources", [])) + list(doc.get("components", [])):
+                target = (path.parent / r).resolve()
+                if not target.exists():
+                    finding(w, f"resource {r} does not exist")
+                elif target.is_dir() and not (target / "kustomization.yaml").exists():
+                    finding(w, f"resource {r} is a directory without a kustomization.yaml")
+
+        # 3. flags, variables and metrics against the server
+        for c in containers_of(doc):
+            args = [str(a) for a in (c.get("args") or [])]
+            if args and not args[0].startswith("-"):
+                continue  # a subcommand (`weights download ...`): not serving flags
+            for a in args:
+                if a.startswith("--"):
+                    flag = a[2:].split("=", 1)[0]
+                    if flag_variable(flag) not in flag_vars:
+                        finding(w, f"container {c.get('name')}: the server has no flag --{flag}")
+            for e in c.get("env") or []:
+                name = e.get("name", "")
+                if name.startswith("RESNET_SERVE_") and name not in variables:
+                    finding(w, f"container {c.get('name')}: the server reads no variable {name}")
+        if kind == "ConfigMap":
+            for key, text in (doc.get("data") or {}).items():
+                if not key.endswith(".toml"):
+                    continue
+                try:
+                    settings = tomllib.loads(text)
+                except tomllib.TOMLDecodeError as e:
+                    finding(w, f"{key}: not TOML: {e}")
+                    continue
+                for k, v in settings.items():
+                    if isinstance(v, dict):
+                        continue  # a table (per-model settings): its keys are the server's to check
+                    if k != "models" and flag_variable(k) not in flag_vars:
+                        finding(w, f"{key}: the server has no setting {k}")
+        for query in queries(doc):
+            for m in set(re.findall(r"\bresnet_serve_[a-z_]+", query)):
+                base = re.sub(r"_(bucket|sum|count)$", "", m)
+                if m not in metrics and base not in metrics:
+                    finding(w, f"query uses {m}, which server/metrics.rs does not export")
+
+        # 3. references between objects
+        if kind == "ScaledObject":
+            ref = doc.get("spec", {}).get("scaleTargetRef", {})
+            if not any(d["metadata"]["name"] == ref.get("name") for _, d in by_kind.get(ref.get("kind", "Deployment"), [])):
+                finding(w, f"scaleTargetRef {ref.get('kind', 'Deployment')}/{ref.get('name')} is not defined in deploy/")
+        if kind == "ServiceMonitor":
+            sel = doc.get("spec", {}).get("selector", {}).get("matchLabels", {})
+            services = [
+                d for _, d in by_kind.get("Service", [])
+                if all((d["metadata"].get("labels") or {}).get(k) == v for k, v in sel.items())
+            ]
+            if not services:
+                finding(w, "its selector matches no Service in deploy/")
+            for ep in doc.get("spec", {}).get("endpoints", []):
+                for s in services:
+                    if not any(p.get("name") == ep.get("port") for p in s["spec"].get("ports", [])):
+                        finding(w, f"Service {s['metadata']['name']} has no port {ep.get('port')}")
+        if kind in ("ClusterServingRuntime", "ServingRuntime"):
+            cs = doc.get("spec", {}).get("containers", [])
+            if not cs or cs[0].get("name") != "kserve-container":
+                finding(w, "the first container must be named kserve-container")
+            if cs and not any(re.fullmatch(r"--model[= ]\{\{\s*\.Name\s*\}\}=/mnt/models", a) for a in cs[0].get("args", [])):
+                finding(w, "kserve-container does not pass --model={{.Name}}=/mnt/models")
+            if "grpc-v2" in doc.get("spec", {}).get("protocolVersions", []) and cs:
+                if not any(p.get("name") == "h2c" for p in cs[0].get("ports", [])):
+                    finding(w, "grpc-v2 needs the container port named h2c")
+        if kind == "InferenceService":
+            name = doc["metadata"]["name"]
+            if not DNS_1035.match(name) or len(name) > 45:
+                finding(w, "the name must be a DNS-1035 label short enough for KServe's '-predictor' suffixes (45 characters)")
+            model = doc.get("spec", {}).get("predictor", {}).get("model", {})
+            runtimes = by_kind.get("ClusterServingRuntime", []) + by_kind.get("ServingRuntime", [])
+            wanted = model.get("runtime")
+            fmt = (model.get("modelFormat") or {}).get("name")
+            proto = model.get("protocolVersion", "v1")
+            fits = [
+                d for _, d in runtimes
+                if (wanted is None or d["metadata"]["name"] == wanted)
+                and proto in d["spec"].get("protocolVersions", ["v1"])
+                and any(
+                    f.get("name") == fmt and (wanted is not None or f.get("autoSelect"))
+                    for f in d["spec"].get("supportedModelFormats", [])
+                )
+            ]
+            if not fits:
+                finding(w, f"no serving runtime in deploy/ serves format {fmt} over {proto}" + (f" as {wanted}" if wanted else ""))
+
+    for f in findings:
+        print(f)
+    checked = sum(1 for _, d in objects)
+    print(f"validate_crds: {checked} objects in {len(files)} files, {len(findings)} findings", file=sys.stderr)
+    return 1 if findings else 0
+
+
+def queries(doc) -> list[str]:
+    """The Prometheus queries an object holds (KEDA triggers, KServe's autoscaling)."""
+    out = []
+    if doc.get("kind") == "ScaledObject":
+        for t in doc.get("spec", {}).get("triggers", []):
+            q = (t.get("metadata") or {}).get("query")
+            if q:
+                out.append(q)
+    if doc.get("kind") == "InferenceService":
+        for m in ((doc.get("spec", {}).get("predictor", {}).get("autoScaling") or {}).get("metrics") or []):
+            q = ((m.get("external") or {}).get("metric") or {}).get("query")
+            if q:
+                out.append(q)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 //! `resnet-serve` (serve): flags with environment fallbacks, an optional TOML file, and
 //! turning them into a running server.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use resnet_serve::device::{self, DeviceSpec, Precision};
-use resnet_serve::model::ModelName;
+use resnet_serve::models::{self, ModelSettings};
 use resnet_serve::placement::Placement;
 use resnet_serve::preprocess::Limits;
 use resnet_serve::scheduler::{Backend, BatchPolicy};
@@ -143,6 +144,15 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "RESNET_SERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// The file's `[models.NAME]` tables: each model's weights and own settings.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub model_tables: BTreeMap<String, ModelSettings>,
+    /// `--model` came from the command line or the environment: those specs, not the
+    /// file, say which models are served.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub models_from_command_line: bool,
 }
 
 impl ServeArgs {
@@ -157,13 +167,13 @@ impl ServeArgs {
                     .collect();
             }
         }
+        self.models_from_command_line = !self.models.is_empty();
         let Some(path) = &self.config else {
             return Ok(self);
         };
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let file: ServeArgs =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let file = parse_file(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(ServeArgs {
             config: self.config.clone(),
             listen: self.listen.or(file.listen),
@@ -208,6 +218,8 @@ impl ServeArgs {
                 self.auth_open
             },
             log_format: self.log_format.or(file.log_format),
+            model_tables: file.model_tables,
+            models_from_command_line: self.models_from_command_line,
         })
     }
 
@@ -218,10 +230,45 @@ impl ServeArgs {
         self.log_format
             .or_else(|| {
                 let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
-                toml::from_str::<ServeArgs>(&text).ok()?.log_format
+                parse_file(&text).ok()?.log_format
             })
             .unwrap_or_default()
     }
+}
+
+/// The TOML file's settings. `model` (or `models`) is a list of `--model` specs, or a
+/// table of per-model tables (`[models.NAME]`, see [`ModelSettings`]); every other key
+/// is a flag's. Unknown keys, in a model's table too, are errors that name them.
+fn parse_file(text: &str) -> anyhow::Result<ServeArgs> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    let mut model_tables = BTreeMap::new();
+    for key in ["model", "models"] {
+        if !table.get(key).is_some_and(toml::Value::is_table) {
+            continue;
+        }
+        let Some(models) = table.remove(key) else {
+            continue;
+        };
+        let models: toml::Table = models
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[{key}]: {e}"))?;
+        for (name, settings) in models {
+            let settings: ModelSettings = settings
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("[{key}.{name}]: {e}"))?;
+            if model_tables.insert(name.clone(), settings).is_some() {
+                anyhow::bail!("[model.{name}] and [models.{name}] both given");
+            }
+        }
+    }
+    let mut args: ServeArgs = if model_tables.is_empty() {
+        // Parsed from the text, so errors carry their line.
+        toml::from_str(text)?
+    } else {
+        toml::Value::Table(table).try_into()?
+    };
+    args.model_tables = model_tables;
+    Ok(args)
 }
 
 /// The environment variable `--model` read before it was named by the rule
@@ -248,13 +295,81 @@ fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::auth::Open> {
     Ok(open)
 }
 
-/// `NAME` or `NAME=PATH`.
-fn parse_model(spec: &str) -> anyhow::Result<(ModelName, Option<PathBuf>)> {
-    let (name, path) = match spec.split_once('=') {
-        Some((n, p)) => (n, Some(PathBuf::from(p))),
-        None => (spec, None),
+/// The models to serve (see [`models::plan`]): resnet50_swsl when nothing names any.
+fn planned_models(args: &ServeArgs) -> anyhow::Result<Vec<models::Planned>> {
+    let planned = models::plan(&args.models, args.models_from_command_line, &args.model_tables)?;
+    if !planned.is_empty() {
+        return Ok(planned);
+    }
+    Ok(models::plan(
+        &["resnet50_swsl".into()],
+        true,
+        &args.model_tables,
+    )?)
+}
+
+/// A model's batching policy: its table's settings, the flags' for the rest. `None`
+/// when it has no setting of its own (it follows the server's policy).
+fn model_policy(
+    planned: &models::Planned,
+    args: &ServeArgs,
+    policy: &BatchPolicy,
+) -> anyhow::Result<Option<BatchPolicy>> {
+    let s = &planned.settings;
+    if s.batch_sizes.is_none() && s.max_queue_delay_ms.is_none() && s.queue_capacity.is_none() {
+        return Ok(None);
+    }
+    let sizes = s.batch_sizes.as_deref().unwrap_or(policy.allowed_sizes());
+    let capacity = s.queue_capacity.or(args.queue_capacity).unwrap_or_else(|| {
+        resnet_serve::scheduler::policy::default_queue_capacity(sizes)
+    });
+    let delay = s
+        .max_queue_delay_ms
+        .map_or(policy.max_queue_delay, Duration::from_millis);
+    let own = BatchPolicy::new(sizes, delay, capacity)
+        .with_context(|| format!("[models.{}]", planned.name))?;
+    Ok(Some(own))
+}
+
+/// Where a model with settings of its own runs: its table's device, dtype, workers and
+/// threads, the server's for the rest.
+fn model_placement(
+    planned: &models::Planned,
+    server: &Placement,
+    args: &ServeArgs,
+    warm_sizes: &[usize],
+) -> anyhow::Result<Placement> {
+    let s = &planned.settings;
+    let context = || format!("[models.{}]", planned.name);
+    let precision = s.dtype.unwrap_or(server.precision);
+    let devices = if s.device.is_none() && s.dtype.is_none() {
+        server.devices.clone()
+    } else {
+        let spec: DeviceSpec = s
+            .device
+            .as_deref()
+            .or(args.device.as_deref())
+            .unwrap_or("auto")
+            .parse()
+            .with_context(context)?;
+        device::resolve(&spec, precision).with_context(context)?
     };
-    Ok((name.trim().parse()?, path))
+    let on_gpu = devices.iter().any(|d| !d.is_cpu());
+    let workers = s
+        .workers_per_device
+        .or(args.workers_per_device)
+        .unwrap_or(if on_gpu { 2 } else { 1 });
+    if workers == 0 {
+        anyhow::bail!("{}: workers_per_device must be at least 1", context());
+    }
+    Ok(Placement {
+        devices,
+        precision,
+        workers,
+        warm_sizes: warm_sizes.to_vec(),
+        cache: server.cache.clone(),
+        compute_threads: s.compute_threads.or(server.compute_threads),
+    })
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -277,15 +392,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_image_megapixels
             .map_or(Limits::default().max_pixels, |m| m * 1_000_000),
     };
-    let specs: Vec<String> = if args.models.is_empty() {
-        vec!["resnet50_swsl".into()]
-    } else {
-        args.models.clone()
-    };
-    let models = specs
-        .iter()
-        .map(|s| parse_model(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let models = planned_models(&args)?;
+    let mut model_policies = std::collections::HashMap::new();
+    for planned in &models {
+        if let Some(own) = model_policy(planned, &args, &policy)? {
+            model_policies.insert(planned.name.clone(), own);
+        }
+    }
     let mut options = ServeOptions {
         policy,
         limits,
@@ -313,7 +426,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_concurrent_streams: args
             .max_concurrent_streams
             .unwrap_or(defaults.max_concurrent_streams),
-        configured_models: models.iter().map(|(name, _)| name.to_string()).collect(),
+        configured_models: models.iter().map(|m| m.name.clone()).collect(),
+        model_policies,
         auth_tokens: args
             .auth_token_file
             .as_ref()
@@ -366,11 +480,32 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else if args.model_repository.is_some() {
         anyhow::bail!("--model-repository is read only by --model-control, which is off");
     }
+    // Each model's placement, checked (devices resolved) before anything listens.
+    let mut loads: Vec<(models::Planned, Arc<Placement>)> = Vec::new();
+    for planned in models {
+        let s = &planned.settings;
+        let own_policy = options.model_policies.get(&planned.name);
+        let placed = if own_policy.is_none()
+            && s.device.is_none()
+            && s.dtype.is_none()
+            && s.workers_per_device.is_none()
+            && s.compute_threads.is_none()
+        {
+            place.clone()
+        } else {
+            let warm = own_policy.unwrap_or(&options.policy).allowed_sizes();
+            Arc::new(model_placement(&planned, &place, &args, warm)?)
+        };
+        loads.push((planned, placed));
+    }
     let loader: ModelLoader = Box::new(move || {
         let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();
-        for (name, path) in models {
-            for replica in place.load(name, path)? {
-                out.push((name.to_string(), replica));
+        for (planned, place) in loads {
+            let replicas = place
+                .load_weights(&planned.name, &planned.weights)
+                .map_err(|e| format!("model '{}': {e}", planned.name))?;
+            for replica in replicas {
+                out.push((planned.name.clone(), replica));
             }
         }
         Ok(out)
@@ -447,13 +582,74 @@ mod tests {
             Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
         let err = cli.serve.merged().expect_err("unknown key").to_string();
         assert!(err.contains("serve.toml"), "{err}");
-        assert!(parse_model("resnet34_ssl").is_err());
-        let (name, path) = parse_model("resnet50_swsl=/a/b=c.pth").expect("parses");
-        assert_eq!(name.to_string(), "resnet50_swsl");
-        assert_eq!(path, Some(PathBuf::from("/a/b=c.pth")));
         let cli = Cli::try_parse_from(["x", "--model", "resnet18_ssl,resnet50_swsl=/x.pth"])
             .expect("parses");
         assert_eq!(cli.serve.models.len(), 2);
+        let err = serve(ServeArgs {
+            models: vec!["resnet34_ssl".into()],
+            ..ServeArgs::default()
+        })
+        .expect_err("not a hub name");
+        assert!(err.to_string().contains("resnet34_ssl"), "{err}");
+        let err = serve(ServeArgs {
+            models: vec!["Cats=/x.pth".into()],
+            ..ServeArgs::default()
+        })
+        .expect_err("not a name");
+        assert!(err.to_string().contains("lowercase"), "{err}");
+    }
+
+    #[test]
+    fn model_tables_in_the_file_give_each_model_its_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        let config = file.to_str().expect("utf8");
+        std::fs::write(
+            &file,
+            "batch_sizes = [1, 2]\nlog_format = \"json\"\n\
+             [models.resnet50]\npath = \"/mnt/models\"\nbatch_sizes = [1, 8]\nmax_queue_delay_ms = 1\n\
+             [models.small]\nhub = \"resnet18_ssl\"\n",
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
+        assert_eq!(cli.serve.log_format(), LogFormat::Json, "read past the tables");
+        let merged = cli.serve.merged().expect("merges");
+        assert_eq!(merged.batch_sizes, vec![1, 2]);
+        let planned = planned_models(&merged).expect("plan");
+        let names: Vec<&str> = planned.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["resnet50", "small"]);
+        let server = BatchPolicy::new(&[1, 2], Duration::from_millis(5), 8).expect("policy");
+        let own = model_policy(&planned[0], &merged, &server)
+            .expect("valid")
+            .expect("its own");
+        assert_eq!(own.allowed_sizes(), &[1, 8]);
+        assert_eq!(own.max_queue_delay, Duration::from_millis(1));
+        assert_eq!(own.queue_capacity, 32, "four of its largest batches");
+        assert_eq!(model_policy(&planned[1], &merged, &server).expect("valid"), None);
+
+        // --model names what is served; the file's table lends its settings.
+        let cli = Cli::try_parse_from(["x", "--config", config, "--model", "resnet50=/m.pth"])
+            .expect("parses");
+        let planned = planned_models(&cli.serve.merged().expect("merges")).expect("plan");
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].settings.batch_sizes, Some(vec![1, 8]));
+
+        // Unknown keys in a model's table and outside it are named.
+        for (text, key) in [
+            ("[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n", "batch_size"),
+            ("[models.a]\nhub = \"resnet18_ssl\"\n[other]\nx = 1\n", "other"),
+            ("[model.a]\nhub = \"resnet18_ssl\"\n[models.a]\nhub = \"resnet18_ssl\"\n", "both"),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
+            let err = format!("{:#}", cli.serve.merged().expect_err(text));
+            assert!(err.contains(key) && err.contains("serve.toml"), "{text}: {err}");
+        }
+        std::fs::write(&file, "[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n")
+            .expect("write");
+        let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
+        let err = format!("{:#}", cli.serve.merged().expect_err("unknown"));
+        assert!(err.contains("[models.resnet50]"), "names the model: {err}");
     }
 
     #[test]

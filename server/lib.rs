@@ -15,6 +15,8 @@
 //! - [`model`]: the six architectures behind the twelve hub names, built strictly from a
 //!   state dict with batch-norm folded into the convolutions; [`model::layers`] is the
 //!   single seam where layer compute happens.
+//! - [`models`]: what is served: `--model` specs (a served name and its weights), the
+//!   TOML file's per-model tables, the checkpoint in a model directory.
 //! - [`placement`]: loading a model onto its devices (start-up and run-time loads).
 //! - [`preprocess`]: encoded images, raw RGB8 frames and float tensors to the normalised
 //!   3x224x224 input, matching PIL + torchvision.
@@ -53,6 +55,7 @@ pub mod labels;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod models;
 pub mod placement;
 pub mod predict;
 pub mod preprocess;

@@ -1,5 +1,6 @@
 //! Where and how models are loaded: on which devices, in what precision, with how many
-//! workers, warmed up how, and from where (a checkpoint path, or the weights cache). The
+//! workers, warmed up how, and from where (a checkpoint file or a directory holding one,
+//! or the weights cache), under the name they are served by. The
 //! same for the models given at start-up and those loaded later through KServe's model
 //! repository API, which may read only the operator's model repository, by file name.
 
@@ -7,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::device::{self, Precision};
-use crate::model::{Classifier, ModelName};
+use crate::model::{Architecture, Classifier, ModelName};
+use crate::models::{self, Weights};
 use crate::scheduler::Backend;
 use crate::server::ModelFactory;
 use crate::weights::download::Downloader;
@@ -74,28 +76,72 @@ impl Placement {
         name: ModelName,
         path: Option<PathBuf>,
     ) -> Result<Vec<Arc<dyn Backend>>, String> {
-        let path = match path {
-            Some(p) => p,
-            None => self.cache.fetch(name).map_err(|e| e.to_string())?,
+        let weights = match path {
+            Some(path) => Weights::Path {
+                path,
+                architecture: Some(name.architecture),
+            },
+            None => Weights::Hub(name),
         };
-        let checkpoint =
-            Checkpoint::open_within(&path, Limits::for_architecture(name.architecture))
-                .map_err(|e| e.to_string())?;
-        self.place(name, &checkpoint)
+        self.load_weights(&name.to_string(), &weights)
+    }
+
+    /// The model served as `served` from `weights`, one replica per device and worker;
+    /// blocking. A checkpoint given without its architecture is read as the one its
+    /// tensor shapes match; given with one, it must match it.
+    pub fn load_weights(
+        &self,
+        served: &str,
+        weights: &Weights,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
+        let (checkpoint, given) = match weights {
+            Weights::Hub(name) => {
+                let path = self.cache.fetch(*name).map_err(|e| e.to_string())?;
+                let checkpoint =
+                    Checkpoint::open_within(&path, Limits::for_architecture(name.architecture))
+                        .map_err(|e| e.to_string())?;
+                (checkpoint, Some(name.architecture))
+            }
+            Weights::Path { path, architecture } => {
+                let located = models::locate(path).map_err(|e| e.to_string())?;
+                let limits = architecture
+                    .map_or_else(Limits::any_architecture, |a| Limits::for_architecture(a));
+                let checkpoint = Checkpoint::from_file(located.file, &located.path, limits)
+                    .map_err(|e| e.to_string())?;
+                (checkpoint, *architecture)
+            }
+        };
+        let detected = Architecture::detect(|k| checkpoint.info(k).map(|i| i.shape));
+        let architecture = match (given, detected) {
+            (Some(given), Some(found)) if given != found => {
+                return Err(format!(
+                    "{} holds a {found} checkpoint, not {given}",
+                    checkpoint.path().display()
+                ))
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => {
+                return Err(format!(
+                    "{}: its tensors match none of the six architectures; give the architecture, as NAME=ARCH:PATH",
+                    checkpoint.path().display()
+                ))
+            }
+        };
+        self.place(served, architecture, &checkpoint)
     }
 
     /// One replica per device and worker of an opened checkpoint; blocking.
     fn place(
         &self,
-        name: ModelName,
+        name: &str,
+        architecture: Architecture,
         checkpoint: &Checkpoint,
     ) -> Result<Vec<Arc<dyn Backend>>, String> {
         let mut out: Vec<Arc<dyn Backend>> = Vec::new();
         for dev in &self.devices {
             let started = std::time::Instant::now();
-            let model =
-                Classifier::load(name.architecture, checkpoint, dev, self.precision.dtype())
-                    .map_err(|e| format!("{}: {e}", checkpoint.path().display()))?;
+            let model = Classifier::load(architecture, checkpoint, dev, self.precision.dtype())
+                .map_err(|e| format!("{}: {e}", checkpoint.path().display()))?;
             // A GPU selects kernels and algorithms on first use of each shape; pay for
             // that now, before the model is served.
             if !dev.is_cpu() {
@@ -105,6 +151,8 @@ impl Placement {
             }
             tracing::info!(
                 model = %name,
+                %architecture,
+                checkpoint = %checkpoint.path().display(),
                 device = %device::describe(dev),
                 dtype = %self.precision,
                 kernels = model.kernels().name(),
@@ -162,7 +210,7 @@ impl Placement {
         let checkpoint =
             Checkpoint::from_file(opened, &shown, Limits::for_architecture(name.architecture))
                 .map_err(|e| e.to_string())?;
-        self.place(name, &checkpoint)
+        self.place(&name.to_string(), name.architecture, &checkpoint)
     }
 }
 

@@ -71,6 +71,9 @@ pub struct ServeOptions {
     /// The models the loader will load, by the names they will be served under: while
     /// they load, a request for one answers UNAVAILABLE rather than NOT_FOUND.
     pub configured_models: Vec<String>,
+    /// Batching policies of models that have their own (the config file's
+    /// `[models.NAME]` tables), by served name; the rest follow `policy`.
+    pub model_policies: std::collections::HashMap<String, BatchPolicy>,
     /// Bearer tokens every call must carry (`None`: the server is open).
     pub auth_tokens: Option<Arc<crate::auth::Tokens>>,
     /// The calls that stay open when tokens are required.
@@ -94,6 +97,7 @@ impl Default for ServeOptions {
             max_in_flight_bytes: crate::admission::default_in_flight_bytes(),
             max_concurrent_streams: 128,
             configured_models: Vec::new(),
+            model_policies: std::collections::HashMap::new(),
             auth_tokens: None,
             auth_open: crate::auth::Open::default(),
         }
@@ -138,9 +142,18 @@ pub async fn run(
         SharedMemory::with_limits(options.shared_memory, options.shared_memory_limits),
     );
     // Two batches' worth of frames per stream keeps the device fed without letting one
-    // stream fill its model's queue by itself.
+    // stream fill its model's queue by itself (the smallest queue, where models have
+    // policies of their own).
     state.stream_window = (2 * options.policy.max_batch())
         .min(options.policy.queue_capacity)
+        .min(
+            options
+                .model_policies
+                .values()
+                .map(|p| p.queue_capacity)
+                .min()
+                .unwrap_or(usize::MAX),
+        )
         .max(1);
     state.configured_models = options.configured_models.clone();
     let state = Arc::new(state);
@@ -295,7 +308,11 @@ pub async fn run(
         let handle = ModelHandle::spawn(
             &name,
             replicas,
-            options.policy.clone(),
+            options
+                .model_policies
+                .get(&name)
+                .unwrap_or(&options.policy)
+                .clone(),
             metrics.for_model(&name),
         );
         tracing::info!(model = %name, device = %handle.info().device, replicas = count, "serving");

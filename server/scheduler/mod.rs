@@ -196,6 +196,13 @@ impl ModelHandle {
             Priority::High => &self.tx_high,
             Priority::Normal => &self.tx,
         };
+        if inputs.len() > self.policy.queue_capacity {
+            return Err(ScheduleError::LargerThanQueue {
+                model: self.name.to_string(),
+                images: inputs.len(),
+                capacity: self.policy.queue_capacity,
+            });
+        }
         // Reserve every slot first, so a request is queued whole or not at all.
         let permits = match tx.try_reserve_many(inputs.len()) {
             Ok(p) => p,
@@ -244,10 +251,3 @@ impl ModelHandle {
         }
     }
 }
-        if inputs.len() > self.policy.queue_capacity {
-            return Err(ScheduleError::LargerThanQueue {
-                model: self.name.to_string(),
-                images: inputs.len(),
-                capacity: self.policy.queue_capacity,
-            });
-        }

@@ -1,0 +1,253 @@
+//! Models served under names of the operator's choosing, with settings of their own, by
+//! the `resnet-serve` binary run as an operator runs it: a TOML file with `[models.NAME]`
+//! tables, `--model NAME=ARCH:PATH`, and a directory as KServe mounts it at /mnt/models.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use resnet_client::proto::inference::model_config::SchedulingChoice;
+use resnet_client::proto::inference::{ModelConfigRequest, ModelMetadataRequest};
+use resnet_client::{tensor, Client, ClientConfig, Output};
+use resnet_serve::model::{synthetic, Architecture};
+
+/// A port free on 127.0.0.1 now (the server binds it a moment later).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The server process; killed when the test ends.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The server started with `args`, its log in `log`, and its gRPC URL.
+fn server(args: &[&str], log: &Path) -> (Served, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let served = Served(
+        Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
+            .args(["--listen", &listen])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--device", "cpu"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("the server starts"),
+    );
+    (served, format!("http://{listen}"))
+}
+
+/// Runs the binary to its end (it must fail at start-up) and returns what it printed.
+fn failed_start(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "must fail: {text}");
+    text
+}
+
+/// Connects once `model` answers a classification.
+async fn ready(url: &str, model: &str, log: &Path) -> Client {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let input = vec![0.25f32; 3 * 224 * 224];
+    loop {
+        assert!(
+            Instant::now() < give_up,
+            "the server never answered: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        if let Ok(client) = Client::connect(ClientConfig::new([url.to_string()])).await {
+            if client
+                .classify(model, vec![tensor(&input)], Output::TopK(1))
+                .await
+                .is_ok()
+            {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_model_is_served_under_its_own_name_with_its_own_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What KServe mounts at /mnt/models: the checkpoint and whatever came with it.
+    let mounted = dir.path().join("mnt-models");
+    std::fs::create_dir(&mounted).expect("mkdir");
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    std::fs::write(mounted.join("README.md"), "the synthetic resnet18").expect("write");
+    let file = dir.path().join("r18.safetensors");
+    std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "batch_sizes = [1, 2, 4, 8]\n\
+             model = [\"cats=resnet18:{file}\"]\n\
+             [models.resnet18-custom]\n\
+             path = \"{mounted}\"\n\
+             batch_sizes = [1, 2]\n\
+             max_queue_delay_ms = 1\n\
+             queue_capacity = 6\n\
+             workers_per_device = 1\n",
+            file = file.display(),
+            mounted = mounted.display()
+        ),
+    )
+    .expect("write");
+    let log = dir.path().join("server.log");
+    let (_served, url) = server(&["--config", &config.display().to_string()], &log);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = ready(&url, "resnet18-custom", &log).await;
+        // The same weights under two names: the same logits.
+        let values = synthetic::input(5, 2, 224);
+        let images = || values.chunks(3 * 224 * 224).map(tensor).collect::<Vec<_>>();
+        let custom = client
+            .classify("resnet18-custom", images(), Output::Logits)
+            .await
+            .expect("by its name");
+        let cats = client
+            .classify("cats", images(), Output::Logits)
+            .await
+            .expect("by the other name");
+        assert_eq!(custom.results.len(), 2);
+        for (a, b) in custom.results.iter().zip(&cats.results) {
+            assert_eq!(a.values.len(), 1000);
+            assert!(common::relative_error(&a.values, &b.values) <= 1e-6);
+        }
+        let names: Vec<String> = client
+            .list_models()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, ["cats", "resnet18-custom"]);
+
+        // KServe knows it by that name, with its own policy; the other has the flags'.
+        let mut k = client.kserve_stub();
+        let meta = k
+            .model_metadata(ModelMetadataRequest {
+                name: "resnet18-custom".into(),
+                version: String::new(),
+            })
+            .await
+            .expect("metadata")
+            .into_inner();
+        assert_eq!(meta.name, "resnet18-custom");
+        let policy = |name: &str| {
+            let mut k = k.clone();
+            let name = name.to_string();
+            async move {
+                let config = k
+                    .model_config(ModelConfigRequest {
+                        name,
+                        version: String::new(),
+                    })
+                    .await
+                    .expect("config")
+                    .into_inner()
+                    .config
+                    .expect("config body");
+                assert_eq!(config.parameters["architecture"].string_value, "resnet18");
+                let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
+                    panic!("dynamic batching expected");
+                };
+                (
+                    db.preferred_batch_size,
+                    db.max_queue_delay_microseconds,
+                    db.default_queue_policy.map(|q| q.max_queue_size),
+                )
+            }
+        };
+        assert_eq!(policy("resnet18-custom").await, (vec![1, 2], 1000, Some(6)));
+        let (sizes, delay, _) = policy("cats").await;
+        assert_eq!((sizes, delay), (vec![1, 2, 4, 8], 5000));
+        // Its own queue of 6: a request of 7 images is refused whole.
+        let seven: Vec<_> = (0..7).map(|_| tensor(&values[..3 * 224 * 224])).collect();
+        let err = client
+            .classify("resnet18-custom", seven, Output::TopK(1))
+            .await
+            .expect_err("past its queue");
+        assert!(err.message().contains("6 images"), "{err}");
+        client
+            .classify(
+                "cats",
+                (0..7).map(|_| tensor(&values[..3 * 224 * 224])).collect(),
+                Output::TopK(1),
+            )
+            .await
+            .expect("the other model's queue holds 7");
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("resnet18-custom") && text.contains("model.safetensors"),
+        "the log names the model and the file the directory held: {text}"
+    );
+}
+
+#[test]
+fn model_paths_and_names_that_cannot_be_served_fail_at_start_up_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two = dir.path().join("two");
+    std::fs::create_dir(&two).expect("mkdir");
+    let r18 = two.join("a.pth");
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &r18);
+    std::fs::copy(&r18, two.join("b.safetensors")).expect("copy");
+    let text = failed_start(&["--model", &format!("cats={}", two.display())]);
+    assert!(
+        text.contains("2 checkpoint files (a.pth, b.safetensors)"),
+        "{text}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    std::fs::write(empty.join("notes.txt"), "x").expect("write");
+    std::fs::write(empty.join("config.json"), "x").expect("write");
+    let text = failed_start(&["--model", &format!("cats={}", empty.display())]);
+    assert!(
+        text.contains("no checkpoint file") && text.contains("config.json, notes.txt"),
+        "{text}"
+    );
+    // The architecture given must be the checkpoint's.
+    let text = failed_start(&["--model", &format!("cats=resnet50:{}", r18.display())]);
+    assert!(
+        text.contains("holds a resnet18 checkpoint, not resnet50"),
+        "{text}"
+    );
+    let text = failed_start(&["--model", &format!("Cats_image={}", r18.display())]);
+    assert!(text.contains("model name 'Cats_image'"), "{text}");
+    // An unknown key in a model's table is named, with the model.
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[models.cats]\npath = \"{}\"\nbatch_size = [1]\n",
+            r18.display()
+        ),
+    )
+    .expect("write");
+    let text = failed_start(&["--config", &config.display().to_string()]);
+    assert!(
+        text.contains("[models.cats]") && text.contains("batch_size"),
+        "{text}"
+    );
+}

@@ -26,7 +26,8 @@ Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonsc
    - an InferenceService's name is a DNS-1035 label, its runtime is defined here and
      supports its model format and protocol; a serving runtime's container is
      `kserve-container`, passes `--model {{.Name}}=/mnt/models` and, for grpc-v2,
-     declares a port named h2c.
+     declares a port named h2c;
+   - each Dockerfile's build context is an allow-list that holds what it COPYs.
 """
 
 from __future__ import annotations
@@ -515,11 +516,43 @@ def main(argv: list[str]) -> int:
             if not fits:
                 finding(w, f"no serving runtime in deploy/ serves format {fmt} over {proto}" + (f" as {wanted}" if wanted else ""))
 
+    check_build_contexts()
+
     for f in findings:
         print(f)
     checked = sum(1 for _, d in objects)
     print(f"validate_crds: {checked} objects in {len(files)} files, {len(findings)} findings", file=sys.stderr)
     return 1 if findings else 0
+
+
+def check_build_contexts() -> None:
+    """Each deploy/Dockerfile* has an allow-list <Dockerfile>.dockerignore (`*`, then
+    `!path` lines), and everything it COPYs from the context exists and is allowed: no
+    Docker daemon runs here, so this is what stands in for a build's "not found"."""
+    for dockerfile in sorted((ROOT / "deploy").glob("Dockerfile*")):
+        if dockerfile.suffix == ".dockerignore":
+            continue
+        w = shown(dockerfile)
+        ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+        if not ignore.exists():
+            finding(w, f"no {ignore.name}: the build context would be the whole checkout (fuzz/ and target/ hold gigabytes)")
+            continue
+        lines = [l.strip() for l in ignore.read_text().splitlines() if l.strip() and not l.startswith("#")]
+        if not lines or lines[0] != "*":
+            finding(shown(ignore), "expected an allow-list: `*` first, then `!path` lines")
+            continue
+        allowed = [l[1:].rstrip("/") for l in lines if l.startswith("!")]
+        text = re.sub(r"\\\n", " ", dockerfile.read_text())
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0].upper() != "COPY" or any(x.startswith("--from") for x in words):
+                continue
+            for source in [x for x in words[1:-1] if not x.startswith("--")]:
+                source = source.rstrip("/")
+                if not (ROOT / source).exists():
+                    finding(w, f"COPY {source}: not in the repository")
+                elif not any(source == a or source.startswith(a + "/") for a in allowed):
+                    finding(w, f"COPY {source}: excluded by {ignore.name}")
 
 
 def queries(doc) -> list[str]:

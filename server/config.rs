@@ -141,6 +141,22 @@ pub struct ServeArgs {
     /// `reflection`, both, or `none` [default: health,reflection].
     #[arg(long, env = "RESNET_SERVE_AUTH_OPEN", value_delimiter = ',')]
     pub auth_open: Vec<String>,
+    /// The gRPC port's TLS certificate chain (PEM, leaf first); with --tls-key, turns TLS
+    /// on. Re-read when it changes and on SIGHUP [default: none, plaintext].
+    #[arg(long, env = "RESNET_SERVE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "RESNET_SERVE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that clients' certificates must chain to: with it, every
+    /// client must present one (mutual TLS) [default: none, no client certificate].
+    #[arg(long, env = "RESNET_SERVE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Seconds after which (+-10%) a connection is sent GOAWAY, its calls in flight
+    /// finishing, so clients reconnect and L4 balancing reaches new replicas
+    /// [default: none].
+    #[arg(long, env = "RESNET_SERVE_MAX_CONNECTION_AGE")]
+    pub max_connection_age: Option<u64>,
     /// Log format [default: text].
     #[arg(long, env = "RESNET_SERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -217,6 +233,10 @@ impl ServeArgs {
             } else {
                 self.auth_open
             },
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            max_connection_age: self.max_connection_age.or(file.max_connection_age),
             log_format: self.log_format.or(file.log_format),
             model_tables: file.model_tables,
             models_from_command_line: self.models_from_command_line,
@@ -293,6 +313,22 @@ fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::auth::Open> {
         }
     }
     Ok(open)
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-client-ca`, from whichever source each came (so the
+/// pairs are checked here, not by clap).
+fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<resnet_serve::tls::TlsOptions>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let mut options = resnet_serve::tls::TlsOptions::new(cert, key);
+            options.client_ca = args.tls_client_ca.clone();
+            Ok(Some(options))
+        }
+        (None, None) if args.tls_client_ca.is_none() => Ok(None),
+        _ => anyhow::bail!(
+            "TLS needs both --tls-cert and --tls-key (and --tls-client-ca needs them)"
+        ),
+    }
 }
 
 /// The models to serve (see [`models::plan`]): resnet50_swsl when nothing names any.
@@ -434,6 +470,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|path| resnet_serve::auth::Tokens::load(path).map(Arc::new))
             .transpose()?,
         auth_open: auth_open(&args.auth_open)?,
+        tls: tls_options(&args)?,
+        max_connection_age: match args.max_connection_age {
+            Some(0) => anyhow::bail!("--max-connection-age must be at least 1 second"),
+            age => age.map(Duration::from_secs),
+        },
         shared_memory_limits: resnet_serve::shm::Limits {
             max_regions: args
                 .shared_memory_max_regions

@@ -35,6 +35,7 @@
 //!   request bytes in flight and the counts of repeated fields, checked from the wire.
 //! - [`auth`]: bearer tokens (and their scopes) every call but health must carry, when
 //!   the operator names a token file.
+//! - [`tls`]: TLS and mutual TLS on the gRPC port, certificates re-read when they change.
 //! - [`error`]: request errors and their single mapping to gRPC statuses;
 //!   [`refusals`]: refusals counted by a fixed reason and logged at most once a second.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
@@ -66,6 +67,7 @@ pub mod server;
 pub mod service;
 pub mod shm;
 pub mod stats;
+pub mod tls;
 pub mod unary;
 pub mod weights;
 

@@ -18,7 +18,7 @@ use crate::server::{self, ModelLoader, RunError, ServeOptions};
 
 /// A running server on `127.0.0.1`, gRPC and metrics each on a port of their own.
 pub struct LocalServer {
-    /// `http://127.0.0.1:PORT`, for clients.
+    /// `http://127.0.0.1:PORT` for clients, `https://` when it serves TLS.
     pub url: String,
     /// The metrics endpoint (`GET /metrics`).
     pub metrics_addr: SocketAddr,
@@ -32,7 +32,12 @@ impl LocalServer {
     pub async fn start(options: ServeOptions, loader: ModelLoader) -> std::io::Result<Self> {
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let metrics = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", grpc.local_addr()?);
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", grpc.local_addr()?);
         let metrics_addr = metrics.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(options, loader, grpc, Some(metrics), async {
@@ -47,7 +52,7 @@ impl LocalServer {
     }
 
     /// Waits until the models are loaded and served (the whole server's gRPC health is
-    /// SERVING), at most `timeout`.
+    /// SERVING; with TLS, `/readyz` answers 200), at most `timeout`.
     pub async fn ready(&self, timeout: Duration) -> Result<(), RunError> {
         let give_up = tokio::time::Instant::now() + timeout;
         loop {
@@ -56,20 +61,16 @@ impl LocalServer {
                     "the server stopped before it was ready".into(),
                 ));
             }
-            // Health, which answers without credentials when the server requires them.
-            let channel = match tonic::transport::Channel::from_shared(self.url.clone()) {
-                Ok(endpoint) => endpoint.connect().await.ok(),
-                Err(_) => None,
+            // Health, which answers without credentials when the server requires them;
+            // with TLS, whose certificates this side does not hold, the plain-HTTP
+            // readiness probe of the metrics port.
+            let serving = if self.url.starts_with("https://") {
+                readyz(self.metrics_addr).await
+            } else {
+                health_serving(&self.url).await
             };
-            if let Some(mut c) = channel.map(HealthClient::new) {
-                let whole_server = HealthCheckRequest {
-                    service: String::new(),
-                };
-                if let Ok(r) = c.check(whole_server).await {
-                    if r.into_inner().status == ServingStatus::Serving as i32 {
-                        return Ok(());
-                    }
-                }
+            if serving {
+                return Ok(());
             }
             if tokio::time::Instant::now() >= give_up {
                 return Err(RunError::NotReady(format!(
@@ -90,6 +91,39 @@ impl LocalServer {
             .await
             .map_err(|e| RunError::NotReady(format!("the server task failed: {e}")))?
     }
+}
+
+/// Whether the whole server's gRPC health at `url` (plaintext) says SERVING.
+async fn health_serving(url: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Channel::from_shared(url.to_string()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let whole_server = HealthCheckRequest {
+        service: String::new(),
+    };
+    match HealthClient::new(channel).check(whole_server).await {
+        Ok(r) => r.into_inner().status == ServingStatus::Serving as i32,
+        Err(_) => false,
+    }
+}
+
+/// Whether `GET /readyz` on the metrics port at `addr` answers 200.
+async fn readyz(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 impl Drop for LocalServer {

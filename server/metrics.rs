@@ -38,6 +38,8 @@ pub struct Metrics {
     images_queued: IntCounterVec,
     refusals: IntCounterVec,
     auth_refusals: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    tls_reloads: IntCounterVec,
     /// Requests (unary calls and open streams) being served now.
     pub in_flight: IntGauge,
 }
@@ -168,6 +170,16 @@ impl Metrics {
                 "Calls refused for their credentials: missing, invalid, scope.",
                 &["reason"],
             ),
+            tls_handshake_failures: counter(
+                "tls_handshake_failures_total",
+                "TLS handshakes that failed (error) or were not finished in time (timeout).",
+                &["reason"],
+            ),
+            tls_reloads: counter(
+                "tls_reloads_total",
+                "Changed TLS certificate files taken (applied) or refused (failed).",
+                &["result"],
+            ),
             in_flight: IntGauge::new(
                 "requests_in_flight",
                 "Requests and open streams being served.",
@@ -190,6 +202,8 @@ impl Metrics {
             Box::new(m.images_queued.clone()),
             Box::new(m.refusals.clone()),
             Box::new(m.auth_refusals.clone()),
+            Box::new(m.tls_handshake_failures.clone()),
+            Box::new(m.tls_reloads.clone()),
         ];
         for c in collectors {
             // Names are fixed and distinct, so registration cannot collide.
@@ -221,6 +235,16 @@ impl Metrics {
     /// Calls refused for their credentials, by reason.
     pub fn auth_refusals(&self) -> IntCounterVec {
         self.auth_refusals.clone()
+    }
+
+    /// Failed TLS handshakes, by reason (server/tls.rs).
+    pub fn tls_handshake_failures(&self) -> IntCounterVec {
+        self.tls_handshake_failures.clone()
+    }
+
+    /// Reloads of the TLS files, by result (server/tls.rs).
+    pub fn tls_reloads(&self) -> IntCounterVec {
+        self.tls_reloads.clone()
     }
 
     /// The counter of refusals for one fixed `reason`.

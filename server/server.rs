@@ -78,6 +78,12 @@ pub struct ServeOptions {
     pub auth_tokens: Option<Arc<crate::auth::Tokens>>,
     /// The calls that stay open when tokens are required.
     pub auth_open: crate::auth::Open,
+    /// TLS (and mutual TLS) on the gRPC port; `None`: plaintext.
+    pub tls: Option<crate::tls::TlsOptions>,
+    /// After about this long (+-10%), a connection is asked to go away (HTTP/2 GOAWAY;
+    /// its calls in flight finish), so that clients reconnect and L4 load balancing
+    /// spreads them over replicas added since. `None`: connections live on.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for ServeOptions {
@@ -100,6 +106,8 @@ impl Default for ServeOptions {
             model_policies: std::collections::HashMap::new(),
             auth_tokens: None,
             auth_open: crate::auth::Open::default(),
+            tls: None,
+            max_connection_age: None,
         }
     }
 }
@@ -114,6 +122,8 @@ pub enum RunError {
     Load(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// A [`crate::local::LocalServer`] that did not come up.
@@ -255,34 +265,59 @@ pub async fn run(
         },
     );
 
+    // Read before anything is served: files that cannot be read or used stop it here.
+    let tls = options
+        .tls
+        .clone()
+        .map(|o| crate::tls::Tls::load(o, &metrics))
+        .transpose()?;
+    let _tls_watch = tls.clone().map(|t| AbortOnDrop(tokio::spawn(t.watch())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            // Requests of float tensors run to tens of MiB; HTTP/2's default 64 KiB window
-            // would cost a WINDOW_UPDATE round trip per 64 KiB received.
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(32 << 20)
-            // Lets clients send DATA frames of up to the stream window (8 MiB) instead of
-            // 16 KiB: a 64-image tensor request is a few frames rather than ~2,400, and
-            // since `Classify` and `ModelInfer` decode straight from the frames
-            // (server/unary.rs), a tensor is copied only when it straddles two of them:
-            // ~6% of tensors at 8 MiB against ~56% at 1 MiB.
-            .max_frame_size(8 << 20)
-            // Each open stream holds a task and buffers: one connection may not open
-            // an unbounded number (h2's default).
-            .max_concurrent_streams(Some(options.max_concurrent_streams))
-            .layer(crate::auth::AuthLayer(options.auth_tokens.clone().map(
-                |tokens| crate::auth::Guard::new(tokens, options.auth_open, &metrics),
-            )))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_v1alpha)
-            .add_service(classifier)
-            .add_service(kserve)
-            .serve_with_incoming_shutdown(without_nagle(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let mut builder = tonic::transport::Server::builder()
+        // Requests of float tensors run to tens of MiB; HTTP/2's default 64 KiB window
+        // would cost a WINDOW_UPDATE round trip per 64 KiB received.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        // Lets clients send DATA frames of up to the stream window (8 MiB) instead of
+        // 16 KiB: a 64-image tensor request is a few frames rather than ~2,400, and
+        // since `Classify` and `ModelInfer` decode straight from the frames
+        // (server/unary.rs), a tensor is copied only when it straddles two of them:
+        // ~6% of tensors at 8 MiB against ~56% at 1 MiB.
+        .max_frame_size(8 << 20)
+        // Each open stream holds a task and buffers: one connection may not open
+        // an unbounded number (h2's default).
+        .max_concurrent_streams(Some(options.max_concurrent_streams));
+    if let Some(age) = options.max_connection_age {
+        // Graceful: GOAWAY, then the connection's calls in flight finish (no grace
+        // deadline, as gRPC's MAX_CONNECTION_AGE_GRACE defaults to none).
+        builder = builder.max_connection_age(jittered(age));
+    }
+    let router = builder
+        .layer(crate::auth::AuthLayer(options.auth_tokens.clone().map(
+            |tokens| crate::auth::Guard::new(tokens, options.auth_open, &metrics),
+        )))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(classifier)
+        .add_service(kserve);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let grpc = tokio::spawn(async move {
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(without_nagle(listener), stopped)
+                    .await
+            }
+        }
+    });
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics_listener.map(|l| {
         let probed = state.clone();
@@ -387,20 +422,44 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The accepted connections, with Nagle's algorithm off. A reply goes out as several
-/// small writes (headers, message, trailers); with Nagle on, the later ones wait for the
-/// client to acknowledge the first, and the client delays that acknowledgement by up to
-/// 40 ms. That was ~36 ms of every 64-tensor request's 73 ms at concurrency 1.
+/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]).
 fn without_nagle(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY: {e}");
-            }
-        })
-    })
+    TcpListenerStream::new(listener).map(|accepted| accepted.inspect(nodelay))
+}
+
+/// Turns Nagle's algorithm off on an accepted connection. A reply goes out as several
+/// small writes (headers, message, trailers); with Nagle on, the later ones wait for the
+/// client to acknowledge the first, and the client delays that acknowledgement by up to
+/// 40 ms. That was ~36 ms of every 64-tensor request's 73 ms at concurrency 1.
+pub(crate) fn nodelay(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY: {e}");
+    }
+}
+
+/// `age` moved by up to 10% either way, so that replicas started together do not close
+/// their connections all at once. tonic applies one age to every connection of a server,
+/// so the draw is made once per server.
+fn jittered(age: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A random u64 without a dependency for it: std seeds each RandomState at random.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    // In [0.9, 1.1].
+    let factor = 0.9 + 0.2 * (random >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(factor)
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]
@@ -415,5 +474,23 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let accepted = incoming.next().await.expect("one").expect("accepted");
         assert!(accepted.nodelay().expect("option"));
+    }
+
+    #[test]
+    fn connection_ages_are_jittered_by_ten_percent_at_most() {
+        let age = Duration::from_secs(100);
+        let draws: Vec<Duration> = (0..200).map(|_| jittered(age)).collect();
+        for d in &draws {
+            assert!(
+                *d >= Duration::from_secs(90) && *d <= Duration::from_secs(110),
+                "{d:?}"
+            );
+        }
+        let (min, max) = (draws.iter().min(), draws.iter().max());
+        assert!(
+            max.zip(min)
+                .is_some_and(|(a, b)| *a - *b > Duration::from_secs(5)),
+            "spread: {min:?}..{max:?}"
+        );
     }
 }

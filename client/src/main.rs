@@ -44,6 +44,19 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// CA certificate(s) (PEM) to verify the server with; TLS needs https:// endpoints,
+    /// which without this trust the public (webpki) roots.
+    #[arg(long, env = "RESNET_CLIENT_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires one (mutual TLS); with --tls-key.
+    #[arg(long, env = "RESNET_CLIENT_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "RESNET_CLIENT_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when not the endpoint's host.
+    #[arg(long, env = "RESNET_CLIENT_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -275,6 +288,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(cli.endpoints.clone());
     config.timeout = cli.timeout_ms.map(Duration::from_millis);
     config.token = cli.token.clone().map(resnet_client::Token);
+    // Every connection of every subcommand (load's and soak's extra ones included) is
+    // made from this config.
+    config.tls = resnet_client::TlsFiles {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+        domain: cli.tls_domain.clone(),
+    }
+    .config()?;
     let client = Client::connect(config).await.context("connecting")?;
     match cli.command {
         Command::Classify {

@@ -13,6 +13,9 @@ use resnet_serve::predict::{self, OutputKind};
 use resnet_serve::scheduler::{Backend, BatchPolicy};
 use resnet_serve::server::{self, ServeOptions};
 
+#[path = "../../tests/common/testca.rs"]
+mod testca;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/images")
@@ -60,6 +63,16 @@ impl Server {
         queue_capacity: usize,
         tokens: Option<PathBuf>,
     ) -> Server {
+        Server::start_secured(model, queue_capacity, tokens, None)
+    }
+
+    /// As [`Server::start_configured`], serving TLS when `tls` is given.
+    fn start_secured(
+        model: Arc<dyn Backend>,
+        queue_capacity: usize,
+        tokens: Option<PathBuf>,
+        tls: Option<resnet_serve::tls::TlsOptions>,
+    ) -> Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -78,6 +91,7 @@ impl Server {
                     auth_tokens: tokens.map(|path| {
                         Arc::new(resnet_serve::auth::Tokens::load(path).expect("tokens"))
                     }),
+                    tls,
                     ..ServeOptions::default()
                 };
                 let loader: server::ModelLoader =
@@ -901,6 +915,97 @@ fn every_subcommand_sends_the_token() {
             report["ok"].as_u64().unwrap_or(0) > 0,
             "{extra:?}: {report}"
         );
+        assert_eq!(
+            report["errors"].as_object().map(|e| e.len()),
+            Some(0),
+            "{extra:?}: {report}"
+        );
+    }
+}
+
+#[test]
+fn tls_and_mutual_tls_from_the_flags_and_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = testca::TestCa::new("cli test CA");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let (cert, key) = ca.issue("server", 1).write(dir.path(), "server");
+    let clients = testca::TestCa::new("cli client CA");
+    let (client_cert, client_key) = clients.issue("cli", 2).write(dir.path(), "client");
+    let mut tls = resnet_serve::tls::TlsOptions::new(cert, key);
+    tls.client_ca = Some(clients.write(dir.path(), "clients.crt"));
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "cli-secret\n").expect("write");
+    let server = Server::start_secured(model(), 256, Some(tokens), Some(tls));
+    assert!(server.grpc.starts_with("https://"), "{}", server.grpc);
+    let image = fixture("rocket.jpg");
+    let image = image.to_str().expect("utf8");
+    let path = |p: &Path| p.to_str().expect("utf8").to_string();
+
+    let classified = server
+        .client()
+        .args(["--tls-ca", &path(&ca_file)])
+        .args(["--tls-cert", &path(&client_cert)])
+        .args(["--tls-key", &path(&client_key)])
+        .args(["--tls-domain", "localhost", "--token", "cli-secret"])
+        .args(["classify", "--json", image])
+        .output()
+        .expect("runs");
+    let results = json_of(&classified);
+    assert_eq!(results.as_array().map(Vec::len), Some(1), "{results}");
+
+    // Without a client certificate, the handshake fails; the public roots do not know
+    // the test CA; TLS flags with a plaintext endpoint are refused.
+    for (args, says) in [
+        (vec!["--tls-ca".to_string(), path(&ca_file)], ""),
+        (vec![], ""),
+        (
+            vec![
+                "--tls-ca".to_string(),
+                path(&ca_file),
+                "--endpoint".into(),
+                server.grpc.replacen("https://", "http://", 1),
+            ],
+            "https://",
+        ),
+    ] {
+        let refused = server
+            .client()
+            .args(&args)
+            .args(["--token", "cli-secret", "classify", image])
+            .output()
+            .expect("runs");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?} succeeded");
+        assert!(said.contains(says), "{args:?}: {said}");
+    }
+
+    // From the environment, on a load test's own connections, unary and streaming.
+    for extra in [vec![], vec!["--stream"]] {
+        let load = server
+            .client()
+            .env("RESNET_CLIENT_TLS_CA", &ca_file)
+            .env("RESNET_CLIENT_TLS_CERT", &client_cert)
+            .env("RESNET_CLIENT_TLS_KEY", &client_key)
+            .env("RESNET_CLIENT_TLS_DOMAIN", "localhost")
+            .env("RESNET_CLIENT_TOKEN", "cli-secret")
+            .args([
+                "load",
+                "--concurrency",
+                "2",
+                "--connections",
+                "2",
+                "--requests",
+                "8",
+                "--warmup",
+                "0",
+                "--synthetic",
+                "--json",
+            ])
+            .args(&extra)
+            .output()
+            .expect("runs");
+        let report = json_of(&load);
+        assert_eq!(report["ok"].as_u64(), Some(8), "{extra:?}: {report}");
         assert_eq!(
             report["errors"].as_object().map(|e| e.len()),
             Some(0),

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths and reading them.
 #![allow(dead_code)]
 
+pub mod testca;
+
 use std::path::{Path, PathBuf};
 
 use resnet_serve::model::synthetic::SyntheticWeights;

@@ -1,0 +1,669 @@
+//! TLS and mutual TLS on the gRPC port (rustls, with ring).
+//!
+//! `--tls-cert` and `--tls-key` (PEM) turn TLS on; `--tls-client-ca` (PEM, one or more
+//! CA certificates) also makes every client present a certificate issued by one of
+//! them, or its handshake fails (mutual TLS). ALPN offers `h2` only: gRPC.
+//!
+//! Rotation: the files are read again every few seconds, and at once on SIGHUP. When
+//! their bytes change, a new rustls configuration is built and swapped in for the
+//! handshakes that follow; connections already open keep the session they negotiated,
+//! so nothing is dropped (cert-manager and Kubernetes Secrets rewrite the files in
+//! place). A rewrite that does not make a valid configuration (half written, a key that
+//! does not match the certificate) keeps the previous one and is logged; it never stops
+//! the server. At start-up, unreadable or invalid files are an error.
+//!
+//! Handshakes run in tasks of their own, off the accept loop, each within a deadline: a
+//! client that connects and never finishes its handshake holds only its own task, for
+//! at most that long. Failures are counted in
+//! `resnet_serve_tls_handshake_failures_total{reason}` (`timeout`, `error`), reloads in
+//! `resnet_serve_tls_reloads_total{result}` (`applied`, `failed`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How often the files are looked at for a change.
+pub const DEFAULT_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a client has to finish its handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finished handshakes waiting for the server to take them; past it, handshakes wait.
+const READY_CONNECTIONS: usize = 64;
+
+/// Where the certificates are, and how patient to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates (PEM) client certificates must chain to; `None`: no client
+    /// certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    pub reload_every: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl TlsOptions {
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        TlsOptions {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+            reload_every: DEFAULT_RELOAD_EVERY,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the TLS {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS {what} file {path}: {reason}")]
+    Invalid {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("TLS certificate {cert} and key {key}: {reason}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// One reading of the files.
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Files {
+    fn read(options: &TlsOptions) -> Result<Files, TlsError> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Files {
+            cert: read("certificate", &options.cert)?,
+            key: read("key", &options.key)?,
+            client_ca: options
+                .client_ca
+                .as_deref()
+                .map(|p| read("client CA", p))
+                .transpose()?,
+        })
+    }
+
+    /// What tells one reading from another, without keeping the key's bytes around.
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()] {
+            match part {
+                Some(bytes) => {
+                    h.update((bytes.len() as u64).to_le_bytes());
+                    h.update(bytes);
+                }
+                None => h.update(u64::MAX.to_le_bytes()),
+            }
+        }
+        h.finalize().into()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Every certificate of a PEM file, at least one.
+fn certificates(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let invalid = |reason: String| TlsError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("holds no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+/// The rustls configuration of one reading of the files.
+fn build(options: &TlsOptions, files: &Files) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates("certificate", &options.cert, &files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| TlsError::Invalid {
+        what: "key",
+        path: options.key.clone(),
+        reason: format!("no private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
+    })?;
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Pair {
+            cert: options.cert.clone(),
+            key: options.key.clone(),
+            reason: e.to_string(),
+        })?;
+    let builder = match (&options.client_ca, &files.client_ca) {
+        (Some(path), Some(pem)) => {
+            let invalid = |reason: String| TlsError::Invalid {
+                what: "client CA",
+                path: path.clone(),
+                reason,
+            };
+            let mut roots = RootCertStore::empty();
+            for ca in certificates("client CA", path, pem)? {
+                roots
+                    .add(ca)
+                    .map_err(|e| invalid(format!("not a CA certificate: {e}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| invalid(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Pair {
+            cert: options.cert.clone(),
+            key: options.key.clone(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The configuration handshakes use now, and the reading it was built from.
+struct Current {
+    config: Arc<ServerConfig>,
+    digest: [u8; 32],
+}
+
+/// TLS for the gRPC port: the current configuration, reloaded when the files change,
+/// and the handshakes of accepted connections.
+pub struct Tls {
+    options: TlsOptions,
+    /// Held only to read or swap an `Arc`, never across an await: a std lock.
+    current: RwLock<Current>,
+    handshake_failures: prometheus::IntCounterVec,
+    reloads: prometheus::IntCounterVec,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a reload changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Applied,
+}
+
+impl Tls {
+    /// Reads and checks the files: an error here keeps the server from starting.
+    pub fn load(
+        options: TlsOptions,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Arc<Tls>, TlsError> {
+        let files = Files::read(&options)?;
+        let config = build(&options, &files)?;
+        Ok(Arc::new(Tls {
+            current: RwLock::new(Current {
+                config,
+                digest: files.digest(),
+            }),
+            options,
+            handshake_failures: metrics.tls_handshake_failures(),
+            reloads: metrics.tls_reloads(),
+        }))
+    }
+
+    /// The configuration for the next handshake.
+    fn config(&self) -> Arc<ServerConfig> {
+        match self.current.read() {
+            Ok(c) => c.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        }
+    }
+
+    /// Reads the files again and, if they changed and make a valid configuration, uses
+    /// it for the handshakes that follow. On an error the previous one stays.
+    pub fn reload(&self) -> Result<Reload, TlsError> {
+        let files = Files::read(&self.options)?;
+        let digest = files.digest();
+        let unchanged = match self.current.read() {
+            Ok(c) => c.digest == digest,
+            Err(poisoned) => poisoned.into_inner().digest == digest,
+        };
+        if unchanged {
+            return Ok(Reload::Unchanged);
+        }
+        let config = build(&self.options, &files)?;
+        let mut current = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *current = Current { config, digest };
+        Ok(Reload::Applied)
+    }
+
+    /// Reloads every `reload_every` and on SIGHUP, for as long as it runs (the server
+    /// aborts it when it stops). An error is logged once until the files change again.
+    pub async fn watch(self: Arc<Self>) {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(self.options.reload_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut last_error: Option<String> = None;
+        loop {
+            #[cfg(unix)]
+            let signalled = async {
+                match hangup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let signalled = std::future::pending::<()>();
+            let hup = tokio::select! {
+                _ = tick.tick() => false,
+                () = signalled => true,
+            };
+            match self.reload() {
+                Ok(Reload::Applied) => {
+                    last_error = None;
+                    self.reloads.with_label_values(&["applied"]).inc();
+                    tracing::info!(cert = %self.options.cert.display(), "TLS certificate re-read");
+                }
+                Ok(Reload::Unchanged) => {
+                    last_error = None;
+                    if hup {
+                        tracing::info!("SIGHUP: the TLS files are unchanged");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if hup || last_error.as_deref() != Some(message.as_str()) {
+                        self.reloads.with_label_values(&["failed"]).inc();
+                        tracing::error!("{message}; keeping the previous TLS certificate");
+                        last_error = Some(message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Accepts connections on `listener` and yields them once their handshake is done.
+    /// Each handshake is a task of its own with a deadline, so none waits for another.
+    /// When the stream is dropped (the server stops accepting), the listener closes.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = mpsc::channel(READY_CONNECTIONS);
+        let tls = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = tx.closed() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    // As the plaintext path does: tonic decides what an accept error means.
+                    Err(e) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                crate::server::nodelay(&stream);
+                let acceptor = TlsAcceptor::from(tls.config());
+                let tx = tx.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let peer = stream.peer_addr().ok();
+                    match tokio::time::timeout(
+                        tls.options.handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(connection)) => {
+                            let _ = tx.send(Ok(connection)).await;
+                        }
+                        // Debug only: anyone who can reach the port can make these.
+                        Ok(Err(e)) => {
+                            tls.handshake_failures.with_label_values(&["error"]).inc();
+                            tracing::debug!(?peer, "TLS handshake failed: {e}");
+                        }
+                        Err(_) => {
+                            tls.handshake_failures.with_label_values(&["timeout"]).inc();
+                            tracing::debug!(?peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::rustls::ClientConfig;
+    use tokio_rustls::TlsConnector;
+    use tokio_stream::StreamExt;
+
+    struct Ca {
+        pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    /// A certificate and its key, PEM, and the certificate's DER.
+    struct Leaf {
+        cert: String,
+        key: String,
+        der: CertificateDer<'static>,
+    }
+
+    impl Ca {
+        fn new(name: &str) -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().expect("key");
+            let cert = params.self_signed(&key).expect("self-signed");
+            Ca {
+                pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn leaf(&self, name: &str) -> Leaf {
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &self.issuer).expect("signed");
+            Leaf {
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+                der: cert.der().clone(),
+            }
+        }
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        options: TlsOptions,
+    }
+
+    impl Setup {
+        fn new(leaf: &Leaf, client_ca: Option<&Ca>) -> Setup {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut options =
+                TlsOptions::new(dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            if let Some(ca) = client_ca {
+                let path = dir.path().join("ca.crt");
+                std::fs::write(&path, &ca.pem).expect("write");
+                options.client_ca = Some(path);
+            }
+            let setup = Setup { dir, options };
+            setup.write(leaf);
+            setup
+        }
+
+        fn write(&self, leaf: &Leaf) {
+            std::fs::write(&self.options.cert, &leaf.cert).expect("write");
+            std::fs::write(&self.options.key, &leaf.key).expect("write");
+        }
+    }
+
+    fn client(ca: &Ca, identity: Option<&Leaf>) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("pem"))
+            .expect("root");
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            Some(leaf) => builder
+                .with_client_auth_cert(
+                    vec![leaf.der.clone()],
+                    PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key"),
+                )
+                .expect("client cert"),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    }
+
+    /// One handshake against the current configuration, over an in-memory pipe: the
+    /// server's certificate as the client saw it, or the handshake's error. A TLS 1.3
+    /// server refuses a client certificate after the client's side is done, so the
+    /// client reads once to learn the outcome.
+    async fn handshake(
+        tls: &Tls,
+        connector: TlsConnector,
+    ) -> Result<CertificateDer<'static>, String> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let acceptor = TlsAcceptor::from(tls.config());
+        let server = tokio::spawn(async move {
+            let mut s = acceptor
+                .accept(server_io)
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"ok").await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(s)
+        });
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut c = connector
+            .connect(name, client_io)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        let _ = server.await;
+        let (_, session) = c.get_ref();
+        assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
+        Ok(session.peer_certificates().expect("certificates")[0].clone())
+    }
+
+    #[tokio::test]
+    async fn serves_its_certificate_and_takes_a_rotation() {
+        let ca = Ca::new("test CA");
+        let first = ca.leaf("first");
+        let setup = Setup::new(&first, None);
+        let metrics = crate::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        assert_eq!(
+            handshake(&tls, client(&ca, None)).await,
+            Ok(first.der.clone())
+        );
+        assert_eq!(tls.reload().expect("reload"), Reload::Unchanged);
+
+        let second = ca.leaf("second");
+        setup.write(&second);
+        assert_eq!(tls.reload().expect("reload"), Reload::Applied);
+        assert_eq!(
+            handshake(&tls, client(&ca, None)).await,
+            Ok(second.der.clone())
+        );
+
+        // A key that is not the certificate's, and a half-written certificate: refused,
+        // the previous configuration stays.
+        let third = ca.leaf("third");
+        std::fs::write(&setup.options.cert, &third.cert).expect("write");
+        let err = tls.reload().expect_err("mismatched key");
+        assert!(matches!(err, TlsError::Pair { .. }), "{err}");
+        std::fs::write(&setup.options.cert, &third.cert[..third.cert.len() / 2]).expect("write");
+        std::fs::write(&setup.options.key, &third.key).expect("write");
+        assert!(tls.reload().is_err());
+        std::fs::remove_file(&setup.options.key).expect("remove");
+        assert!(matches!(tls.reload(), Err(TlsError::Read { .. })));
+        assert_eq!(
+            handshake(&tls, client(&ca, None)).await,
+            Ok(second.der.clone())
+        );
+
+        // Once the files are whole again, they are taken.
+        setup.write(&third);
+        assert_eq!(tls.reload().expect("reload"), Reload::Applied);
+        assert_eq!(handshake(&tls, client(&ca, None)).await, Ok(third.der));
+        drop(setup.dir);
+    }
+
+    #[test]
+    fn bad_files_at_start_up_are_errors_that_name_them() {
+        let ca = Ca::new("test CA");
+        let leaf = ca.leaf("server");
+        let metrics = crate::metrics::Metrics::new();
+        let setup = Setup::new(&leaf, None);
+
+        let mut missing = setup.options.clone();
+        missing.cert = setup.dir.path().join("absent.crt");
+        let err = Tls::load(missing, &metrics).expect_err("missing");
+        assert!(err.to_string().contains("absent.crt"), "{err}");
+
+        std::fs::write(&setup.options.cert, "not a certificate\n").expect("write");
+        let err = Tls::load(setup.options.clone(), &metrics).expect_err("garbage");
+        assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
+
+        std::fs::write(&setup.options.cert, &leaf.cert).expect("write");
+        std::fs::write(&setup.options.key, &leaf.cert).expect("write");
+        let err = Tls::load(setup.options.clone(), &metrics).expect_err("no key");
+        assert!(err.to_string().contains("no private key"), "{err}");
+
+        std::fs::write(&setup.options.key, ca.leaf("other").key).expect("write");
+        let err = Tls::load(setup.options.clone(), &metrics).expect_err("foreign key");
+        assert!(matches!(err, TlsError::Pair { .. }), "{err}");
+
+        setup.write(&leaf);
+        let mut no_ca = setup.options.clone();
+        let ca_path = setup.dir.path().join("empty-ca.crt");
+        std::fs::write(&ca_path, "").expect("write");
+        no_ca.client_ca = Some(ca_path);
+        let err = Tls::load(no_ca, &metrics).expect_err("empty CA");
+        assert!(err.to_string().contains("client CA"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_certificates_of_its_ca_only() {
+        let ca = Ca::new("server CA");
+        let clients = Ca::new("client CA");
+        let foreign = Ca::new("foreign CA");
+        let setup = Setup::new(&ca.leaf("server"), Some(&clients));
+        let metrics = crate::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+
+        let good = clients.leaf("good client");
+        assert!(handshake(&tls, client(&ca, Some(&good))).await.is_ok());
+        let none = handshake(&tls, client(&ca, None)).await;
+        assert!(none.is_err(), "no client certificate: {none:?}");
+        let stranger = foreign.leaf("stranger");
+        let refused = handshake(&tls, client(&ca, Some(&stranger))).await;
+        assert!(refused.is_err(), "foreign client certificate: {refused:?}");
+
+        // The client CA rotates too: the foreign CA's clients are let in.
+        let ca_path = setup.options.client_ca.clone().expect("path");
+        std::fs::write(&ca_path, &foreign.pem).expect("write");
+        assert_eq!(tls.reload().expect("reload"), Reload::Applied);
+        assert!(handshake(&tls, client(&ca, Some(&stranger))).await.is_ok());
+        assert!(handshake(&tls, client(&ca, Some(&good))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_does_not_hold_up_others_and_times_out() {
+        let ca = Ca::new("test CA");
+        let leaf = ca.leaf("server");
+        let mut setup = Setup::new(&leaf, None);
+        setup.options.handshake_timeout = Duration::from_millis(300);
+        let metrics = crate::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = tls.incoming(listener);
+
+        // Connects and says nothing.
+        let _silent = TcpStream::connect(addr).await.expect("connect");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let connector = client(&ca, None);
+        let client_side = tokio::spawn(async move { connector.connect(name, tcp).await });
+        let accepted = tokio::time::timeout(Duration::from_millis(250), incoming.next())
+            .await
+            .expect("the second client's handshake finishes before the first times out")
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.get_ref().0.nodelay().expect("option"), "Nagle off");
+        let _client = client_side.await.expect("task").expect("client handshake");
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let timeouts = tls.handshake_failures.with_label_values(&["timeout"]).get();
+        assert_eq!(timeouts, 1);
+
+        // Plaintext HTTP/2 to the TLS port: a handshake error.
+        let mut plain = TcpStream::connect(addr).await.expect("connect");
+        plain
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let _ = plain.read_to_end(&mut rest).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            tls.handshake_failures.with_label_values(&["error"]).get(),
+            1
+        );
+    }
+}

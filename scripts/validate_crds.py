@@ -10,10 +10,11 @@ Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonsc
    server would silently prune it, and the setting would be lost):
    - KServe's InferenceService, ClusterServingRuntime and ServingRuntime against the
      openAPIV3Schema of KServe's CRDs vendored in deploy/validation/kserve/;
-   - KEDA's ScaledObject and the Prometheus Operator's ServiceMonitor against the schemas
-     below: no PyPI package ships those CRDs, so these are written from KEDA v2.20's and
-     prometheus-operator's CRDs, for the fields our manifests use (a subset: a field
-     they do not list is reported even where upstream would accept it; add it here).
+   - KEDA's ScaledObject and the Prometheus Operator's ServiceMonitor and PodMonitor
+     against the schemas below: no PyPI package ships those CRDs, so these are written
+     from KEDA v2.20's and prometheus-operator's CRDs, for the fields our manifests use
+     (a subset: a field they do not list is reported even where upstream would accept
+     it; add it here).
 2. Kustomizations: every resource they list exists.
 3. deploy/ against the server's sources, so a renamed flag or metric fails CI here
    instead of in a cluster:
@@ -22,7 +23,7 @@ Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonsc
      the server declares (server/config.rs and the rest of server/);
    - every resnet_serve_* metric in a Prometheus query is one server/metrics.rs exports;
    - a ScaledObject scales a Deployment defined here; a ServiceMonitor selects a Service
-     here that has the port it scrapes;
+     here that has the port it scrapes, a PodMonitor pods that have it;
    - an InferenceService's name is a DNS-1035 label, its runtime is defined here and
      supports its model format and protocol; a serving runtime's container is
      `kserve-container`, passes `--model {{.Name}}=/mnt/models` and, for grpc-v2,
@@ -277,6 +278,16 @@ SERVICE_MONITOR = {
 }
 
 
+# monitoring.coreos.com/v1 PodMonitor (prometheus-operator,
+# example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml).
+POD_MONITOR = copy.deepcopy(SERVICE_MONITOR)
+POD_MONITOR["properties"]["kind"] = {"const": "PodMonitor"}
+_pm_spec = POD_MONITOR["properties"]["spec"]
+_pm_spec["required"] = ["selector", "podMetricsEndpoints"]
+_pm_spec["properties"]["podMetricsEndpoints"] = _pm_spec["properties"].pop("endpoints")
+_pm_spec["properties"].pop("targetLabels")
+
+
 # --- KServe's vendored CRDs -------------------------------------------------------------
 
 
@@ -427,6 +438,8 @@ def main(argv: list[str]) -> int:
             validate(w, doc, SCALED_OBJECT)
         elif kind == "ServiceMonitor":
             validate(w, doc, SERVICE_MONITOR)
+        elif kind == "PodMonitor":
+            validate(w, doc, POD_MONITOR)
         elif kind == "Kustomization":
             for r in list(doc.get("resources", [])) + list(doc.get("components", [])):
                 target = (path.parent / r).resolve()
@@ -486,6 +499,18 @@ def main(argv: list[str]) -> int:
                 for s in services:
                     if not any(p.get("name") == ep.get("port") for p in s["spec"].get("ports", [])):
                         finding(w, f"Service {s['metadata']['name']} has no port {ep.get('port')}")
+        if kind == "PodMonitor":
+            sel = doc.get("spec", {}).get("selector", {}).get("matchLabels", {})
+            pods = [
+                (labels, cs) for labels, cs in pod_templates(objects)
+                if all(labels.get(k) == v for k, v in sel.items())
+            ]
+            if not pods:
+                finding(w, "its selector matches no pods of deploy/")
+            for ep in doc.get("spec", {}).get("podMetricsEndpoints", []):
+                for _, cs in pods:
+                    if not any(p.get("name") == ep.get("port") for c in cs for p in c.get("ports") or []):
+                        finding(w, f"a pod it selects has no container port {ep.get('port')}")
         if kind in ("ClusterServingRuntime", "ServingRuntime"):
             cs = doc.get("spec", {}).get("containers", [])
             if not cs or cs[0].get("name") != "kserve-container":
@@ -516,7 +541,7 @@ def main(argv: list[str]) -> int:
             if not fits:
                 finding(w, f"no serving runtime in deploy/ serves format {fmt} over {proto}" + (f" as {wanted}" if wanted else ""))
 
-    check_build_contexts()
+    check_build_contexts(variables)
 
     for f in findings:
         print(f)
@@ -525,7 +550,22 @@ def main(argv: list[str]) -> int:
     return 1 if findings else 0
 
 
-def check_build_contexts() -> None:
+def pod_templates(objects) -> list[tuple[dict, list[dict]]]:
+    """(pod labels, containers) of every pod deploy/ makes: workloads' templates, and an
+    InferenceService's predictor (its labels; its model container as the runtime's
+    container merged with the InferenceService's fields)."""
+    out = []
+    for _, d in objects:
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            t = d.get("spec", {}).get("template", {})
+            out.append(((t.get("metadata") or {}).get("labels") or {}, containers_of(d)))
+        elif d.get("kind") == "InferenceService":
+            p = d.get("spec", {}).get("predictor", {})
+            out.append((p.get("labels") or {}, containers_of(d)))
+    return out
+
+
+def check_build_contexts(variables: set[str]) -> None:
     """Each deploy/Dockerfile* has an allow-list <Dockerfile>.dockerignore (`*`, then
     `!path` lines), and everything it COPYs from the context exists and is allowed: no
     Docker daemon runs here, so this is what stands in for a build's "not found"."""
@@ -543,8 +583,16 @@ def check_build_contexts() -> None:
             continue
         allowed = [l[1:].rstrip("/") for l in lines if l.startswith("!")]
         text = re.sub(r"\\\n", " ", dockerfile.read_text())
-        for line in text.splitlines():
+        lines = text.splitlines()
+        final = max((i for i, l in enumerate(lines) if l.split()[:1] == ["FROM"]), default=0)
+        for at, line in enumerate(lines):
             words = line.split()
+            # The final stage's variables are the server's (the build stages' are the
+            # build scripts').
+            if words and words[0].upper() == "ENV" and at > final:
+                for name in re.findall(r"\b(RESNET_SERVE_[A-Z0-9_]+)=", line):
+                    if name not in variables:
+                        finding(w, f"ENV {name}: the server reads no such variable")
             if not words or words[0].upper() != "COPY" or any(x.startswith("--from") for x in words):
                 continue
             for source in [x for x in words[1:-1] if not x.startswith("--")]:

@@ -38,7 +38,7 @@ step() { printf '== %s\n' "$*"; }
 fail() { printf 'FAILED: %s\n' "$*"; failed=1; }
 
 # Kinds kubernetes-validate has no schema for, and which validate_crds.py checks.
-custom_kinds='Kustomization|ScaledObject|ServiceMonitor|InferenceService|ClusterServingRuntime|ServingRuntime'
+custom_kinds='Kustomization|ScaledObject|ServiceMonitor|PodMonitor|InferenceService|ClusterServingRuntime|ServingRuntime'
 kube_validate() { # FILE...
   local k out
   for k in 1.30.0 1.37.0; do

@@ -546,7 +546,7 @@ def main(argv: list[str]) -> int:
     for f in findings:
         print(f)
     checked = sum(1 for _, d in objects)
-    print(f"validate_crds: {checked} objects in {len(files)} files, {len(findings)} findings", file=sys.stderr)
+    print(f"validate_crds: {checked} objects in {len(files)} files, {len(findings)} findings")
     return 1 if findings else 0
 
 
@@ -619,5 +619,174 @@ def queries(doc) -> list[str]:
     return out
 
 
+# --- smoke test: the manifests' arguments against a built server ---------------------
+
+
+def write_resnet18(path: Path) -> None:
+    """A resnet18-shaped safetensors checkpoint (zero convolutions, identity batch-norm):
+    enough for the server to detect the architecture, load and serve."""
+    import json
+    import struct
+
+    tensors: list[tuple[str, list[int], bytes]] = []
+
+    def zeros(name, shape):
+        n = 1
+        for d in shape:
+            n *= d
+        tensors.append((name, shape, bytes(4 * n)))
+
+    def bn(name, c):
+        tensors.append((name + ".weight", [c], struct.pack(f"<{c}f", *[1.0] * c)))
+        zeros(name + ".bias", [c])
+        zeros(name + ".running_mean", [c])
+        tensors.append((name + ".running_var", [c], struct.pack(f"<{c}f", *[1.0] * c)))
+
+    zeros("conv1.weight", [64, 3, 7, 7])
+    bn("bn1", 64)
+    cin = 64
+    for layer, c in enumerate([64, 128, 256, 512], 1):
+        for block in range(2):
+            p = f"layer{layer}.{block}."
+            i = cin if block == 0 else c
+            zeros(p + "conv1.weight", [c, i, 3, 3])
+            bn(p + "bn1", c)
+            zeros(p + "conv2.weight", [c, c, 3, 3])
+            bn(p + "bn2", c)
+            if block == 0 and i != c:
+                zeros(p + "downsample.0.weight", [c, i, 1, 1])
+                bn(p + "downsample.1", c)
+        cin = c
+    zeros("fc.weight", [1000, 512])
+    zeros("fc.bias", [1000])
+    header, offset = {}, 0
+    for name, shape, data in tensors:
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for _, _, data in tensors:
+            f.write(data)
+
+
+def smoke(server: Path) -> int:
+    """Starts `server` as each pod of deploy/ would start it (the CPU Deployment with its
+    ConfigMap, the KServe runtime with an InferenceService's name and /mnt/models), its
+    model directory holding a resnet18-shaped checkpoint, on loopback ports; checks
+    /livez answers 200 at once, /readyz turns 200, and after SIGTERM /readyz says 503
+    or the server has exited, within the drain."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def run(label: str, args: list[str], env: dict[str, str]) -> None:
+        grpc, metrics = free_port(), free_port()
+        env = {**os.environ, **env, "RESNET_SERVE_LISTEN": f"127.0.0.1:{grpc}",
+               "RESNET_SERVE_METRICS_LISTEN": f"127.0.0.1:{metrics}"}
+        # Flags win over the environment: the loopback addresses replace the pods'.
+        args = [a for a in args if not a.startswith(("--listen=", "--metrics-listen="))]
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen([str(server), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{metrics}"
+        try:
+            deadline = time.monotonic() + 120
+            live = ready = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                live, ready = status(base + "/livez"), status(base + "/readyz")
+                if ready == 200:
+                    break
+                time.sleep(0.2)
+            if ready != 200 or live != 200:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-1500:]
+                finding(f"smoke {label}", f"/livez {live}, /readyz {ready} (exit {proc.poll()}): {tail}")
+                return
+            proc.send_signal(signal.SIGTERM)
+            drained = False
+            for _ in range(150):
+                if proc.poll() is not None or status(base + "/readyz") == 503:
+                    drained = True
+                    break
+                time.sleep(0.2)
+            if not drained:
+                finding(f"smoke {label}", "after SIGTERM, /readyz still not 503 and the server still running")
+            proc.wait(timeout=60)
+            print(f"smoke {label}: /livez 200, /readyz 200 after loading, draining on SIGTERM, exit {proc.returncode}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    objects = list(documents(sorted((ROOT / "deploy").rglob("*.yaml"))))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # The CPU Deployment: its args and literal env, the ConfigMap as its --config file.
+        for path, doc in objects:
+            if doc.get("kind") != "Deployment" or path.parent.name != "cpu":
+                continue
+            spec = doc["spec"]["template"]["spec"]
+            c = spec["containers"][0]
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            args = [str(a) for a in c.get("args", [])]
+            for name, mount in mounts.items():
+                local = tmp / "deployment" / name
+                vol = volumes.get(name, {})
+                if "configMap" in vol:
+                    cm = next(d for _, d in objects if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == vol["configMap"]["name"])
+                    local.mkdir(parents=True)
+                    for key, text in cm["data"].items():
+                        (local / key).write_text(text)
+                args = [a.replace(mount, str(local)) for a in args]
+                for a in args:
+                    m = re.match(r"--model=[^=]+=(.*)", a)
+                    if m and m.group(1).startswith(str(local)):
+                        Path(m.group(1)).mkdir(parents=True, exist_ok=True)
+                        write_resnet18(Path(m.group(1)) / "model.safetensors")
+            env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+            env.setdefault("RESNET_SERVE_COMPUTE_THREADS", "2")  # limits.cpu, via the Downward API
+            run(f"{shown(path)}", args, env)
+        # The KServe runtime, as an InferenceService of deploy/kserve/ makes it.
+        for path, doc in objects:
+            if doc.get("kind") != "ClusterServingRuntime":
+                continue
+            isvc = next((d for _, d in objects if d.get("kind") == "InferenceService"), None)
+            name = isvc["metadata"]["name"] if isvc else "resnet50-swsl"
+            c = doc["spec"]["containers"][0]
+            mnt = tmp / "kserve" / "mnt-models"
+            mnt.mkdir(parents=True)
+            write_resnet18(mnt / "model.safetensors")
+            args = [re.sub(r"\{\{\s*\.Name\s*\}\}", name, str(a)).replace("/mnt/models", str(mnt)) for a in c.get("args", [])]
+            env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+            run(f"{shown(path)} as {name}", args, env)
+    for f in findings:
+        print(f)
+    return 1 if findings else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--smoke"] and len(sys.argv) == 3:
+        sys.exit(smoke(Path(sys.argv[2]).resolve()))
     sys.exit(main(sys.argv[1:]))

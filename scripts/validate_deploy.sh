@@ -7,10 +7,14 @@
 #   2. what kustomize renders (CPU and GPU variants), the same way, where kubectl or
 #      kustomize is installed (skipped, and said so, where neither is);
 #   3. scripts/validate_crds.py: KServe objects against KServe's CRDs (vendored in
-#      deploy/validation/kserve/), KEDA's ScaledObject and the ServiceMonitor against
+#      deploy/validation/kserve/), KEDA's ScaledObject, the ServiceMonitor and PodMonitor against
 #      schemas of their own, and deploy/ against the server's flags, variables and metrics;
-#   4. both Dockerfiles with hadolint;
-#   5. checkov over deploy/ (kubernetes and dockerfile frameworks). Each finding that
+#   4. the server as built (target/debug/resnet-serve, or RESNET_SERVE_BIN) started with
+#      the CPU Deployment's and the KServe runtime's arguments, environment and settings
+#      file, on a resnet18-shaped checkpoint: it must load, answer the probes and drain;
+#      skipped, and said so, where no server is built;
+#   5. both Dockerfiles with hadolint;
+#   6. checkov over deploy/ (kubernetes and dockerfile frameworks). Each finding that
 #      remains is skipped in the file it concerns with its reason (checkov.io/skipN
 #      annotations in manifests, `# checkov:skip=` in Dockerfiles).
 #
@@ -81,6 +85,22 @@ fi
 
 step "validate_crds.py: custom resources and cross-checks against server/"
 "$bin/python" scripts/validate_crds.py deploy || fail "validate_crds.py"
+
+# The manifests' arguments, environment and settings file run: the server built by
+# `cargo build`/`cargo test` (RESNET_SERVE_BIN to name another) is started as the CPU
+# Deployment and as the KServe runtime start it, and must load, answer /livez and
+# /readyz and drain on SIGTERM. CI runs this script after the tests, which build it.
+server=${RESNET_SERVE_BIN:-target/debug/resnet-serve}
+if [ -x "$server" ]; then
+  if [ -n "$(find server -name '*.rs' -newer "$server" -print -quit)" ]; then
+    step "smoke: $server (older than server/: rebuild if this fails on a new flag)"
+  else
+    step "smoke: $server"
+  fi
+  "$bin/python" scripts/validate_crds.py --smoke "$server" || fail "the manifests' arguments do not start $server"
+else
+  step "smoke: SKIPPED, no server binary at $server (cargo build, or RESNET_SERVE_BIN=...)"
+fi
 
 step "$("$bin/hadolint" --version)"
 "$bin/hadolint" deploy/Dockerfile deploy/Dockerfile.cuda || fail "hadolint"

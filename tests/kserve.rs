@@ -325,15 +325,10 @@ async fn startup_rpcs_answer_what_triton_would() {
     let outs: Vec<_> = m
         .outputs
         .iter()
-        .map(|o| (o.name.as_str(), o.shape.clone()))
+        .map(|o| (o.name.as_str(), o.datatype.as_str(), o.shape.clone()))
         .collect();
-    assert_eq!(
-        outs,
-        vec![
-            ("logits", vec![-1, 1000]),
-            ("probabilities", vec![-1, 1000])
-        ]
-    );
+    // One output, as Triton's image clients require of a classifier.
+    assert_eq!(outs, vec![("logits", "FP32", vec![-1, 1000])]);
     for (view, name, datatype, shape) in [
         ("_frame", "frame", "UINT8", vec![-1, -1, -1, 3]),
         ("_image", "image", "BYTES", vec![-1, 1]),
@@ -365,9 +360,23 @@ async fn startup_rpcs_answer_what_triton_would() {
         .into_inner()
         .config
         .expect("config body");
-    assert_eq!(config.max_batch_size, 128, "the per-request image limit");
+    assert_eq!(
+        config.max_batch_size, 64,
+        "the per-request image limit (128) bounded by the model's queue (64)"
+    );
     assert_eq!(config.input[0].dims, vec![3, 224, 224]);
-    assert_eq!(config.output[0].dims, vec![1000]);
+    assert_eq!(
+        config.input[0].format,
+        resnet_client::proto::inference::model_input::Format::Nchw as i32
+    );
+    assert_eq!(config.output.len(), 1);
+    assert_eq!(
+        (
+            config.output[0].name.as_str(),
+            config.output[0].dims.clone()
+        ),
+        ("logits", vec![1000])
+    );
     let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
         panic!("dynamic batching expected");
     };
@@ -408,9 +417,11 @@ async fn startup_rpcs_answer_what_triton_would() {
 async fn inference_matches_our_api_for_every_input_kind() {
     let server = KServer::start(false).await;
     let mut c = server.kserve().await;
-    // FP32 tensors, raw contents: the same logits as Classify, and softmax for probabilities.
+    // FP32 tensors, raw contents: the same logits as Classify; a request that names no
+    // output gets the one listed, the logits.
     let (req, values) = tensor_request(MODEL, 3, 2);
     let r = c.model_infer(req).await.expect("infer").into_inner();
+    assert_eq!(r.outputs.len(), 1, "{:?}", r.outputs);
     assert_eq!(
         (
             r.model_name.as_str(),
@@ -425,9 +436,16 @@ async fn inference_matches_our_api_for_every_input_kind() {
     let images = tensor_images(&values);
     let want = classify_logits(&server, images).await;
     assert!(close(&logits[..1000], &want[0]) && close(&logits[1000..], &want[1]));
+    // The probabilities, named though not listed: the softmax of the logits.
+    let (mut req, _) = tensor_request(MODEL, 3, 2);
+    req.outputs = vec![output("probabilities", None), output("logits", None)];
+    let r = c.model_infer(req).await.expect("infer").into_inner();
     let probs = f32s(&named_output(&r, "probabilities").1);
     let sum: f32 = probs[..1000].iter().sum();
     assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+    let softmax = resnet_serve::labels::softmax(&logits[..1000]);
+    assert!(close(&probs[..1000], &softmax));
+    assert_eq!(f32s(&named_output(&r, "logits").1), logits);
     // Typed contents give the same answer.
     let (mut typed, _) = tensor_request(MODEL, 3, 2);
     typed.raw_input_contents.clear();
@@ -595,7 +613,8 @@ async fn bad_requests_get_the_codes_triton_clients_expect() {
         },
     );
     assert_eq!(code(timeout).await.code(), Code::DeadlineExceeded);
-    // More images than the queue holds (64): refused whole, at once.
+    // More images than the queue holds (64): refused whole, at once, as no retry could
+    // be queued.
     let frames = vec![0u8; 65 * 4 * 4 * 3];
     let flood = ModelInferRequest {
         model_name: format!("{MODEL}_frame"),
@@ -603,7 +622,9 @@ async fn bad_requests_get_the_codes_triton_clients_expect() {
         raw_input_contents: vec![frames.into()],
         ..Default::default()
     };
-    assert_eq!(code(flood).await.code(), Code::ResourceExhausted);
+    let e = code(flood).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at most 64 images"), "{}", e.message());
     // A high-priority request is served like any other.
     let (mut urgent, _) = tensor_request(MODEL, 1, 1);
     urgent.parameters.insert(
@@ -1051,5 +1072,43 @@ async fn tritonclient_drives_the_server() {
         text.contains("ok: shared-memory logits match Classify"),
         "{text}"
     );
+    server.stop().await;
+}
+
+/// What a generic Triton image client (Triton's image_client.py) relies on, checked by
+/// tests/kserve/triton_image_client_contract.py with tritonclient: one FP32 NCHW input,
+/// one output, a batch of 2 and the classification extension's `score:index:label`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triton_image_client_takes_the_model_as_an_image_classifier() {
+    let server = KServer::start(false).await;
+    let values = synthetic::input(12, 2, 224);
+    let want = classify_logits(&server, tensor_images(&values)).await;
+    let dir = server.dir.path();
+    std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
+    std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
+    let url = server.addr.trim_start_matches("http://").to_string();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/kserve/triton_image_client_contract.py");
+    let data = dir.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(&script)
+            .args(["--url", &url, "--model", MODEL, "--data"])
+            .arg(&data)
+            .output()
+    })
+    .await
+    .expect("join")
+    .unwrap_or_else(|e| panic!("running {} (set RESNET_SERVE_TEST_PYTHON): {e}", python()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "image client contract failed:\n{text}"
+    );
+    assert!(text.contains("image client contract holds"), "{text}");
     server.stop().await;
 }

@@ -34,7 +34,7 @@ pub fn metadata(handle: &ModelHandle, view: View) -> ModelMetadataResponse {
             datatype: view.datatype().into(),
             shape: with_batch(view.dims()),
         }],
-        outputs: Output::ALL
+        outputs: Output::LISTED
             .into_iter()
             .map(|o| TensorMetadata {
                 name: o.name().into(),
@@ -113,7 +113,7 @@ pub fn config(handle: &ModelHandle, view: View, max_images_per_request: usize) -
             dims: view.dims(),
             ..Default::default()
         }],
-        output: Output::ALL
+        output: Output::LISTED
             .into_iter()
             .map(|o| ModelOutput {
                 name: o.name().into(),

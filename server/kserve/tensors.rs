@@ -443,7 +443,8 @@ impl SharedOutput {
     }
 }
 
-/// The outputs a request asked for; all of them (as tensors) when it named none.
+/// The outputs a request asked for; the listed one (`logits`, as a tensor) when it named
+/// none, as Triton answers every output its configuration lists.
 /// Shared-memory outputs are checked here, before any compute: the region exists and
 /// the window lies inside it.
 pub fn requested(
@@ -451,7 +452,7 @@ pub fn requested(
     shared_memory: &SharedMemory,
 ) -> Result<Vec<OutputRequest>, ServeError> {
     if outputs.is_empty() {
-        return Ok(Output::ALL
+        return Ok(Output::LISTED
             .into_iter()
             .map(|output| OutputRequest {
                 output,
@@ -465,7 +466,7 @@ pub fn requested(
         .map(|o| {
             let output = Output::parse(&o.name).ok_or_else(|| {
                 bad(format!(
-                    "unknown output '{}'; outputs are 'logits' and 'probabilities'",
+                    "unknown output '{}'; the output is 'logits' (and 'probabilities', the softmax of the logits, when named)",
                     o.name
                 ))
             })?;

@@ -8,7 +8,10 @@
 //! | `NAME_frame` | `frame` | UINT8 | `[-1, -1, -1, 3]`, RGB frames (any size, resized as images are) |
 //! | `NAME_image` | `image` | BYTES | `[-1, 1]` (or `[-1]`), each element an encoded JPEG/PNG/WebP/GIF/BMP |
 //!
-//! All three have the outputs `logits` and `probabilities`, FP32 `[-1, 1000]`.
+//! Each lists one output, `logits`, FP32 `[-1, 1000]`, as the checkpoint computes them:
+//! Triton's image clients take a model with exactly one output for a classifier. The
+//! softmax of the logits, `probabilities` (FP32 `[-1, 1000]`), is answered too when a
+//! request names it, though neither metadata nor configuration lists it.
 
 use crate::model::{INPUT_SIZE, NUM_CLASSES};
 
@@ -28,7 +31,10 @@ pub enum Output {
 }
 
 impl Output {
+    /// Every output a request may name.
     pub const ALL: [Output; 2] = [Output::Logits, Output::Probabilities];
+    /// The outputs metadata and configuration list, and a request that names none gets.
+    pub const LISTED: [Output; 1] = [Output::Logits];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -134,10 +134,12 @@ def main():
     mm = c.get_model_metadata(m, as_json=True)
     check(mm["inputs"][0]["name"] == "input" and mm["inputs"][0]["datatype"] == "FP32"
           and [int(d) for d in mm["inputs"][0]["shape"]] == [-1, 3, 224, 224], f"input metadata {mm['inputs']}")
-    check([o["name"] for o in mm["outputs"]] == ["logits", "probabilities"], "output metadata")
+    check([o["name"] for o in mm["outputs"]] == ["logits"], "one output listed: the logits")
     cfg = c.get_model_config(m, as_json=True)["config"]
     check(int(cfg["max_batch_size"]) > 0 and "dynamic_batching" in cfg, "model config with dynamic batching")
     check([int(d) for d in cfg["input"][0]["dims"]] == [3, 224, 224], "config input dims")
+    check(cfg["input"][0]["format"] == "FORMAT_NCHW", "config input format NCHW")
+    check([o["name"] for o in cfg["output"]] == ["logits"], "one output configured: the logits")
 
     # FP32 raw input: the logits our own API gives for the same tensor.
     inp = grpcclient.InferInput("input", [2, 3, 224, 224], "FP32")

@@ -753,6 +753,34 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_come_in_pairs_from_any_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(
+            &file,
+            "tls_key = \"/tls/key.pem\"\ntls_client_ca = \"/tls/ca.pem\"\nmax_connection_age = 300\n",
+        )
+        .expect("write");
+        let config = file.to_str().expect("utf8");
+        let cli = Cli::try_parse_from(["x", "--config", config, "--tls-cert", "/tls/cert.pem"])
+            .expect("parses");
+        let args = cli.serve.merged().expect("merges");
+        let tls = tls_options(&args).expect("a pair").expect("on");
+        assert_eq!(tls.cert, PathBuf::from("/tls/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/tls/key.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        assert_eq!(args.max_connection_age, Some(300));
+
+        let lone = Cli::try_parse_from(["x", "--tls-cert", "/tls/cert.pem"]).expect("parses");
+        let err = tls_options(&lone.serve).expect_err("no key").to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        let ca_only = Cli::try_parse_from(["x", "--tls-client-ca", "/ca.pem"]).expect("parses");
+        assert!(tls_options(&ca_only.serve).is_err());
+        let plain = Cli::try_parse_from(["x"]).expect("parses");
+        assert!(tls_options(&plain.serve).expect("plaintext").is_none());
+    }
+
+    #[test]
     fn shared_memory_is_off_unless_enabled() {
         let parse = |args: &[&str]| {
             Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))

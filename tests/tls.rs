@@ -368,6 +368,41 @@ async fn certificates_rotate_without_dropping_open_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_certificate_at_once() {
+    // Registered first, so the signal sent below can never take the default action
+    // (ending this test process), whatever the server's watcher has done by then.
+    let mut hangups =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("signal");
+    let pki = Pki::new();
+    let server = start(|o| {
+        let mut tls = pki.options();
+        // Only the signal can make it look before the test ends.
+        tls.reload_every = Duration::from_secs(3600);
+        o.tls = Some(tls);
+    })
+    .await;
+    assert_eq!(
+        presented_certificate(&server.url, &[&pki.ca]).await,
+        pki.server.der
+    );
+    let renewed = pki.ca.issue("server, renewed", 3);
+    renewed.write_to(&pki.cert, &pki.key);
+    // SAFETY: kill(2) on this process with a signal it handles.
+    let sent = unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+    assert_eq!(sent, 0, "kill");
+    hangups.recv().await;
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while presented_certificate(&server.url, &[&pki.ca]).await != renewed.der {
+        assert!(
+            Instant::now() < give_up,
+            "SIGHUP did not re-read the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_certificate_files_stop_the_start() {
     let pki = Pki::new();
     let mut missing = pki.options();

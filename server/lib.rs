@@ -40,6 +40,8 @@
 //!   [`refusals`]: refusals counted by a fixed reason and logged at most once a second.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
 //!   per-model totals KServe's `ModelStatistics` reports.
+//! - [`telemetry`]: OpenTelemetry traces over OTLP (off unless an endpoint is set): a
+//!   call's span joins its caller's trace; batch spans link to the calls they served.
 //! - [`server`]: health, reflection, model loading, serving and graceful drain;
 //!   [`local`]: one on ephemeral loopback ports in the background (tests, benchmarks).
 //! - [`predict`]: the offline `predict` command (the model card's example as a tool).
@@ -67,6 +69,7 @@ pub mod server;
 pub mod service;
 pub mod shm;
 pub mod stats;
+pub mod telemetry;
 pub mod tls;
 pub mod unary;
 pub mod weights;

@@ -160,6 +160,11 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "RESNET_SERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC collector that traces are exported to, e.g. http://collector:4317
+    /// [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT;
+    /// none: tracing off].
+    #[arg(long, env = "RESNET_SERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// The file's `[models.NAME]` tables: each model's weights and own settings.
     #[arg(skip)]
     #[serde(skip)]
@@ -238,6 +243,7 @@ impl ServeArgs {
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
             max_connection_age: self.max_connection_age.or(file.max_connection_age),
             log_format: self.log_format.or(file.log_format),
+            otlp_endpoint: self.otlp_endpoint.or(file.otlp_endpoint),
             model_tables: file.model_tables,
             models_from_command_line: self.models_from_command_line,
         })
@@ -253,6 +259,17 @@ impl ServeArgs {
                 parse_file(&text).ok()?.log_format
             })
             .unwrap_or_default()
+    }
+
+    /// Where traces are exported, known before the rest is checked (the exporter
+    /// starts with logging): the flag or environment, else the TOML file's, else the
+    /// standard `OTEL_` variables; `None` leaves tracing off.
+    pub fn otlp_endpoint(&self) -> Option<String> {
+        let configured = self.otlp_endpoint.clone().or_else(|| {
+            let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
+            parse_file(&text).ok()?.otlp_endpoint
+        });
+        resnet_serve::telemetry::endpoint(configured.as_deref(), |name| std::env::var(name).ok())
     }
 }
 

@@ -117,16 +117,52 @@ fn main() -> ExitCode {
             "warn"
         })
     });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if cli.serve.log_format() == config::LogFormat::Json {
-        logs.json().init();
-    } else {
-        logs.init();
+    // Serving exports traces when an OTLP endpoint is configured (server/telemetry.rs).
+    let telemetry = match cli.command {
+        None => cli
+            .serve
+            .otlp_endpoint()
+            .map(|endpoint| resnet_serve::telemetry::Telemetry::start(&endpoint))
+            .transpose(),
+        Some(_) => Ok(None),
+    };
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let logs = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr);
+        let logs = if cli.serve.log_format() == config::LogFormat::Json {
+            logs.json().boxed()
+        } else {
+            logs.boxed()
+        };
+        // The log filter is the log layer's own: the exporting layer sees the spans it
+        // exports whatever the logs show.
+        let exporting = telemetry
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(|t| t.layer());
+        tracing_subscriber::registry()
+            .with(logs.with_filter(filter))
+            .with(exporting)
+            .init();
     }
-    match run(cli) {
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = run(cli);
+    // After the drain: the last calls' spans go out before the process ends.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our error messages already carry their causes; print a cause only when it

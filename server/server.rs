@@ -241,20 +241,7 @@ pub async fn run(
         "/inference.GRPCInferenceService/ModelInfer",
         move |request: tonic::Request<crate::kserve::InferRequest>| {
             let service = kserve_service.clone();
-            let deadline = crate::service::deadline_of(&request);
-            // A caller's x-request-id comes back with the answer (the request's `id`
-            // field is echoed in the response body, as KServe has it).
-            let id = crate::service::request_id_header(request.metadata())
-                .map(|given| service.state.request_id(&given))
-                .and_then(|id| tonic::metadata::MetadataValue::try_from(id.as_str()).ok());
-            async move {
-                crate::service::with_request_id(
-                    service
-                        .model_infer_segmented(request.into_inner(), deadline)
-                        .await,
-                    id,
-                )
-            }
+            async move { service.model_infer_call(request).await }
         },
     )
     .streaming(

@@ -380,8 +380,19 @@ impl State {
             )));
         }
         let output = OutputFormat::from_spec(req.output.as_ref())?;
-        let inputs = self.prepare_all(req.images).await?;
-        let logits = model.classify(inputs, deadline).await?;
+        let images = req.images.len() as i64;
+        let inputs = self
+            .prepare_all(req.images)
+            .instrument(tracing::debug_span!("preprocess", images))
+            .await?;
+        let logits = model
+            .classify_from(
+                inputs,
+                deadline,
+                crate::scheduler::Priority::Normal,
+                crate::scheduler::Origin::new(&req.request_id),
+            )
+            .await?;
         Ok(proto::ClassifyResponse {
             model: model.name().to_string(),
             request_id: req.request_id,
@@ -687,13 +698,24 @@ impl Classifier for ClassifierService {
         let _guard = self.state.in_flight.enter();
         let deadline = deadline_of(&request);
         let header_id = request_id_header(request.metadata());
+        let request_id = self.state.request_id(
+            header_id
+                .as_deref()
+                .unwrap_or(&request.get_ref().request_id),
+        );
+        let model_label = self.state.metric_label(&request.get_ref().model);
+        let span = tracing::info_span!(
+            "classify",
+            request_id = %request_id,
+            model = %model_label,
+            images = request.get_ref().images.len() as i64,
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty
+        );
+        crate::telemetry::join_caller(&span, request.metadata(), crate::telemetry::CLASSIFY);
         let mut req = request.into_inner();
-        req.request_id = self
-            .state
-            .request_id(header_id.as_deref().unwrap_or(&req.request_id));
+        req.request_id = request_id;
         let id = tonic::metadata::MetadataValue::try_from(req.request_id.as_str()).ok();
-        let model_label = self.state.metric_label(&req.model);
-        let span = tracing::info_span!("classify", request_id = %req.request_id, model = %model_label, images = req.images.len());
         let started = Instant::now();
         let result = self
             .state
@@ -718,6 +740,10 @@ impl Classifier for ClassifierService {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(e) => self.state.refused(code, e),
         });
+        if crate::telemetry::enabled() {
+            let message = result.as_ref().err().map(ServeError::message);
+            crate::telemetry::record_status(&span, code, message.as_deref().unwrap_or(""));
+        }
         with_request_id(result.map(Response::new).map_err(Status::from), id)
     }
 

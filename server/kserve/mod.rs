@@ -25,6 +25,7 @@ use prost::bytes::Bytes;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::admission::{Bounded, Counts, Held};
 use crate::error::ServeError;
@@ -111,12 +112,15 @@ impl KServeService {
         &self,
         req: InferRequest,
         deadline: Option<Instant>,
+        request_id: &str,
     ) -> Result<(ModelHandle, pb::ModelInferResponse), ServeError> {
         if self.state.draining.load(Ordering::SeqCst) {
             return Err(ServeError::Draining);
         }
         let (handle, view) = self.resolve(&req.message.model_name, &req.message.model_version)?;
-        let result = self.infer_on(&handle, view, req, deadline).await;
+        let result = self
+            .infer_on(&handle, view, req, deadline, request_id)
+            .await;
         Ok((handle, result?))
     }
 
@@ -129,6 +133,7 @@ impl KServeService {
             field: raw,
         }: InferRequest,
         deadline: Option<Instant>,
+        request_id: &str,
     ) -> Result<pb::ModelInferResponse, ServeError> {
         let priority = match tensors::integer(&req.parameters, "priority")? {
             None | Some(0) | Some(2) => Priority::Normal,
@@ -167,9 +172,15 @@ impl KServeService {
         for o in &outputs {
             o.check_fits(images.len())?;
         }
-        let inputs = self.state.prepare_all(images).await?;
+        let count = images.len() as i64;
+        let inputs = self
+            .state
+            .prepare_all(images)
+            .instrument(tracing::debug_span!("preprocess", images = count))
+            .await?;
+        let origin = crate::scheduler::Origin::new(request_id);
         let logits = handle
-            .classify_with_priority(inputs, deadline, priority)
+            .classify_from(inputs, deadline, priority, origin)
             .await?;
         let mut tensors = Vec::with_capacity(outputs.len());
         let mut raw = Vec::with_capacity(outputs.len());
@@ -224,7 +235,7 @@ impl KServeService {
                     let _reservation = reservation;
                     // Errors travel in the response, so the stream goes on.
                     Ok(
-                        match s.infer_recorded(req, None, "ModelStreamInfer").await {
+                        match s.infer_recorded(req, None, "ModelStreamInfer", "").await {
                             Ok(response) => pb::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(response),
@@ -253,12 +264,13 @@ impl KServeService {
         req: InferRequest,
         deadline: Option<Instant>,
         rpc: &str,
+        request_id: &str,
     ) -> Result<pb::ModelInferResponse, ServeError> {
         let started = Instant::now();
         let label = self
             .state
             .metric_label(View::split(&req.message.model_name).0);
-        let result = self.infer(req, deadline).await;
+        let result = self.infer(req, deadline, request_id).await;
         let elapsed = started.elapsed();
         let code = result
             .as_ref()
@@ -282,14 +294,54 @@ impl KServeService {
     }
 
     /// `ModelInfer`, from tonic's decoding or straight from the request's frames
-    /// (`unary::FrameRoutes`).
-    pub async fn model_infer_segmented(
+    /// (`unary::FrameRoutes`): in its own span, inside the caller's trace, known by the
+    /// caller's `x-request-id` (which comes back in the answer's metadata), else the
+    /// request's `id` field (echoed in the response body, as KServe has it), else one
+    /// made here.
+    pub async fn model_infer_call(
+        &self,
+        request: Request<InferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let given = crate::service::request_id_header(request.metadata());
+        let request_id = self
+            .state
+            .request_id(given.as_deref().unwrap_or(&request.get_ref().message.id));
+        let echo =
+            given.and_then(|_| tonic::metadata::MetadataValue::try_from(request_id.as_str()).ok());
+        let model_label = self
+            .state
+            .metric_label(View::split(&request.get_ref().message.model_name).0);
+        let span = tracing::info_span!(
+            "model_infer",
+            request_id = %request_id,
+            model = %model_label,
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty
+        );
+        crate::telemetry::join_caller(&span, request.metadata(), crate::telemetry::MODEL_INFER);
+        let result = self
+            .model_infer_segmented(request.into_inner(), deadline, &request_id)
+            .instrument(span.clone())
+            .await;
+        if crate::telemetry::enabled() {
+            let (code, message) = match &result {
+                Ok(_) => (tonic::Code::Ok, ""),
+                Err(status) => (status.code(), status.message()),
+            };
+            crate::telemetry::record_status(&span, code, message);
+        }
+        crate::service::with_request_id(result, echo)
+    }
+
+    async fn model_infer_segmented(
         &self,
         request: InferRequest,
         deadline: Option<Instant>,
+        request_id: &str,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let _guard = self.state.in_flight.enter();
-        self.infer_recorded(request, deadline, "ModelInfer")
+        self.infer_recorded(request, deadline, "ModelInfer", request_id)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -383,9 +435,7 @@ impl GrpcInferenceService for KServeService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let deadline = deadline_of(&request);
-        self.model_infer_segmented(request.into_inner().into(), deadline)
-            .await
+        self.model_infer_call(request.map(InferRequest::from)).await
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;

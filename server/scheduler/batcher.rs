@@ -165,6 +165,8 @@ mod tests {
             enqueued: Instant::now(),
             deadline,
             respond,
+            origin: crate::scheduler::Origin::default(),
+            queued: tracing::Span::none(),
         };
         (job, rx)
     }

@@ -12,6 +12,10 @@
 //! `mpsc(1)`. A job whose caller has gone (its oneshot closed: cancelled, timed out, or
 //! the rest of its request refused) is skipped when batches form and again right before
 //! compute.
+//!
+//! Each job carries its request's [`Origin`] (its id, and its span when traces are
+//! exported): the worker names the batch's requests in its log lines, and the batch's
+//! span links to each request's span (server/telemetry.rs).
 
 pub mod batcher;
 pub mod policy;
@@ -60,6 +64,31 @@ pub struct Job {
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub respond: oneshot::Sender<Result<Vec<f32>, ScheduleError>>,
+    /// The request it came from, for its batch's log lines and span.
+    pub origin: Origin,
+    /// The request's `queue` span: ends when the last of its images starts computing
+    /// (disabled, and free, unless traces are exported).
+    pub queued: tracing::Span,
+}
+
+/// Who asked for a job: what the worker names in its log lines and links its batch's
+/// span to. Cheap to clone (one per image).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The request's id (`x-request-id`, or one made for it); empty when it has none.
+    pub request_id: Arc<str>,
+    /// The request's span, when traces are exported ([`crate::telemetry::link_to`]).
+    pub span: Option<Arc<opentelemetry::trace::SpanContext>>,
+}
+
+impl Origin {
+    /// A request known by `request_id`, called inside its span.
+    pub fn new(request_id: &str) -> Self {
+        Origin {
+            request_id: Arc::from(request_id),
+            span: crate::telemetry::current_link().map(Arc::new),
+        }
+    }
 }
 
 impl Job {
@@ -188,6 +217,20 @@ impl ModelHandle {
         deadline: Option<Instant>,
         priority: Priority,
     ) -> Result<Vec<Vec<f32>>, ScheduleError> {
+        self.classify_from(inputs, deadline, priority, Origin::default())
+            .await
+    }
+
+    /// [`ModelHandle::classify_with_priority`] for a request the worker names in its
+    /// logs and its batch's span links to. Its images' wait is the `queue` span, a child
+    /// of the current one (the request's).
+    pub async fn classify_from(
+        &self,
+        inputs: Vec<ModelInput>,
+        deadline: Option<Instant>,
+        priority: Priority,
+        origin: Origin,
+    ) -> Result<Vec<Vec<f32>>, ScheduleError> {
         let full = || ScheduleError::QueueFull {
             model: self.name.to_string(),
             capacity: self.policy.queue_capacity,
@@ -213,6 +256,8 @@ impl ModelHandle {
         };
         let now = Instant::now();
         let mut receivers = Vec::with_capacity(inputs.len());
+        // A debug span: only the exporting layer enables it.
+        let queued = tracing::debug_span!("queue", images = inputs.len() as i64);
         for (index, (permit, input)) in permits.zip(inputs).enumerate() {
             let (respond, rx) = oneshot::channel();
             permit.send(Job {
@@ -221,9 +266,13 @@ impl ModelHandle {
                 enqueued: now,
                 deadline,
                 respond,
+                origin: origin.clone(),
+                queued: queued.clone(),
             });
             receivers.push(rx);
         }
+        // The jobs hold the span now: it ends as the last of them starts computing.
+        drop(queued);
         self.metrics.images_queued.inc_by(receivers.len() as u64);
         self.metrics.queue_depth.set(self.queue_depth() as i64);
         let gather = async {

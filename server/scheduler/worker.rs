@@ -1,7 +1,8 @@
 //! The device workers: each owns a model replica on its own OS thread (compute never
 //! runs on tokio's workers), says it is free, takes the next formed batch from the
 //! model's shared batch queue, pads it to its allowed size, and splits the logits back to the jobs. A panic
-//! fails that batch's jobs and the thread is replaced by a fresh one.
+//! fails that batch's jobs and the thread is replaced by a fresh one. Each batch runs in a
+//! `batch` span linked to its requests' spans; its log lines name its requests' ids.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::batcher::{Batch, FreeWorkers};
-use super::{BatchPolicy, ScheduleError};
+use super::{BatchPolicy, Job, ScheduleError};
 use crate::metrics::ModelMetrics;
 use crate::model::{Classifier, InputView, Logits, ModelError};
 
@@ -134,6 +135,28 @@ fn next_batch(rx: &SharedBatches) -> Option<Batch> {
     guard.blocking_recv()
 }
 
+/// The distinct request ids of a batch's jobs, comma-separated, for its log lines
+/// (formatted only when a line is written).
+struct RequestIds<'a>(&'a [Job]);
+
+impl std::fmt::Display for RequestIds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut written: Vec<&str> = Vec::new();
+        for job in self.0 {
+            let id = &*job.origin.request_id;
+            if id.is_empty() || written.contains(&id) {
+                continue;
+            }
+            if !written.is_empty() {
+                f.write_str(",")?;
+            }
+            f.write_str(id)?;
+            written.push(id);
+        }
+        Ok(())
+    }
+}
+
 /// Serves batches until the queue closes or a forward pass panics (a fresh thread then
 /// takes over).
 fn worker_loop(
@@ -151,13 +174,30 @@ fn worker_loop(
             break;
         };
         let now = tokio::time::Instant::now();
-        let jobs: Vec<_> = batch.jobs.into_iter().filter(|j| !j.is_dead(now)).collect();
+        let mut jobs: Vec<_> = batch.jobs.into_iter().filter(|j| !j.is_dead(now)).collect();
         if jobs.is_empty() {
             continue;
         }
         let size = policy.batch_size_for(jobs.len()).max(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
+        // A debug span, in a trace of its own: only the exporting layer (or debug logs)
+        // enables it. It links to the span of each request it serves.
+        let span = tracing::debug_span!(
+            parent: None,
+            "batch",
+            model = name,
+            // i64: the OpenTelemetry layer exports unsigned fields as strings.
+            batch_size = live as i64,
+            padded_size = size as i64
+        );
+        crate::telemetry::link_batch(&span, jobs.iter().filter_map(|j| j.origin.span.as_deref()));
+        for job in &mut jobs {
+            // The image's wait is over.
+            job.queued = tracing::Span::none();
+        }
+        let _in_batch = span.enter();
+        tracing::debug!(requests = %RequestIds(&jobs), "batch of {live} padded to {size}");
         let images: Vec<InputView<'_>> = jobs.iter().map(|j| j.input.view()).collect();
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| backend.forward_images(&images, size)));
@@ -211,11 +251,13 @@ fn worker_loop(
                     "backend returned {} rows for a batch of {size}",
                     rows.len()
                 ));
+                tracing::error!(model = %name, requests = %RequestIds(&jobs), "{e}");
                 jobs.into_iter()
                     .for_each(|j| drop(j.respond.send(Err(e.clone()))));
             }
             Ok(Err(e)) => {
                 let e = fail(e.to_string());
+                tracing::error!(model = %name, requests = %RequestIds(&jobs), "{e}");
                 jobs.into_iter()
                     .for_each(|j| drop(j.respond.send(Err(e.clone()))));
             }
@@ -225,7 +267,12 @@ fn worker_loop(
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(model = %name, panic = %what, "forward pass panicked");
+                tracing::error!(
+                    model = %name,
+                    requests = %RequestIds(&jobs),
+                    panic = %what,
+                    "forward pass panicked"
+                );
                 let e = fail(format!(
                     "internal error in the model worker ({what}); the worker was restarted"
                 ));

@@ -42,5 +42,7 @@ merged=fuzz/target/merged/$target
 rm -rf "$merged" && mkdir -p "$merged"
 "$bin" -set_cover_merge=1 -use_counters=0 "$merged" "fuzz/corpus/$target" "$work" -max_len="$max_len" \
   -rss_limit_mb=2048 -timeout=10 >>"$log" 2>&1
+# Regression inputs (findings, kept by name) add no coverage of their own: keep them.
+cp fuzz/corpus/"$target"/regression-* "$merged"/ 2>/dev/null || true
 rm -rf "fuzz/corpus/$target" && mv "$merged" "fuzz/corpus/$target"
 echo "corpus: $(ls "fuzz/corpus/$target" | wc -l) files, $(du -sk "fuzz/corpus/$target" | cut -f1) KiB"

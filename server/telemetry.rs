@@ -7,7 +7,8 @@
 //! the caller's trace through its W3C `traceparent` / `tracestate` metadata
 //! ([`join_caller`]); its children are `preprocess` and `queue` (until the image's batch
 //! starts), and the batch that computed it has a span of its own, in its own trace,
-//! linked to each call it served ([`link_to`], carried with the queued job).
+//! linked to each call it served ([`link_to`], carried with the queued job). A batch is
+//! sampled when a call it served is, whatever the sampler decides for other root spans.
 //!
 //! Off, all of it costs a branch: the extra spans are at debug level, which only the
 //! exporting layer enables (a disabled callsite otherwise), and everything else here
@@ -23,7 +24,7 @@ use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, Status, TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample};
 use opentelemetry_sdk::Resource;
 use tonic::metadata::{KeyRef, MetadataMap};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -102,6 +103,10 @@ impl Telemetry {
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(resource())
+            // The sampler the SDK makes of OTEL_TRACES_SAMPLER(_ARG), batches aside.
+            .with_sampler(FollowLinks(
+                opentelemetry_sdk::trace::Config::default().sampler,
+            ))
             .build();
         ENABLED.store(true, Ordering::Relaxed);
         Ok(Telemetry { provider, runtime })
@@ -139,6 +144,41 @@ where
         .with_context_activation(false)
         .with_threads(false)
         .with_filter(Targets::new().with_target("resnet_serve", tracing::Level::DEBUG))
+}
+
+/// The configured sampler, except for a span with no parent and links (a batch's): it
+/// is sampled when a span it links to is. A batch is a root span, so a ratio sampler
+/// would otherwise keep a different fraction of batches than of the calls they served,
+/// and a sampled call's batch would go missing.
+#[derive(Debug, Clone)]
+struct FollowLinks(Box<dyn ShouldSample>);
+
+impl ShouldSample for FollowLinks {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &opentelemetry::trace::SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        let root = parent.is_none_or(|cx| !cx.has_active_span());
+        if root && !links.is_empty() {
+            let sampled = links.iter().any(|l| l.span_context.is_sampled());
+            return SamplingResult {
+                decision: if sampled {
+                    SamplingDecision::RecordAndSample
+                } else {
+                    SamplingDecision::Drop
+                },
+                attributes: Vec::new(),
+                trace_state: Default::default(),
+            };
+        }
+        self.0
+            .should_sample(parent, trace_id, name, kind, attributes, links)
+    }
 }
 
 /// The SDK's resource (its detectors read `OTEL_SERVICE_NAME` and
@@ -422,6 +462,70 @@ mod tests {
         assert_eq!(links, vec![call.span_context.clone()], "linked once");
         assert_eq!(attribute(batch, "requests"), Some(1i64.into()));
         assert_eq!(attribute(batch, "batch_size"), Some(2i64.into()));
+    }
+
+    #[test]
+    fn a_batch_is_sampled_when_a_call_it_served_is() {
+        use opentelemetry_sdk::trace::Sampler;
+        use tracing_subscriber::layer::SubscriberExt;
+        let collected = Collected::default();
+        // Nothing is sampled at the root: only a caller's sampled flag keeps a call.
+        let never = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.0)));
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(collected.clone())
+            .with_sampler(FollowLinks(Box::new(never)))
+            .build();
+        ENABLED.store(true, Ordering::Relaxed);
+        let subscriber =
+            tracing_subscriber::registry().with(exporting_layer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let call = |id: &'static str, caller: &MetadataMap| {
+                let span = tracing::info_span!(
+                    "Classify",
+                    request_id = id,
+                    otel.name = tracing::field::Empty,
+                    otel.kind = tracing::field::Empty
+                );
+                join_caller(&span, caller, CLASSIFY);
+                let link = link_to(&span).expect("a span context");
+                (span, link)
+            };
+            let (traced, traced_link) = call(
+                "traced",
+                &metadata(&[(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )]),
+            );
+            let (untraced, untraced_link) = call("untraced", &metadata(&[]));
+            let both = tracing::debug_span!(parent: None, "batch", batch_size = 2);
+            link_batch(&both, [&untraced_link, &traced_link].into_iter());
+            drop(both);
+            let alone = tracing::debug_span!(parent: None, "batch", batch_size = 1);
+            link_batch(&alone, [&untraced_link].into_iter());
+            drop(alone);
+            drop((traced, untraced));
+        });
+        let spans = collected.0.lock().expect("spans").clone();
+        let ids: Vec<_> = spans
+            .iter()
+            .map(|s| {
+                let size = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "batch_size")
+                    .map(|kv| kv.value.to_string());
+                let id = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "request_id")
+                    .map(|kv| kv.value.to_string());
+                (s.name.to_string(), size.or(id).unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(ids.contains(&(CLASSIFY.name.to_string(), "traced".to_string())));
+        assert!(ids.contains(&("batch".to_string(), "2".to_string())));
     }
 
     #[test]

@@ -54,6 +54,10 @@ impl Backend for Pooled {
     fn info(&self) -> crate::scheduler::BackendInfo {
         self.inner.info()
     }
+
+    fn implementation(&self) -> String {
+        self.inner.implementation()
+    }
 }
 
 /// `backend` with its compute confined to `threads` threads.
@@ -104,8 +108,8 @@ impl Placement {
             }
             Weights::Path { path, architecture } => {
                 let located = models::locate(path).map_err(|e| e.to_string())?;
-                let limits = architecture
-                    .map_or_else(Limits::any_architecture, |a| Limits::for_architecture(a));
+                let limits =
+                    architecture.map_or_else(Limits::any_architecture, Limits::for_architecture);
                 let checkpoint = Checkpoint::from_file(located.file, &located.path, limits)
                     .map_err(|e| e.to_string())?;
                 (checkpoint, *architecture)

@@ -76,6 +76,12 @@ pub struct ServeArgs {
     /// name from the weights cache only.
     #[arg(long, env = "RESNET_SERVE_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
+    /// Refuse KServe FP32 inputs holding NaN or infinity (INVALID_ARGUMENT), as our own
+    /// Classify API does, instead of computing them as given, as Triton does (and
+    /// counting them in resnet_serve_kserve_nonfinite_inputs_total) [default: off].
+    #[arg(long, env = "RESNET_SERVE_KSERVE_REFUSE_NON_FINITE")]
+    #[serde(default)]
+    pub kserve_refuse_non_finite: bool,
     /// Let clients on this host register system shared-memory regions (KServe's
     /// SystemSharedMemoryRegister) and point inputs and outputs at them instead of
     /// sending the bytes; `--shared-memory` alone means true [default: false].
@@ -210,6 +216,8 @@ impl ServeArgs {
             workers_per_device: self.workers_per_device.or(file.workers_per_device),
             compute_threads: self.compute_threads.or(file.compute_threads),
             model_control: self.model_control || file.model_control,
+            kserve_refuse_non_finite: self.kserve_refuse_non_finite
+                || file.kserve_refuse_non_finite,
             model_repository: self.model_repository.or(file.model_repository),
             shared_memory: self.shared_memory.or(file.shared_memory),
             shared_memory_max_regions: self
@@ -481,6 +489,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or(defaults.max_concurrent_streams),
         configured_models: models.iter().map(|m| m.name.clone()).collect(),
         model_policies,
+        kserve_refuse_non_finite: args.kserve_refuse_non_finite,
         auth_tokens: args
             .auth_token_file
             .as_ref()

@@ -36,6 +36,8 @@ pub struct Scored {
 }
 
 /// The `k` best classes, best first; ties go to the lower index, as `torch.topk` on CPU.
+/// A NaN score (from an input holding NaN, which KServe computes) ranks below every
+/// number, so it is never called the best class while one is not NaN.
 ///
 /// ```
 /// use resnet_serve::labels::{softmax, top_k};
@@ -51,7 +53,13 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
     if k == 0 {
         return Vec::new();
     }
-    let best_first = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    let best_first = |a: &usize, b: &usize| {
+        let (x, y) = (scores[*a], scores[*b]);
+        x.is_nan()
+            .cmp(&y.is_nan())
+            .then(y.total_cmp(&x))
+            .then(a.cmp(b))
+    };
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // The k best found in linear time, then only they are sorted (a top-1 answer sorted
     // all 1000 classes before).
@@ -91,6 +99,26 @@ mod tests {
         assert_eq!(top, vec![1, 3, 2]);
         // Large logits do not overflow.
         assert!(softmax(&[1000.0, 0.0]).iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn values_that_are_not_finite_rank_without_panicking() {
+        let scores = [
+            1.0,
+            f32::NAN,
+            f32::INFINITY,
+            -f32::NAN,
+            f32::NEG_INFINITY,
+            2.0,
+        ];
+        let order: Vec<usize> = top_k(&scores, 6).iter().map(|s| s.index).collect();
+        assert_eq!(order, vec![2, 5, 0, 4, 1, 3], "NaN of either sign last");
+        assert_eq!(top_k(&scores, 2).len(), 2);
+        let p = softmax(&scores);
+        assert_eq!(p.len(), 6);
+        assert!(top_k(&softmax(&[f32::NAN; 4]), 2)
+            .iter()
+            .all(|s| s.score.is_nan()));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     worker_restarts: IntCounterVec,
     images_queued: IntCounterVec,
+    nonfinite_inputs: IntCounterVec,
     refusals: IntCounterVec,
     auth_refusals: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
@@ -48,6 +49,8 @@ pub struct Metrics {
 pub struct ModelMetrics {
     /// Images accepted into the queue.
     pub images_queued: IntCounter,
+    /// KServe images holding NaN or infinite values, computed as given.
+    pub nonfinite_inputs: IntCounter,
     pub queue_seconds: Histogram,
     pub queue_depth: IntGauge,
     pub worker_restarts: IntCounter,
@@ -160,6 +163,11 @@ impl Metrics {
                 "Images accepted into a model's queue.",
                 &["model"],
             ),
+            nonfinite_inputs: counter(
+                "kserve_nonfinite_inputs_total",
+                "KServe FP32 images holding NaN or infinite values, computed as given (as Triton does).",
+                &["model"],
+            ),
             refusals: counter(
                 "refusals_total",
                 "Calls and images refused, by reason (a fixed set: never a client's string).",
@@ -200,6 +208,7 @@ impl Metrics {
             Box::new(m.worker_restarts.clone()),
             Box::new(m.in_flight.clone()),
             Box::new(m.images_queued.clone()),
+            Box::new(m.nonfinite_inputs.clone()),
             Box::new(m.refusals.clone()),
             Box::new(m.auth_refusals.clone()),
             Box::new(m.tls_handshake_failures.clone()),
@@ -255,6 +264,7 @@ impl Metrics {
     pub fn for_model(&self, model: &str) -> Arc<ModelMetrics> {
         Arc::new(ModelMetrics {
             images_queued: self.images_queued.with_label_values(&[model]),
+            nonfinite_inputs: self.nonfinite_inputs.with_label_values(&[model]),
             queue_seconds: self.queue_seconds.with_label_values(&[model]),
             queue_depth: self.queue_depth.with_label_values(&[model]),
             worker_restarts: self.worker_restarts.with_label_values(&[model]),

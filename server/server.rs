@@ -74,6 +74,9 @@ pub struct ServeOptions {
     /// Batching policies of models that have their own (the config file's
     /// `[models.NAME]` tables), by served name; the rest follow `policy`.
     pub model_policies: std::collections::HashMap<String, BatchPolicy>,
+    /// KServe refuses FP32 inputs holding NaN or infinity (INVALID_ARGUMENT) rather
+    /// than computing them as given, as Triton does.
+    pub kserve_refuse_non_finite: bool,
     /// Bearer tokens every call must carry (`None`: the server is open).
     pub auth_tokens: Option<Arc<crate::auth::Tokens>>,
     /// The calls that stay open when tokens are required.
@@ -104,6 +107,7 @@ impl Default for ServeOptions {
             max_concurrent_streams: 128,
             configured_models: Vec::new(),
             model_policies: std::collections::HashMap::new(),
+            kserve_refuse_non_finite: false,
             auth_tokens: None,
             auth_open: crate::auth::Open::default(),
             tls: None,
@@ -228,6 +232,7 @@ pub async fn run(
             .model_factory
             .clone()
             .map(|f| Arc::new(Repository::new(f, options.policy.clone()))),
+        refuse_non_finite: options.kserve_refuse_non_finite,
     });
     let streaming_kserve = kserve_service.clone();
     let kserve = unary::FrameRoutes::new(

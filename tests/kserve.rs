@@ -95,6 +95,11 @@ impl KServer {
     }
 
     async fn start_with(control: Control) -> KServer {
+        Self::start_options(control, false).await
+    }
+
+    /// With `refuse_non_finite`, as `--kserve-refuse-non-finite`.
+    async fn start_options(control: Control, refuse_non_finite: bool) -> KServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let repo = dir.path().join("repo");
         std::fs::create_dir(&repo).expect("mkdir");
@@ -137,6 +142,7 @@ impl KServer {
             }),
             // tritonclient_check.py exercises the shared-memory extension.
             shared_memory: true,
+            kserve_refuse_non_finite: refuse_non_finite,
             ..ServeOptions::default()
         };
         let loader: server::ModelLoader = Box::new(move || {
@@ -566,19 +572,6 @@ async fn bad_requests_get_the_codes_triton_clients_expect() {
     let e = code(short).await;
     assert!(
         e.message().contains("needs 1204224 bytes"),
-        "{}",
-        e.message()
-    );
-    let (mut nan, _) = tensor_request(MODEL, 1, 2);
-    let mut raw = nan.raw_input_contents[0].to_vec();
-    let at = 4 * (IMAGE_LEN + 3);
-    raw[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    nan.raw_input_contents[0] = raw.into();
-    let e = code(nan).await;
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message()
-            .contains("image 1: float tensor holds a NaN or infinite value at element 3"),
         "{}",
         e.message()
     );
@@ -1072,6 +1065,132 @@ async fn tritonclient_drives_the_server() {
         text.contains("ok: shared-memory logits match Classify"),
         "{text}"
     );
+    server.stop().await;
+}
+
+/// The elements of a raw BYTES tensor (each a little-endian u32 length, then its bytes).
+fn byte_elements(raw: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= raw.len() {
+        let len = u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]) as usize;
+        out.push(String::from_utf8_lossy(&raw[at + 4..at + 4 + len]).to_string());
+        at += 4 + len;
+    }
+    out
+}
+
+/// `resnet_serve_kserve_nonfinite_inputs_total` for the test model (0 when absent).
+async fn non_finite_count(server: &KServer) -> f64 {
+    let text = common::scrape(server.server.metrics_addr).await;
+    let series = format!("resnet_serve_kserve_nonfinite_inputs_total{{model=\"{MODEL}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A request for 2 seeded images, image 1 holding a NaN and infinities.
+fn non_finite_request() -> (ModelInferRequest, Vec<f32>) {
+    let (mut req, values) = tensor_request(MODEL, 4, 2);
+    let mut raw = req.raw_input_contents[0].to_vec();
+    for (element, v) in [
+        (3, f32::NAN),
+        (100, f32::NEG_INFINITY),
+        (IMAGE_LEN - 1, f32::INFINITY),
+    ] {
+        let at = 4 * (IMAGE_LEN + element);
+        raw[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    req.raw_input_contents[0] = raw.into();
+    (req, values)
+}
+
+/// Triton computes FP32 inputs holding NaN or infinity as they are (perf_analyzer's
+/// random data holds such bit patterns); so does KServe here, counting them, unless the
+/// operator asks for refusal. Our own API refuses them either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_inputs_are_computed_as_triton_does_unless_refused() {
+    let server = KServer::start(false).await;
+    let mut c = server.kserve().await;
+    assert_eq!(non_finite_count(&server).await, 0.0);
+    let (mut req, values) = non_finite_request();
+    req.outputs = vec![output("logits", None), output("probabilities", Some(3))];
+    let r = c
+        .model_infer(req)
+        .await
+        .expect("computed, as Triton does")
+        .into_inner();
+    let logits = f32s(&named_output(&r, "logits").1);
+    assert_eq!(logits.len(), 2000);
+    // Image 0's logits owe nothing to its neighbour in the batch.
+    let want = classify_logits(&server, tensor_images(&values[..IMAGE_LEN])).await;
+    assert!(close(&logits[..1000], &want[0]));
+    let (shape, raw) = named_output(&r, "probabilities");
+    assert_eq!(shape, vec![2, 3]);
+    let classes = byte_elements(&raw);
+    assert_eq!(classes.len(), 6);
+    for class in &classes {
+        let parts: Vec<&str> = class.splitn(3, ':').collect();
+        assert!(
+            parts.len() == 3
+                && parts[0].parse::<f32>().is_ok()
+                && parts[1].parse::<usize>().is_ok_and(|i| i < 1000)
+                && !parts[2].is_empty(),
+            "{class}"
+        );
+    }
+    assert_eq!(non_finite_count(&server).await, 1.0);
+
+    // Random bit patterns in every image, as perf_analyzer sends with its defaults.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..2 * IMAGE_LEN * 4)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect();
+    let (mut req, _) = tensor_request(MODEL, 1, 2);
+    req.raw_input_contents[0] = random.into();
+    let r = c.model_infer(req).await.expect("random bits").into_inner();
+    assert_eq!(named_output(&r, "logits").0, vec![2, 1000]);
+    assert_eq!(non_finite_count(&server).await, 3.0);
+
+    // Our own API keeps refusing them.
+    let err = server
+        .ours()
+        .await
+        .classify(ClassifyRequest {
+            model: MODEL.into(),
+            images: tensor_images(&{
+                let mut v = values[..IMAGE_LEN].to_vec();
+                v[9] = f32::NAN;
+                v
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("Classify refuses NaN");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("element 9"), "{}", err.message());
+    server.stop().await;
+
+    // --kserve-refuse-non-finite: refused as Classify refuses them, and not counted.
+    let server = KServer::start_options(Control::Off, true).await;
+    let mut c = server.kserve().await;
+    let e = c
+        .model_infer(non_finite_request().0)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("image 1: float tensor holds a NaN or infinite value at element 3"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(non_finite_count(&server).await, 0.0);
     server.stop().await;
 }
 

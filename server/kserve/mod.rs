@@ -7,6 +7,10 @@
 //! - [`tensors`]: input tensors to images, logits to output tensors, classification.
 //! - [`describe`]: metadata, model configuration and statistics.
 //!
+//! Where Triton's behaviour and our own API's differ, Triton's is the contract here: FP32
+//! inputs holding NaN or infinity are computed as given (counted in
+//! `resnet_serve_kserve_nonfinite_inputs_total`) unless `--kserve-refuse-non-finite`.
+//!
 //! Extensions served: `classification`, `model_configuration`, `schedule_policy`
 //! (request parameters `priority`: 1 high, 2 normal; `timeout`: microseconds, like the
 //! gRPC deadline), `statistics`, `system_shared_memory` (unless `--shared-memory false`;
@@ -87,6 +91,10 @@ impl From<pb::ModelInferRequest> for InferRequest {
 pub struct KServeService {
     pub state: Arc<State>,
     pub repository: Option<Arc<Repository>>,
+    /// FP32 inputs holding NaN or infinity are refused (`--kserve-refuse-non-finite`);
+    /// by default they are computed as given, as Triton computes them (its clients'
+    /// random data, perf_analyzer's among them, holds such bit patterns).
+    pub refuse_non_finite: bool,
 }
 
 impl KServeService {
@@ -178,7 +186,10 @@ impl KServeService {
             .prepare_all(images)
             .instrument(tracing::debug_span!("preprocess", images = count))
             .await?;
-        let origin = crate::scheduler::Origin::new(request_id);
+        let origin = crate::scheduler::Origin {
+            compute_non_finite: !self.refuse_non_finite,
+            ..crate::scheduler::Origin::new(request_id)
+        };
         let logits = handle
             .classify_from(inputs, deadline, priority, origin)
             .await?;

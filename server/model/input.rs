@@ -73,8 +73,9 @@ const CHUNK: usize = 4096;
 /// runs, 53 (`cargo run --release --example staging`).
 const UNALIGNED_RUN: usize = 1024;
 
-/// An image of a batch that holds a NaN or infinite value: it is left out (its slot
-/// zeroed) and its caller answered with an error, the rest of the batch computed.
+/// An image of a batch that holds a NaN or infinite value. It is computed as given (each
+/// image's row depends on its own values only), and its caller decides: KServe answers
+/// its row, as Triton does; our own API refuses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejected {
     /// Its position in the batch.
@@ -139,49 +140,46 @@ impl InputView<'_> {
         });
     }
 
-    /// Calls `f` with each run and the index of its first value, after checking every
-    /// value of the run is finite (it is in L1 by then, so the check costs no pass over
-    /// memory of its own). Fails with the index of the first value that is not.
-    fn try_for_each_finite_run(&self, mut f: impl FnMut(usize, &[f32])) -> Result<(), usize> {
+    /// Calls `f` with each run and the index of its first value, and checks every value
+    /// of the run is finite (it is in L1 by then, so the check costs no pass over memory
+    /// of its own). Fails, once every run is handed on, with the index of the first value
+    /// that is not.
+    fn for_each_checked_run(&self, mut f: impl FnMut(usize, &[f32])) -> Result<(), usize> {
         let mut at = 0;
-        self.try_for_each_run(|run| {
-            if let Some(k) = first_non_finite(run) {
-                return Err(at + k);
+        let mut first = None;
+        self.for_each_run(|run| {
+            if first.is_none() {
+                first = first_non_finite(run).map(|k| at + k);
             }
             f(at, run);
             at += run.len();
-            Ok(())
-        })
+        });
+        first.map_or(Ok(()), Err)
     }
 
     /// Appends the values to `out`, checking every value is finite on the way. Fails
-    /// with the index of the first that is not, `out` then left as it was.
+    /// with the index of the first that is not; every value is appended either way.
     pub fn extend_checked(&self, out: &mut Vec<f32>) -> Result<(), usize> {
-        let start = out.len();
-        let checked = self.try_for_each_finite_run(|_, run| out.extend_from_slice(run));
-        if checked.is_err() {
-            out.truncate(start);
-        }
-        checked
+        self.for_each_checked_run(|_, run| out.extend_from_slice(run))
     }
 
     /// Writes the values into `dst` (exactly [`InputView::len`] elements) through
     /// `convert`, which turns each run of f32 values into the same number of `T`,
     /// checking every value is finite on the way. Fails with the index of the first
-    /// value that is not, `dst` then written only in part.
+    /// value that is not; every value is written either way.
     pub fn convert_checked<T>(
         &self,
         dst: &mut [T],
         mut convert: impl FnMut(&mut [T], &[f32]),
     ) -> Result<(), usize> {
-        self.try_for_each_finite_run(|at, run| convert(&mut dst[at..at + run.len()], run))
+        self.for_each_checked_run(|at, run| convert(&mut dst[at..at + run.len()], run))
     }
 }
 
 /// Converts `images` into `dst` (a batch of `dst.len() / IMAGE_LEN` slots) through
 /// `convert`, one image per slot and in parallel, each value checked finite on the way;
-/// the slots after the images, and those of images that are not finite, are `zero`.
-/// Returns the images left out. This is how a batch is staged for a device.
+/// the slots after the images are `zero`. Returns the images that are not finite (staged
+/// as they are). This is how a batch is staged for a device.
 pub fn stage_batch<T: Copy + Send + Sync>(
     dst: &mut [T],
     images: &[InputView<'_>],
@@ -199,10 +197,7 @@ pub fn stage_batch<T: Copy + Send + Sync>(
                     Ok(())
                 }
             };
-            checked.err().map(|element| {
-                d.fill(zero);
-                Rejected { image, element }
-            })
+            checked.err().map(|element| Rejected { image, element })
         })
         .collect()
 }
@@ -269,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn a_staged_batch_zeroes_padding_and_the_images_left_out() {
+    fn a_staged_batch_zeroes_padding_and_names_the_images_not_finite() {
         let good = values(IMAGE_LEN);
         let mut bad = values(IMAGE_LEN);
         bad[5] = f32::NAN;
@@ -284,7 +279,18 @@ mod tests {
             }]
         );
         assert_eq!(dst[..IMAGE_LEN], good[..]);
-        assert!(dst[IMAGE_LEN..].iter().all(|&v| v == 0.0));
+        // Staged as given, NaN included.
+        assert!(dst[IMAGE_LEN..2 * IMAGE_LEN]
+            .iter()
+            .zip(&bad)
+            .all(|(d, b)| d.to_bits() == b.to_bits()));
+        assert!(dst[2 * IMAGE_LEN..].iter().all(|&v| v == 0.0));
+        let mut gathered = vec![1.0];
+        assert_eq!(
+            InputView::Values(&bad).extend_checked(&mut gathered),
+            Err(5)
+        );
+        assert_eq!(gathered.len(), 1 + IMAGE_LEN, "appended all the same");
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct Origin {
     pub request_id: Arc<str>,
     /// The request's span, when traces are exported ([`crate::telemetry::link_to`]).
     pub span: Option<Arc<opentelemetry::trace::SpanContext>>,
+    /// It takes the logits of an image holding NaN or infinite values, computed as
+    /// given (KServe, as Triton does); otherwise such an image is refused
+    /// ([`ScheduleError::NonFinite`]).
+    pub compute_non_finite: bool,
 }
 
 impl Origin {
@@ -87,6 +91,7 @@ impl Origin {
         Origin {
             request_id: Arc::from(request_id),
             span: crate::telemetry::current_link().map(Arc::new),
+            compute_non_finite: false,
         }
     }
 }

@@ -225,6 +225,10 @@ fn worker_loop(
                     .map(|((job, row), refused)| {
                         let answer = match refused {
                             None => Ok(row),
+                            Some(_) if job.origin.compute_non_finite => {
+                                metrics.nonfinite_inputs.inc();
+                                Ok(row)
+                            }
                             Some(element) => Err(ScheduleError::NonFinite {
                                 image: job.index,
                                 element,

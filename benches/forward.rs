@@ -1,16 +1,29 @@
 //! Forward-pass throughput (images/s) on CPU for resnet18, resnet50 and resnext50_32x4d
 //! at batch 1, 8 and 32, on synthetic weights (speed does not depend on the values).
-//! `scripts/bench_compare.py` puts these next to PyTorch and ONNX Runtime in one run.
+//! `scripts/bench_compare.py` puts these next to PyTorch, ONNX Runtime and OpenVINO in one
+//! run.
+//!
+//! `RESNET_SERVE_CPU_KERNELS=avx2 cargo bench --bench forward` measures one forced
+//! implementation (the group is then named `forward-avx2`, so it is not compared with
+//! `auto`'s baseline by mistake); unset, the server's choice (`auto`) runs.
 
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use resnet_serve::model::cpu::CpuKernels;
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, INPUT_SIZE};
 
 fn forward(c: &mut Criterion) {
-    let mut group = c.benchmark_group("forward");
+    let kernels = match CpuKernels::from_env() {
+        Ok(k) => k,
+        Err(e) => panic!("{e}"),
+    };
+    let mut group = c.benchmark_group(match kernels {
+        CpuKernels::Auto => "forward".to_string(),
+        k => format!("forward-{}", k.name()),
+    });
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(2))
@@ -29,6 +42,7 @@ fn forward(c: &mut Criterion) {
             Ok(m) => m,
             Err(e) => panic!("building {arch}: {e}"),
         };
+        eprintln!("{arch}: {}", model.implementation());
         for batch in [1usize, 8, 32] {
             let x = Tensor::from_vec(
                 synthetic::input(7, batch, INPUT_SIZE),

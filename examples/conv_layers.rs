@@ -1,12 +1,13 @@
 //! GFLOP/s of single CPU convolutions in the shapes resnet50 and resnext50_32x4d run,
-//! per implementation: the numbers behind kernel work on `server/model/cpu/`.
+//! per implementation this CPU supports (AVX-512, AVX2, gemm): the numbers behind kernel
+//! work on `server/model/cpu/`.
 //!
 //! `cargo run --release --example conv_layers -- [batch] [seconds per layer]`
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use resnet_serve::model::cpu::{CpuConv, CpuImpl};
+use resnet_serve::model::cpu::{CpuConv, CpuKernels};
 use resnet_serve::model::layers::FoldedConv;
 
 fn main() -> anyhow::Result<()> {
@@ -48,8 +49,8 @@ fn main() -> anyhow::Result<()> {
         let out_side = (side + 2 * (k / 2) - k) / stride + 1;
         let flops = 2.0 * (batch * out_side * out_side * o * ipg * k * k) as f64;
         let mut row = format!("{name:<20}");
-        for which in [CpuImpl::Best, CpuImpl::Gemm] {
-            let conv = CpuConv::with_impl(folded.clone(), which);
+        for which in CpuKernels::supported() {
+            let conv = CpuConv::with_kernels(folded.clone(), which)?;
             conv.forward(&x, None, true)?;
             let (mut runs, start) = (0u32, Instant::now());
             while runs < 3 || start.elapsed().as_secs_f64() < seconds {

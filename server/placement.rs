@@ -54,6 +54,10 @@ impl Backend for Pooled {
     fn info(&self) -> crate::scheduler::BackendInfo {
         self.inner.info()
     }
+
+    fn implementation(&self) -> String {
+        self.inner.implementation()
+    }
 }
 
 /// `backend` with its compute confined to `threads` threads.

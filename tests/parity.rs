@@ -1,10 +1,13 @@
 //! Architecture parity with PyTorch: each of the six architectures behind the twelve
 //! hub names, built from the seeded synthetic weights PyTorch also built, must give
-//! PyTorch's (float64) logits within max|d| / max|ref| <= 1e-4.
+//! PyTorch's (float64) logits within max|d| / max|ref| <= 1e-4, on every CPU kernel
+//! implementation this CPU supports (AVX-512, AVX2, the portable GEMMs), each forced in
+//! turn.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use resnet_serve::model::cpu::CpuKernels;
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, ModelName};
 
@@ -21,7 +24,22 @@ fn input_of(arch: Architecture) -> (usize, usize) {
     }
 }
 
+/// [`check_on`] for every implementation this CPU runs; the ones it cannot are named in
+/// the output, and the set run must be the CPU's whole supported set.
 fn check(arch: Architecture) {
+    let mut ran = Vec::new();
+    for which in CpuKernels::CONCRETE {
+        if !which.runs_here() {
+            println!("{arch}: NOT RUN on {}: this CPU lacks it", which.name());
+            continue;
+        }
+        which.scope(|| check_on(arch, which)).expect("supported");
+        ran.push(which);
+    }
+    assert_eq!(ran, CpuKernels::supported(), "{arch}");
+}
+
+fn check_on(arch: Architecture, which: CpuKernels) {
     let reference = common::reference("arch_parity.safetensors");
     let want = reference
         .read_f32(&format!("{arch}.logits"))
@@ -33,6 +51,19 @@ fn check(arch: Architecture) {
         DType::F32,
     )
     .expect("builds");
+    // Forced, every convolution runs on the named kernels (all resnet shapes are
+    // covered), so a fallback cannot pass for the implementation under test.
+    let direct = match which {
+        CpuKernels::Avx512 => "avx512-direct",
+        CpuKernels::Avx2 => "avx2-direct",
+        _ => "gemm",
+    };
+    let used = model.implementation();
+    assert!(
+        used.starts_with(&format!("{direct}=")) && !used.contains(' '),
+        "{arch} forced to {}: ran {used}",
+        which.name()
+    );
     let (batch, size) = input_of(arch);
     let x = Tensor::from_vec(
         synthetic::input(SEED, batch, size),
@@ -51,10 +82,10 @@ fn check(arch: Architecture) {
         "{arch}: reference logits max |.| = {spread}"
     );
     let err = common::relative_error(&got, &want);
-    println!("{arch}: max|d|/max|ref| = {err:.2e}");
+    println!("{arch} on {used}: max|d|/max|ref| = {err:.2e}");
     assert!(
         err <= TOLERANCE,
-        "{arch}: relative error {err:.3e} > {TOLERANCE:e}"
+        "{arch} on {used}: relative error {err:.3e} > {TOLERANCE:e}"
     );
 }
 

@@ -87,6 +87,7 @@ pub fn config(handle: &ModelHandle, view: View, max_images_per_request: usize) -
         ("architecture", info.architecture.as_str()),
         ("device", info.device.as_str()),
         ("dtype", info.dtype.as_str()),
+        ("kernels", handle.implementation()),
     ] {
         parameters.insert(
             k.to_string(),

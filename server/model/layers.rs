@@ -124,7 +124,7 @@ impl Conv {
                 if !device.is_cpu() || dtype != DType::F32 {
                     candle_core::bail!("the CPU kernels run f32 only");
                 }
-                Ok(Conv::Cpu(super::cpu::CpuConv::new(c)))
+                Ok(Conv::Cpu(super::cpu::CpuConv::try_new(c)?))
             }
             #[cfg(feature = "cudnn")]
             Kernels::Cudnn => Ok(Conv::Cudnn(super::cudnn::FusedConv::new(c, device, dtype)?)),
@@ -254,14 +254,14 @@ impl Linear {
             let (mut weight, mut bias) = (weight, bias);
             weight.resize(padded * inputs, 0.0);
             bias.resize(padded, 0.0);
-            let conv = Box::new(super::cpu::CpuConv::new(FoldedConv {
+            let conv = Box::new(super::cpu::CpuConv::try_new(FoldedConv {
                 weight,
                 bias,
                 shape: [padded, inputs, 1, 1],
                 stride: 1,
                 padding: 0,
                 groups: 1,
-            }));
+            })?);
             return Ok(Linear::Cpu { conv, outputs });
         }
         #[cfg(feature = "cudnn")]

@@ -116,6 +116,9 @@ pub struct Classifier {
     device: Device,
     dtype: DType,
     kernels: Kernels,
+    /// The CPU kernels' convolutions by implementation (`avx2-direct=53`); empty off
+    /// the CPU kernels.
+    cpu_implementations: String,
     /// Captured forward passes by batch size (cuDNN kernels only; made by `warm_up`).
     #[cfg(feature = "cudnn")]
     graphs: cuda_graph::Graphs,
@@ -147,13 +150,26 @@ impl Classifier {
         dtype: DType,
         kernels: Kernels,
     ) -> Result<Self, ModelError> {
-        let net = resnet::ResNet::load(architecture, source, device, dtype, kernels)?;
+        let (net, counts) = cpu::count_implementations(|| {
+            resnet::ResNet::load(architecture, source, device, dtype, kernels)
+        });
+        let net = net?;
+        let cpu_implementations = cpu::describe_counts(&counts);
+        if !counts.is_empty() {
+            tracing::info!(
+                %architecture,
+                cpu_kernels = cpu::CpuKernels::current().map(|k| k.name()).unwrap_or("?"),
+                convolutions = %cpu_implementations,
+                "CPU convolution kernels chosen"
+            );
+        }
         Ok(Classifier {
             architecture,
             net,
             device: device.clone(),
             dtype,
             kernels,
+            cpu_implementations,
             #[cfg(feature = "cudnn")]
             graphs: cuda_graph::Graphs::default(),
         })
@@ -161,6 +177,16 @@ impl Classifier {
 
     pub fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// The kernels that run the model: the CPU convolutions by implementation
+    /// (`avx512-direct=54`, `avx2-direct=50 gemm=4`), else the kernel set's name.
+    pub fn implementation(&self) -> String {
+        if self.cpu_implementations.is_empty() {
+            self.kernels.name().to_string()
+        } else {
+            self.cpu_implementations.clone()
+        }
     }
 
     pub fn architecture(&self) -> Architecture {

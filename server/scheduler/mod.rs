@@ -117,6 +117,8 @@ pub enum Priority {
 pub struct ModelHandle {
     name: Arc<str>,
     info: BackendInfo,
+    /// [`Backend::implementation`] of the first replica.
+    implementation: Arc<str>,
     policy: BatchPolicy,
     tx: mpsc::Sender<Job>,
     tx_high: mpsc::Sender<Job>,
@@ -150,6 +152,11 @@ impl ModelHandle {
         if !devices.is_empty() {
             info.device = devices.join(",");
         }
+        let implementation: Arc<str> = replicas
+            .first()
+            .map(|b| b.implementation())
+            .unwrap_or_default()
+            .into();
         let shared = Arc::new(std::sync::Mutex::new(batch_rx));
         let free = Arc::new(tokio::sync::Semaphore::new(0));
         for (i, backend) in replicas.into_iter().enumerate() {
@@ -173,6 +180,7 @@ impl ModelHandle {
         ModelHandle {
             name: Arc::from(name),
             info,
+            implementation,
             policy,
             tx,
             tx_high,
@@ -191,6 +199,11 @@ impl ModelHandle {
 
     pub fn info(&self) -> &BackendInfo {
         &self.info
+    }
+
+    /// The kernels that run the model ([`Backend::implementation`]).
+    pub fn implementation(&self) -> &str {
+        &self.implementation
     }
 
     pub fn policy(&self) -> &BatchPolicy {

@@ -30,6 +30,12 @@ pub trait Backend: Send + Sync + 'static {
     fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError>;
     fn info(&self) -> BackendInfo;
 
+    /// The kernels that run the model, for `GetModel`/KServe's model configuration
+    /// (`avx2-direct=53`: the CPU convolutions by implementation); empty when unknown.
+    fn implementation(&self) -> String {
+        String::new()
+    }
+
     /// Logits for `images` padded with zero images to `size` rows, with the time spent
     /// getting the input ready. By default the images are gathered into one buffer for
     /// [`Backend::forward`]; a backend with staging of its own (pinned memory for a GPU)
@@ -61,6 +67,10 @@ impl Backend for Classifier {
             device: crate::device::describe(self.device()),
             dtype: format!("{:?}", self.dtype()).to_lowercase(),
         }
+    }
+
+    fn implementation(&self) -> String {
+        Classifier::implementation(self)
     }
 }
 

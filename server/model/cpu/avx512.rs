@@ -9,28 +9,20 @@
 
 use std::arch::x86_64::*;
 
+use super::isa::{Epilogue, Isa, MAX_MR, MAX_NR};
+
 /// Output pixels per tile.
 pub const MR: usize = 14;
 /// Output channels per dense tile: two vectors.
 pub const NR: usize = 32;
 /// f32 lanes in one vector.
 pub const LANES: usize = 16;
+const _: () = assert!(MR <= MAX_MR && NR <= MAX_NR);
 
 /// How far ahead (in values) the dense kernel prefetches its weights: weights come
 /// from memory once per forward pass at small batches, and the hardware prefetcher alone
 /// left the late layers waiting on them.
 const PREFETCH: usize = 1024;
-
-/// Where a tile's results go, and what is fused into them.
-pub struct Epilogue {
-    /// The block's first bias value.
-    pub bias: *const f32,
-    /// One pointer per tile row to its first output value.
-    pub out: [*mut f32; MR],
-    /// Per tile row, the shortcut values added before the ReLU.
-    pub residual: Option<[*const f32; MR]>,
-    pub relu: bool,
-}
 
 impl Epilogue {
     /// Asks for tile row `*next`'s output (for writing) and shortcut (for reading) ahead of
@@ -345,5 +337,82 @@ pub unsafe fn max_of(dst: &mut [f32], windows: &[&[f32]]) {
             }
             _mm512_storeu_ps(dst.as_mut_ptr().add(cb), m);
         }
+    }
+}
+
+/// The AVX-512F kernels above, for [`super::direct`] and [`super::winograd`].
+#[derive(Debug, Clone, Copy)]
+pub struct Avx512;
+
+impl Isa for Avx512 {
+    const NAME: &'static str = "avx512-direct";
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const LANES: usize = LANES;
+
+    fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    fn narrow_takes(ipg: usize) -> bool {
+        ipg > 0 && LANES.is_multiple_of(ipg)
+    }
+
+    #[inline(always)]
+    unsafe fn dense_rows(
+        rows: usize,
+        a: &[*const f32],
+        a_off: usize,
+        taps: usize,
+        kc: usize,
+        b: *const f32,
+        e: &Epilogue,
+    ) {
+        // SAFETY: the trait's contract is `dense_rows`'s.
+        unsafe { dense_rows(rows, a, a_off, taps, kc, b, e) }
+    }
+
+    #[inline(always)]
+    unsafe fn narrow(
+        a: &[*const f32],
+        a_off: usize,
+        taps: usize,
+        ipg: usize,
+        b: *const f32,
+        e: &Epilogue,
+    ) {
+        // SAFETY: the trait's contract is `narrow`'s.
+        unsafe { narrow(a, a_off, taps, ipg, b, e) }
+    }
+
+    #[inline(always)]
+    unsafe fn winograd_input(
+        d: &[[*const f32; 4]; 4],
+        channels: usize,
+        v: *mut f32,
+        v_stride: usize,
+    ) {
+        // SAFETY: the trait's contract is `winograd_input`'s.
+        unsafe { winograd_input(d, channels, v, v_stride) }
+    }
+
+    #[inline(always)]
+    unsafe fn winograd_output(
+        m: *const f32,
+        m_stride: usize,
+        channels: usize,
+        bias: *const f32,
+        y: &[[Option<*mut f32>; 2]; 2],
+        residual: Option<&[[*const f32; 2]; 2]>,
+        relu: bool,
+    ) {
+        // SAFETY: the trait's contract is `winograd_output`'s.
+        unsafe { winograd_output(m, m_stride, channels, bias, y, residual, relu) }
+    }
+
+    #[inline(always)]
+    unsafe fn max_of(dst: &mut [f32], windows: &[&[f32]]) {
+        // SAFETY: the trait's contract is `max_of`'s.
+        unsafe { max_of(dst, windows) }
     }
 }

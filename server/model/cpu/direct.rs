@@ -1,5 +1,6 @@
-//! Convolutions computed straight from NHWC activations by the AVX-512 kernels of
-//! [`super::avx512`]: weights packed once at load into the panels the kernels stream,
+//! Convolutions computed straight from NHWC activations by the kernels of one vector
+//! instruction set ([`Isa`]: [`super::avx512`] or [`super::avx2`]): weights packed once
+//! at load into the panels the kernels stream,
 //! one pointer per (pixel, tap) instead of an im2col copy, and bias, shortcut and ReLU
 //! applied while the results are still in registers.
 //!
@@ -10,7 +11,7 @@
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use super::avx512::{self, Epilogue, LANES, MR, NR};
+use super::isa::{Epilogue, Isa, MAX_MR, MAX_NR};
 use super::winograd::Winograd;
 use super::{threads, Geometry, SendPtr};
 use crate::model::layers::FoldedConv;
@@ -29,19 +30,15 @@ const MAX_WINOGRAD_CHANNELS: usize = 256;
 /// Which kernel a convolution runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Form {
-    /// Output channels per group a multiple of [`NR`]: weights `[group][block][tap][in][NR]`.
+    /// Output channels per group a multiple of `NR`: weights `[group][block][tap][in][NR]`.
     Dense,
-    /// Groups of 4, 8 or 16 channels (ResNeXt): weights `[block of 16][tap][in][16]`.
+    /// Groups narrower than a vector (ResNeXt's 4, 8 or 16 channels, as
+    /// [`Isa::narrow_takes`]): weights `[block of LANES][tap][in][LANES]`.
     Narrow,
 }
 
-/// Whether the AVX-512 kernels can run on this CPU.
-pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
-
 #[derive(Debug)]
-pub struct DirectConv {
+pub struct DirectConv<I: Isa> {
     form: Form,
     packed: Vec<f32>,
     bias: Vec<f32>,
@@ -50,10 +47,10 @@ pub struct DirectConv {
     /// contiguous values of a zero-bordered copy of the input.
     by_rows: bool,
     /// The Winograd form, used when a batch has tiles enough.
-    winograd: Option<Winograd>,
+    winograd: Option<Winograd<I>>,
 }
 
-impl DirectConv {
+impl<I: Isa> DirectConv<I> {
     /// The direct form of `c`, or `None` when no kernel here covers its shape.
     pub fn new(c: &FoldedConv) -> Option<Self> {
         let geo = Geometry::of(c);
@@ -63,9 +60,15 @@ impl DirectConv {
         let taps = k * k;
         let by_rows =
             groups == 1 && (ipg < MIN_DIRECT_CHANNELS || taps > MAX_TAPS) && k <= MAX_TAPS;
-        let form = if opg.is_multiple_of(NR) && (by_rows || taps <= MAX_TAPS) {
+        let (nr, lanes) = (I::NR, I::LANES);
+        let form = if opg.is_multiple_of(nr) && (by_rows || taps <= MAX_TAPS) {
             Form::Dense
-        } else if ipg == opg && LANES.is_multiple_of(ipg) && taps <= MAX_TAPS && !by_rows {
+        } else if ipg == opg
+            && I::narrow_takes(ipg)
+            && o.is_multiple_of(lanes)
+            && taps <= MAX_TAPS
+            && !by_rows
+        {
             Form::Narrow
         } else {
             return None;
@@ -75,20 +78,20 @@ impl DirectConv {
         match form {
             Form::Dense => {
                 for g in 0..groups {
-                    for j in 0..opg / NR {
+                    for j in 0..opg / nr {
                         for t in 0..taps {
                             for ci in 0..ipg {
-                                packed.extend((0..NR).map(|l| w(g * opg + j * NR + l, ci, t)));
+                                packed.extend((0..nr).map(|l| w(g * opg + j * nr + l, ci, t)));
                             }
                         }
                     }
                 }
             }
             Form::Narrow => {
-                for jb in 0..o / LANES {
+                for jb in 0..o / lanes {
                     for t in 0..taps {
                         for ci in 0..ipg {
-                            packed.extend((0..LANES).map(|l| w(jb * LANES + l, ci, t)));
+                            packed.extend((0..lanes).map(|l| w(jb * lanes + l, ci, t)));
                         }
                     }
                 }
@@ -101,7 +104,7 @@ impl DirectConv {
             geo,
             by_rows,
             winograd: (ipg <= MAX_WINOGRAD_CHANNELS)
-                .then(|| Winograd::new(c))
+                .then(|| Winograd::<I>::new(c))
                 .flatten(),
         })
     }
@@ -151,8 +154,8 @@ impl DirectConv {
         let kc = if self.by_rows { k * c } else { ipg };
         let zero = vec![0f32; kc.max(src.dims[3])];
         let (width, blocks, panel) = match self.form {
-            Form::Dense => (NR, o / NR, taps * kc * NR),
-            Form::Narrow => (LANES, o / LANES, taps * ipg * LANES),
+            Form::Dense => (I::NR, o / I::NR, taps * kc * I::NR),
+            Form::Narrow => (I::LANES, o / I::LANES, taps * ipg * I::LANES),
         };
         if self.packed.len() != blocks * panel {
             bail!("conv: packed weights do not match the geometry");
@@ -160,7 +163,8 @@ impl DirectConv {
 
         let mut out: Vec<f32> = Vec::with_capacity(m * o);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let tiles = m.div_ceil(MR);
+        let mr = I::MR;
+        let tiles = m.div_ceil(mr);
         // Eight tasks per thread: in a server, request handling preempts compute threads
         // now and then, and the layer waits for its last task; finer tasks let the other
         // threads take over the rest (resnet50 under 16 clients: 39.5 -> 40.0 img/s, the
@@ -190,14 +194,14 @@ impl DirectConv {
                 let (tt, cs) = (task / col_splits, task % col_splits);
                 let tile_range = tt * tiles_per_task..((tt + 1) * tiles_per_task).min(tiles);
                 let block_end = ((cs + 1) * blocks_per_split).min(blocks);
-                let mut scratch = [0f32; MR * NR];
-                let mut ptrs = [std::ptr::null::<f32>(); MAX_TAPS * MR];
+                let mut scratch = [0f32; MAX_MR * MAX_NR];
+                let mut ptrs = [std::ptr::null::<f32>(); MAX_TAPS * MAX_MR];
                 let mut pass_start = cs * blocks_per_split;
                 while pass_start < block_end {
                     let pass_end = (pass_start + blocks_per_pass).min(block_end);
                     for tile in tile_range.clone() {
-                        let m0 = tile * MR;
-                        src.tile_pointers(m0, m, zero.as_ptr(), &mut ptrs[..taps * MR]);
+                        let m0 = tile * mr;
+                        src.tile_pointers(m0, m, mr, zero.as_ptr(), &mut ptrs[..taps * mr]);
                         for blk in pass_start..pass_end {
                             let col0 = blk * width;
                             let a_off = match self.form {
@@ -205,9 +209,9 @@ impl DirectConv {
                                 Form::Narrow => col0,
                             };
                             let scratch_ptr = scratch.as_mut_ptr();
-                            let mut rows = [scratch_ptr; MR];
-                            let mut res_rows = [scratch_ptr as *const f32; MR];
-                            for i in 0..MR.min(m - m0) {
+                            let mut rows = [scratch_ptr; MAX_MR];
+                            let mut res_rows = [scratch_ptr as *const f32; MAX_MR];
+                            for i in 0..mr.min(m - m0) {
                                 // SAFETY: row m0 + i < m, column block inside 0..o.
                                 rows[i] = unsafe { out_ptr.0.add((m0 + i) * o + col0) };
                                 if let Some(r) = residual {
@@ -221,17 +225,18 @@ impl DirectConv {
                                 relu,
                             };
                             let b = self.packed[blk * panel..(blk + 1) * panel].as_ptr();
-                            // SAFETY: `available()` was checked when this conv was built;
-                            // every row pointer reads at most `a_off + kc` (dense) or
-                            // `a_off + LANES` (narrow) values: of a pixel of `c` channels,
-                            // of a window row inside the padded copy (`by_rows`), or of
-                            // `zero`; the panel holds `panel` values; the output rows own
-                            // `width` values each (scratch rows hold MR * NR).
+                            // SAFETY: `I::available()` was checked when this conv was
+                            // built; every row pointer reads at most `a_off + kc` (dense)
+                            // or `a_off + LANES` (narrow) values: of a pixel of `c`
+                            // channels, of a window row inside the padded copy
+                            // (`by_rows`), or of `zero`; the panel holds `panel` values;
+                            // the output rows own `width` values each (scratch rows hold
+                            // MAX_MR * MAX_NR).
                             unsafe {
                                 match self.form {
-                                    Form::Dense => avx512::dense_rows(
+                                    Form::Dense => I::dense_rows(
                                         m - m0,
-                                        &ptrs[..taps * MR],
+                                        &ptrs[..taps * mr],
                                         a_off,
                                         taps,
                                         kc,
@@ -239,7 +244,7 @@ impl DirectConv {
                                         &e,
                                     ),
                                     Form::Narrow => {
-                                        avx512::narrow(&ptrs[..taps * MR], a_off, taps, ipg, b, &e)
+                                        I::narrow(&ptrs[..taps * mr], a_off, taps, ipg, b, &e)
                                     }
                                 }
                             }
@@ -291,18 +296,25 @@ impl Source<'_> {
         }
     }
 
-    /// Pointers to the input under each tap of output pixels `m0..m0 + MR` (tap-major):
-    /// a pixel, or the first pixel of a window row when `by_rows`; `zero` outside the
-    /// image and past the last pixel `m`.
-    fn tile_pointers(&self, m0: usize, m: usize, zero: *const f32, ptrs: &mut [*const f32]) {
+    /// Pointers to the input under each tap of output pixels `m0..m0 + mr` (tap-major,
+    /// `mr` per tap): a pixel, or the first pixel of a window row when `by_rows`; `zero`
+    /// outside the image and past the last pixel `m`.
+    fn tile_pointers(
+        &self,
+        m0: usize,
+        m: usize,
+        mr: usize,
+        zero: *const f32,
+        ptrs: &mut [*const f32],
+    ) {
         let [_, h, w, c] = self.dims;
         let (oh, ow) = self.out_hw;
         let k = self.k;
-        for i in 0..MR {
+        for i in 0..mr {
             let row = m0 + i;
             if row >= m {
                 for t in 0..self.taps() {
-                    ptrs[t * MR + i] = zero;
+                    ptrs[t * mr + i] = zero;
                 }
                 continue;
             }
@@ -312,7 +324,7 @@ impl Source<'_> {
             if self.by_rows {
                 for ky in 0..k {
                     let iy = oy * self.stride + ky;
-                    ptrs[ky * MR + i] =
+                    ptrs[ky * mr + i] =
                         self.x[((b * h + iy) * w + ox * self.stride) * c..].as_ptr();
                 }
                 continue;
@@ -324,7 +336,7 @@ impl Source<'_> {
                 for kx in 0..k {
                     let ix = ix0 + kx as isize;
                     let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
-                    ptrs[(ky * k + kx) * MR + i] = if inside {
+                    ptrs[(ky * k + kx) * mr + i] = if inside {
                         self.x[((b * h + iy as usize) * w + ix as usize) * c..].as_ptr()
                     } else {
                         zero

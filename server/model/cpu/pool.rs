@@ -1,14 +1,48 @@
 //! The CPU path's layers around the convolutions: the NCHW batch into NHWC, the stem's
 //! 3x3 max pool and the global average pool. Each is one pass over memory on the compute
-//! threads; the inner loops are plain element-wise loops compiled twice, once for
-//! AVX-512 (16 lanes, chosen at run time) and once for baseline x86-64, so Candle's
-//! strided copies and reductions (a third of a millisecond each at batch 1) are off the
-//! path.
+//! threads; the inner loops are plain element-wise loops compiled for AVX-512 (16
+//! lanes), AVX2 (8 lanes) and baseline x86-64, the one run picked by the thread's
+//! [`CpuKernels`] choice, so Candle's strided copies and reductions (a third of a
+//! millisecond each at batch 1) are off the path.
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32s, nhwc};
+use super::{f32s, nhwc, CpuKernels};
+
+/// The vector width the pools run at: the [`CpuKernels`] choice resolved on this CPU
+/// (`gemm`, the portable path, runs the baseline loops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Width {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+impl Width {
+    /// The width `which` runs at: `auto` the widest this CPU has.
+    pub(super) fn of(which: CpuKernels) -> Width {
+        let which = match which {
+            CpuKernels::Auto => CpuKernels::supported()
+                .first()
+                .copied()
+                .unwrap_or(CpuKernels::Gemm),
+            k => k,
+        };
+        match which {
+            CpuKernels::Avx512 if which.runs_here() => Width::Avx512,
+            CpuKernels::Avx2 if which.runs_here() => Width::Avx2,
+            _ => Width::Baseline,
+        }
+    }
+
+    /// The thread's choice ([`CpuKernels::current`]).
+    fn current() -> Result<Width> {
+        Ok(Width::of(
+            CpuKernels::current().map_err(candle_core::Error::wrap)?,
+        ))
+    }
+}
 
 /// `[N, C, H, W]` f32 to `[N, H, W, C]`.
 pub fn to_nhwc(x: &Tensor) -> Result<Tensor> {
@@ -25,12 +59,12 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&AvgPool)
 }
 
-/// Defines `$name($args)` running `$body`, dispatched to a copy compiled for AVX-512
-/// when the CPU has it, so its loops vectorize 16 wide.
+/// Defines `$name(width, $args)` running `$body`, dispatched to a copy compiled for
+/// AVX-512 or AVX2 as `width` says, so its loops vectorize 16 or 8 wide.
 macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        fn $name(width: Width, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -39,30 +73,53 @@ macro_rules! multiversion {
                 fn wide($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F, checked just above.
-                    return unsafe { wide($($arg),*) };
+                #[target_feature(enable = "avx2,fma")]
+                fn ymm($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                match width {
+                    // SAFETY: `Width::of` gives Avx512 only where the CPU has AVX-512F.
+                    Width::Avx512 => return unsafe { wide($($arg),*) },
+                    // SAFETY: `Width::of` gives Avx2 only where the CPU has AVX2 and FMA.
+                    Width::Avx2 => return unsafe { ymm($($arg),*) },
+                    Width::Baseline => {}
                 }
             }
+            let _ = width;
             body($($arg),*)
         }
     };
 }
 
 /// `dst = max over windows`, each window a slice as long as `dst`; a NaN is skipped, as
-/// a comparison-based pool does. The AVX-512 kernel keeps the running max in registers;
+/// a comparison-based pool does. The vector kernels keep the running max in registers;
 /// an auto-vectorized `max` into `dst` compiles to masked stores, each of which the next
 /// window's load of `dst` waits on.
-fn max_of(dst: &mut [f32], windows: &[&[f32]]) {
+fn max_of(width: Width, dst: &mut [f32], windows: &[&[f32]]) {
     #[cfg(target_arch = "x86_64")]
-    if super::direct::available()
-        && !windows.is_empty()
-        && dst.len().is_multiple_of(super::avx512::LANES)
-        && windows.iter().all(|w| w.len() >= dst.len())
     {
-        // SAFETY: checked just above: AVX-512F, a window, whole vectors, long windows.
-        return unsafe { super::avx512::max_of(dst, windows) };
+        use super::isa::Isa;
+        /// `I::max_of` where its contract holds.
+        fn vector<I: Isa>(dst: &mut [f32], windows: &[&[f32]]) -> bool {
+            let fits = !windows.is_empty()
+                && dst.len().is_multiple_of(I::LANES)
+                && windows.iter().all(|w| w.len() >= dst.len());
+            if fits {
+                // SAFETY: `Width::of` checked the CPU runs `I`; the rest just above.
+                unsafe { I::max_of(dst, windows) };
+            }
+            fits
+        }
+        let done = match width {
+            Width::Avx512 => vector::<super::avx512::Avx512>(dst, windows),
+            Width::Avx2 => vector::<super::avx2::Avx2>(dst, windows),
+            Width::Baseline => false,
+        };
+        if done {
+            return;
+        }
     }
+    let _ = width;
     dst.fill(f32::NEG_INFINITY);
     for w in windows {
         for (d, v) in dst.iter_mut().zip(w.iter()) {
@@ -132,6 +189,7 @@ impl CustomOp1 for MaxPool {
             bail!("max pool: empty input {:?}", l.dims());
         }
         let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let width = Width::current()?;
         let mut out = vec![0f32; n * oh * ow * c];
         // One task per output row.
         out.par_chunks_mut(ow * c)
@@ -148,7 +206,7 @@ impl CustomOp1 for MaxPool {
                             count += 1;
                         }
                     }
-                    max_of(dst, &windows[..count]);
+                    max_of(width, dst, &windows[..count]);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
@@ -169,10 +227,11 @@ impl CustomOp1 for AvgPool {
         if pixels == 0 || c == 0 {
             bail!("average pool: empty input {:?}", l.dims());
         }
+        let width = Width::current()?;
         let mut out = vec![0f32; n * c];
         out.par_chunks_mut(c).enumerate().for_each(|(b, dst)| {
             for px in x[b * pixels * c..][..pixels * c].chunks_exact(c) {
-                add_into(dst, px);
+                add_into(width, dst, px);
             }
             let scale = 1.0 / pixels as f32;
             dst.iter_mut().for_each(|v| *v *= scale);
@@ -213,25 +272,49 @@ mod tests {
         assert_same(&to_nhwc(&x)?, &x.permute((0, 2, 3, 1))?.contiguous()?)
     }
 
-    #[test]
-    fn max_pool_matches_candles_padded_pool_on_even_and_odd_sides() -> Result<()> {
-        for (h, w) in [(8, 8), (7, 9), (1, 2)] {
-            let x = input((2, 32, h, w))?;
-            // The reference: pad with -inf (not zero, so negative inputs are tested).
-            let padded = x
-                .pad_with_same(2, 1, 1)?
-                .pad_with_same(3, 1, 1)?
-                .max_pool2d_with_stride((3, 3), (2, 2))?;
-            let got = max_pool_3x3_s2(&x.permute((0, 2, 3, 1))?)?;
-            assert_same(&got.permute((0, 3, 1, 2))?, &padded)?;
+    /// Runs `f` under every implementation this CPU supports (saying which it could
+    /// not run), and checks the widths it ran are the ones the CPU has.
+    fn for_each_supported(what: &str, f: impl Fn() -> Result<()>) -> Result<()> {
+        let mut widths = Vec::new();
+        for which in CpuKernels::CONCRETE {
+            if !which.runs_here() {
+                eprintln!("{what}: NOT RUN on {}: this CPU lacks it", which.name());
+                continue;
+            }
+            which.scope(&f).map_err(candle_core::Error::wrap)??;
+            widths.push(Width::of(which));
         }
+        let want: Vec<Width> = CpuKernels::supported().into_iter().map(Width::of).collect();
+        assert_eq!(widths, want, "{what}");
+        assert!(widths.contains(&Width::Baseline), "{what}");
         Ok(())
     }
 
     #[test]
+    fn max_pool_matches_candles_padded_pool_on_even_and_odd_sides() -> Result<()> {
+        for_each_supported("max pool", || {
+            // 32 channels run whole vectors; 12 is not a multiple of 8 or 16 and takes
+            // the element-wise loop on every width.
+            for (c, h, w) in [(32, 8, 8), (32, 7, 9), (32, 1, 2), (12, 5, 6)] {
+                let x = input((2, c, h, w))?;
+                // The reference: pad with -inf (not zero, so negative inputs are tested).
+                let padded = x
+                    .pad_with_same(2, 1, 1)?
+                    .pad_with_same(3, 1, 1)?
+                    .max_pool2d_with_stride((3, 3), (2, 2))?;
+                let got = max_pool_3x3_s2(&x.permute((0, 2, 3, 1))?)?;
+                assert_same(&got.permute((0, 3, 1, 2))?, &padded)?;
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
     fn global_avg_pool_matches_a_mean() -> Result<()> {
-        let x = input((3, 40, 7, 7))?;
-        let want = x.mean(D::Minus1)?.mean(D::Minus1)?;
-        assert_same(&global_avg_pool(&x.permute((0, 2, 3, 1))?)?, &want)
+        for_each_supported("average pool", || {
+            let x = input((3, 40, 7, 7))?;
+            let want = x.mean(D::Minus1)?.mean(D::Minus1)?;
+            assert_same(&global_avg_pool(&x.permute((0, 2, 3, 1))?)?, &want)
+        })
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! Per chunk of tiles, on one thread and in cache: the input tiles are transformed into
 //! 16 matrices `V[xi]` (tiles x in), multiplied by the weights transformed at load
-//! (`U[xi]`, in x out) with the dense kernel of [`super::avx512`], and the 16 products
+//! (`U[xi]`, in x out) with the dense kernel of an [`Isa`], and the 16 products
 //! are transformed back into 2x2 output blocks with bias, shortcut and ReLU applied.
 //! Chunks are sized so `V` and `M` stay in L2. When a batch has too few tiles to give
 //! every thread chunks, the three steps are spread over the threads one after another
@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use candle_core::{bail, Result};
 use rayon::prelude::*;
 
-use super::avx512::{self, Epilogue, LANES, MR, NR};
+use super::isa::{Epilogue, Isa, MAX_MR, MAX_NR};
 use super::{threads, SendPtr};
 use crate::model::layers::FoldedConv;
 
@@ -27,9 +27,10 @@ const CHUNK_BUDGET: usize = 1 << 20;
 /// Chunks each thread should get, where the layer has tiles enough.
 const MIN_CHUNKS_PER_THREAD: usize = 2;
 /// Fewest tiles worth the spread form ([`Winograd::run_spread`]); below, the direct
-/// kernel runs. Measured at 49 tiles (a 14x14 layer of 256 channels at batch 1: 423
-/// against 277 effective GFLOP/s); smaller counts were not measured.
-const MIN_SPREAD_TILES: usize = 2 * MR;
+/// kernel runs. Measured with AVX-512 at 49 tiles (a 14x14 layer of 256 channels at
+/// batch 1: 423 against 277 effective GFLOP/s); smaller counts were not measured. Not
+/// tied to the kernel's tile height: AVX2's 6-pixel tiles keep the AVX-512 threshold.
+const MIN_SPREAD_TILES: usize = 28;
 
 thread_local! {
     /// Each compute thread's `V` and `M` for its chunk, kept between calls: allocating
@@ -48,15 +49,16 @@ fn grow(v: &mut Vec<f32>, len: usize) {
 
 /// The transformed weights of a stride-1, padding-1 3x3 convolution.
 #[derive(Debug)]
-pub struct Winograd {
+pub struct Winograd<I: Isa> {
     /// `U[xi]` as dense panels: `[xi][out / NR][in][NR]`.
     packed: Vec<f32>,
     zeros: Vec<f32>,
     inputs: usize,
     outputs: usize,
+    isa: std::marker::PhantomData<I>,
 }
 
-impl Winograd {
+impl<I: Isa> Winograd<I> {
     /// The Winograd form of `c`, or `None` when it is not a dense stride-1 3x3
     /// convolution with channel counts the kernels take.
     pub fn new(c: &FoldedConv) -> Option<Self> {
@@ -65,12 +67,13 @@ impl Winograd {
             || c.stride != 1
             || c.padding != 1
             || c.groups != 1
-            || !o.is_multiple_of(NR)
-            || !i.is_multiple_of(LANES)
+            || !o.is_multiple_of(I::NR)
+            || !i.is_multiple_of(I::LANES)
         {
             return None;
         }
-        let nb = o / NR;
+        let nr = I::NR;
+        let nb = o / nr;
         let mut packed = vec![0f32; XI * o * i];
         for oc in 0..o {
             for ci in 0..i {
@@ -94,8 +97,8 @@ impl Winograd {
                     ];
                     for (col, u) in u.into_iter().enumerate() {
                         let xi = r * 4 + col;
-                        let (j, l) = (oc / NR, oc % NR);
-                        packed[((xi * nb + j) * i + ci) * NR + l] = u;
+                        let (j, l) = (oc / nr, oc % nr);
+                        packed[((xi * nb + j) * i + ci) * nr + l] = u;
                     }
                 }
             }
@@ -105,6 +108,7 @@ impl Winograd {
             zeros: vec![0.0; o],
             inputs: i,
             outputs: o,
+            isa: std::marker::PhantomData,
         })
     }
 
@@ -113,11 +117,13 @@ impl Winograd {
     /// per thread, where chunks leave threads idle (resnet50's 14x14 layers at batch 1:
     /// 49 tiles) and [`Self::run_spread`] runs instead.
     fn chunk_tiles(&self, tiles: usize) -> Option<usize> {
+        let mr = I::MR;
         let per_tile = XI * (self.inputs + self.outputs) * 4;
-        let in_cache = ((CHUNK_BUDGET / per_tile) / MR * MR).max(MR);
-        let shared = (tiles.div_ceil(threads() * MIN_CHUNKS_PER_THREAD)).div_ceil(MR) * MR;
-        (tiles >= threads() * MR * MIN_CHUNKS_PER_THREAD * 2)
-            .then_some(in_cache.min(shared).max(MR))
+        let in_cache = ((CHUNK_BUDGET / per_tile) / mr * mr).max(mr);
+        let shared = (tiles.div_ceil(threads() * MIN_CHUNKS_PER_THREAD)).div_ceil(mr) * mr;
+        // The threshold in pixels is the AVX-512 one (14-pixel tiles), whatever `mr`.
+        (tiles >= threads() * MIN_SPREAD_TILES * MIN_CHUNKS_PER_THREAD)
+            .then_some(in_cache.min(shared).max(mr))
     }
 
     /// Whether running `dims` through Winograd beats the direct kernel.
@@ -176,7 +182,7 @@ impl Winograd {
     ) -> Result<Vec<f32>> {
         let (ci, o) = (self.inputs, self.outputs);
         let (tiles, m) = self.check(x, dims, bias, residual)?;
-        let nb = o / NR;
+        let nb = o / I::NR;
         let zero_px = vec![0f32; ci];
         let mut v: Vec<f32> = Vec::with_capacity(XI * tiles * ci);
         let mut mm: Vec<f32> = Vec::with_capacity(XI * tiles * o);
@@ -194,7 +200,7 @@ impl Winograd {
         (0..XI * nb).into_par_iter().for_each(|task| {
             let (xi, j) = (task / nb, task % nb);
             let (v_ptr, mm_ptr) = (&v_ptr, &mm_ptr);
-            for r0 in (0..tiles).step_by(MR) {
+            for r0 in (0..tiles).step_by(I::MR) {
                 // SAFETY: V[xi] rows 0..tiles were written above; each task writes its
                 // own (xi, block) columns of M.
                 unsafe {
@@ -241,7 +247,7 @@ impl Winograd {
     /// `V[xi][tile]` for one tile, to `v + xi * v_stride`.
     ///
     /// # Safety
-    /// AVX-512 is available; `v` is valid for XI rows of `inputs` values at `v_stride`.
+    /// `I` is available; `v` is valid for XI rows of `inputs` values at `v_stride`.
     unsafe fn input_tile(
         &self,
         x: &[f32],
@@ -265,14 +271,14 @@ impl Winograd {
         }
         // SAFETY: every pointer is a pixel of `c` channels or `zero_px`; the caller
         // vouches for `v`.
-        unsafe { avx512::winograd_input(&d, self.inputs, v, v_stride) };
+        unsafe { I::winograd_input(&d, self.inputs, v, v_stride) };
     }
 
-    /// `M[xi][r0..r0 + rows]` for output block `j` (`rows` capped at MR): `v` and `mm`
-    /// point at `V[xi]` and `M[xi]`.
+    /// `M[xi][r0..r0 + rows]` for output block `j` (`rows` capped at `I::MR`): `v` and
+    /// `mm` point at `V[xi]` and `M[xi]`.
     ///
     /// # Safety
-    /// AVX-512 is available; `v` holds rows `r0..r0 + min(rows, MR)` of `inputs` values,
+    /// `I` is available; `v` holds rows `r0..r0 + min(rows, MR)` of `inputs` values,
     /// `mm` the same rows of `outputs` values.
     unsafe fn product(
         &self,
@@ -284,37 +290,38 @@ impl Winograd {
         rows: usize,
     ) {
         let (ci, o) = (self.inputs, self.outputs);
-        let nb = o / NR;
-        let rows = rows.min(MR);
-        let u = self.packed[(xi * nb + j) * ci * NR..][..ci * NR].as_ptr();
-        let mut scratch = [0f32; MR * NR];
-        let mut a = [std::ptr::null::<f32>(); MR];
-        let mut out = [scratch.as_mut_ptr(); MR];
-        for i in 0..MR {
+        let (mr, nr) = (I::MR, I::NR);
+        let nb = o / nr;
+        let rows = rows.min(mr);
+        let u = self.packed[(xi * nb + j) * ci * nr..][..ci * nr].as_ptr();
+        let mut scratch = [0f32; MAX_MR * MAX_NR];
+        let mut a = [std::ptr::null::<f32>(); MAX_MR];
+        let mut out = [scratch.as_mut_ptr(); MAX_MR];
+        for i in 0..mr {
             // Rows past `rows` re-read the last row and land in `scratch`.
             // SAFETY: the caller vouches for rows r0..r0 + rows.
             unsafe {
                 a[i] = v.add((r0 + i.min(rows - 1)) * ci);
                 if i < rows {
-                    out[i] = mm.add((r0 + i) * o + j * NR);
+                    out[i] = mm.add((r0 + i) * o + j * nr);
                 }
             }
         }
         let e = Epilogue {
-            bias: self.zeros[j * NR..].as_ptr(),
+            bias: self.zeros[j * nr..].as_ptr(),
             out,
             residual: None,
             relu: false,
         };
         // SAFETY: as above; `u` is a whole panel of ci x NR.
-        unsafe { avx512::dense_rows(rows, &a, 0, 1, ci, u, &e) };
+        unsafe { I::dense_rows(rows, &a[..mr], 0, 1, ci, u, &e) };
     }
 
     /// `Y = At M A` for one tile, with bias, shortcut and ReLU, into the NHWC output:
     /// `m` points at the tile's row of `M[0]`, rows of later `xi` at `m_stride`.
     ///
     /// # Safety
-    /// AVX-512 is available; `m` is valid for XI rows of `outputs` values at `m_stride`;
+    /// `I` is available; `m` is valid for XI rows of `outputs` values at `m_stride`;
     /// `out` holds the whole output of `dims`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn output_tile(
@@ -348,7 +355,7 @@ impl Winograd {
         }
         // SAFETY: the caller vouches for `m` and the output; `bias` holds o values.
         unsafe {
-            avx512::winograd_output(
+            I::winograd_output(
                 m,
                 m_stride,
                 o,
@@ -360,7 +367,7 @@ impl Winograd {
         };
     }
 
-    /// [`Self::run`] with `chunk` tiles (a multiple of [`MR`]) per task.
+    /// [`Self::run`] with `chunk` tiles (a multiple of `I::MR`) per task.
     pub(super) fn run_in_chunks(
         &self,
         x: &[f32],
@@ -372,10 +379,11 @@ impl Winograd {
     ) -> Result<Vec<f32>> {
         let (ci, o) = (self.inputs, self.outputs);
         let (tiles, m) = self.check(x, dims, bias, residual)?;
-        if chunk == 0 || !chunk.is_multiple_of(MR) {
+        let mr = I::MR;
+        if chunk == 0 || !chunk.is_multiple_of(mr) {
             bail!("winograd: chunks of {chunk} tiles are not whole kernel tiles");
         }
-        let nb = o / NR;
+        let nb = o / I::NR;
         let zero_px = vec![0f32; ci];
         let mut out: Vec<f32> = Vec::with_capacity(m * o);
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -403,8 +411,8 @@ impl Winograd {
                 // 2. M[xi] = V[xi] U[xi], MR tiles at a time.
                 for j in 0..nb {
                     for xi in 0..XI {
-                        for r0 in (0..valid).step_by(MR) {
-                            // SAFETY: r0 + MR <= chunk, so every row is inside `v` and `mm`.
+                        for r0 in (0..valid).step_by(mr) {
+                            // SAFETY: r0 + mr <= chunk, so every row is inside `v` and `mm`.
                             unsafe {
                                 self.product(
                                     xi,
@@ -412,7 +420,7 @@ impl Winograd {
                                     v.as_ptr().add(xi * chunk * ci),
                                     mm.as_mut_ptr().add(xi * chunk * o),
                                     r0,
-                                    MR,
+                                    mr,
                                 )
                             };
                         }

@@ -50,6 +50,8 @@ pub enum TelemetryError {
     Runtime(#[from] std::io::Error),
     #[error("OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("OTLP endpoint {0}: only plaintext gRPC (http://) is supported; export to a collector agent beside the server")]
+    Https(String),
 }
 
 /// Where traces go: `flag` (`--otlp-endpoint`), else the standard variables (`var` reads
@@ -87,6 +89,9 @@ impl Telemetry {
     /// processor. Nothing connects yet: a collector that is down costs dropped spans,
     /// never a failed start.
     pub fn start(endpoint: &str) -> Result<Telemetry, TelemetryError> {
+        if endpoint.trim().to_ascii_lowercase().starts_with("https://") {
+            return Err(TelemetryError::Https(endpoint.to_string()));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("otlp-export")
@@ -585,5 +590,9 @@ mod tests {
             endpoint(Some(" "), env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])),
             None
         );
+        assert!(matches!(
+            Telemetry::start("HTTPS://collector:4317"),
+            Err(TelemetryError::Https(_))
+        ));
     }
 }

@@ -180,7 +180,7 @@ impl Metrics {
             ),
             tls_handshake_failures: counter(
                 "tls_handshake_failures_total",
-                "TLS handshakes that failed (error) or were not finished in time (timeout).",
+                "TLS handshakes that failed (error), were not finished in time (timeout), or were refused with too many under way (busy).",
                 &["reason"],
             ),
             tls_reloads: counter(

@@ -14,8 +14,10 @@
 //!
 //! Handshakes run in tasks of their own, off the accept loop, each within a deadline: a
 //! client that connects and never finishes its handshake holds only its own task, for
-//! at most that long. Failures are counted in
-//! `resnet_serve_tls_handshake_failures_total{reason}` (`timeout`, `error`), reloads in
+//! at most that long, and at most 1,024 are under way at once (a connection past them is
+//! closed). Failures are counted in
+//! `resnet_serve_tls_handshake_failures_total{reason}` (`timeout`, `error`, `busy`),
+//! reloads in
 //! `resnet_serve_tls_reloads_total{result}` (`applied`, `failed`).
 
 use std::path::{Path, PathBuf};
@@ -39,6 +41,9 @@ pub const DEFAULT_RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// How long a client has to finish its handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once; a connection past it is closed at once.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+
 /// Finished handshakes waiting for the server to take them; past it, handshakes wait.
 const READY_CONNECTIONS: usize = 64;
 
@@ -54,6 +59,10 @@ pub struct TlsOptions {
     pub client_ca: Option<PathBuf>,
     pub reload_every: Duration,
     pub handshake_timeout: Duration,
+    /// Handshakes under way at once. Each holds a task and rustls' buffers for up to
+    /// `handshake_timeout`: a flood of connections that never finish theirs is bounded
+    /// here, refused (closed) past it, rather than held in memory.
+    pub max_handshakes: usize,
 }
 
 impl TlsOptions {
@@ -64,6 +73,7 @@ impl TlsOptions {
             client_ca: None,
             reload_every: DEFAULT_RELOAD_EVERY,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
         }
     }
 }
@@ -343,6 +353,7 @@ impl Tls {
     ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = mpsc::channel(READY_CONNECTIONS);
         let tls = self.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(self.options.max_handshakes));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -359,11 +370,17 @@ impl Tls {
                         continue;
                     }
                 };
+                let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                    tls.handshake_failures.with_label_values(&["busy"]).inc();
+                    drop(stream);
+                    continue;
+                };
                 crate::server::nodelay(&stream);
                 let acceptor = TlsAcceptor::from(tls.config());
                 let tx = tx.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let peer = stream.peer_addr().ok();
                     match tokio::time::timeout(
                         tls.options.handshake_timeout,
@@ -620,6 +637,42 @@ mod tests {
         assert_eq!(tls.reload().expect("reload"), Reload::Applied);
         assert!(handshake(&tls, client(&ca, Some(&stranger))).await.is_ok());
         assert!(handshake(&tls, client(&ca, Some(&good))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_handshakes_under_way_are_closed() {
+        let ca = Ca::new("test CA");
+        let mut setup = Setup::new(&ca.leaf("server"), None);
+        setup.options.max_handshakes = 1;
+        let metrics = crate::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = tls.incoming(listener);
+        let name = || ServerName::try_from("localhost").expect("name");
+
+        // The one slot, held by a client that says nothing.
+        let silent = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let refused = client(&ca, None).connect(name(), tcp).await;
+        assert!(refused.is_err(), "a handshake past the limit went through");
+        assert_eq!(tls.handshake_failures.with_label_values(&["busy"]).get(), 1);
+
+        // The slot is free again once the silent client leaves.
+        drop(silent);
+        let mut served = false;
+        for _ in 0..100 {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            if client(&ca, None).connect(name(), tcp).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "the slot was never given back");
+        let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        assert!(matches!(accepted, Ok(Some(Ok(_)))));
     }
 
     #[tokio::test]

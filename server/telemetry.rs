@@ -127,8 +127,9 @@ impl Telemetry {
         exporting_layer(self.provider.tracer(DEFAULT_SERVICE_NAME))
     }
 
-    /// Exports the spans still buffered and stops the exporter (bounded by the
-    /// exporter's own timeout). Run after the server has drained.
+    /// Exports the spans still buffered and stops the exporter: at most about 6 s (the
+    /// SDK's 5 s shutdown bound, then the runtime's 1 s) when the collector does not
+    /// answer. Run after the server has drained.
     pub fn shutdown(self) {
         ENABLED.store(false, Ordering::Relaxed);
         if let Err(e) = self.provider.shutdown() {

@@ -418,3 +418,41 @@ async fn a_kserve_call_joins_the_callers_trace_through_the_flag() {
         Some(tonic::Code::NotFound as i64)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_the_spans_never_a_call() {
+    // Nothing listens there.
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let mut server = Served::start(|c| {
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", &down)
+            // Export attempts while serving, not only at the end.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "50");
+    });
+    let (client, _) = server.ready().await;
+    for i in 0..3 {
+        let mut request = client.request(ClassifyRequest {
+            model: String::new(),
+            images: vec![tensor(&vec![0.25f32; 3 * 224 * 224])],
+            output: Some(Output::TopK(1).spec()),
+            request_id: String::new(),
+        });
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent(TRACE_ID).parse().expect("ascii"));
+        client
+            .stub()
+            .classify(request)
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The final flush gives up within its bound rather than holding the exit.
+    let started = Instant::now();
+    server.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "exit took {:?}: {}",
+        started.elapsed(),
+        server.log()
+    );
+}

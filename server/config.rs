@@ -42,9 +42,12 @@ pub struct ServeArgs {
     /// Prometheus /metrics address [default: 0.0.0.0:9090].
     #[arg(long, env = "RESNET_SERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// A model to serve, NAME or NAME=PATH (repeatable). A bare name comes from the
-    /// weights cache, downloaded on first use [default: resnet50_swsl].
-    /// (Also `RESNET_SERVE_MODELS`, the variable's earlier name, and `models` in the file.)
+    /// A model to serve (repeatable): a hub name (from the weights cache, downloaded on
+    /// first use), HUBNAME=PATH, or under a name of your choosing NAME=PATH (architecture
+    /// told from the checkpoint), NAME=ARCH:PATH or NAME=HUBNAME. PATH is a checkpoint or
+    /// a directory holding one (KServe's /mnt/models). NAME: lowercase letters, digits,
+    /// '-' and '_', at most 63 [default: resnet50_swsl]. (Also `RESNET_SERVE_MODELS`, the
+    /// variable's earlier name, and `models` in the file, with `[models.NAME]` tables.)
     #[arg(long = "model", env = "RESNET_SERVE_MODEL", value_delimiter = ',')]
     #[serde(rename = "model", alias = "models")]
     pub models: Vec<String>,

@@ -28,7 +28,7 @@ use resnet_serve::weights::{convert, inspect, Checkpoint};
     version,
     about = "Inference server and tools for the semi-supervised ImageNet ResNet/ResNeXt models",
     args_conflicts_with_subcommands = true,
-    after_help = "With no command, serves gRPC. Examples:\n  resnet-serve --model resnet50_swsl=/models/semi_weakly_supervised_resnet50-16a12f1b.pth\n  resnet-serve --model resnet18_ssl --model resnext101_32x8d_swsl --batch-sizes 1,4,16 --max-queue-delay-ms 2"
+    after_help = "With no command, serves gRPC. Examples:\n  resnet-serve --model resnet50_swsl=/models/semi_weakly_supervised_resnet50-16a12f1b.pth\n  resnet-serve --model resnet50=/mnt/models --model cats=resnext50_32x4d:/models/cats.safetensors\n  resnet-serve --model resnet18_ssl --model resnext101_32x8d_swsl --batch-sizes 1,4,16 --max-queue-delay-ms 2"
 )]
 struct Cli {
     #[command(subcommand)]

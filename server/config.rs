@@ -109,7 +109,8 @@ pub struct ServeArgs {
     /// How long the first queued image waits for others before its batch runs [default: 5].
     #[arg(long, env = "RESNET_SERVE_MAX_QUEUE_DELAY_MS")]
     pub max_queue_delay_ms: Option<u64>,
-    /// Images that may wait per model before requests are refused (RESOURCE_EXHAUSTED) [default: 256].
+    /// Images that may wait per model before requests are refused (RESOURCE_EXHAUSTED)
+    /// [default: 4 batches of the largest batch size, 128 with the default sizes].
     #[arg(long, env = "RESNET_SERVE_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
     /// Bytes of request messages held at once (received and not yet answered), in MiB;
@@ -123,7 +124,8 @@ pub struct ServeArgs {
     /// Largest gRPC message, in MiB [default: 64].
     #[arg(long, env = "RESNET_SERVE_MAX_MESSAGE_MIB")]
     pub max_message_mib: Option<usize>,
-    /// Most images in one Classify request [default: 256].
+    /// Most images in one request; a request larger than its model's queue is refused too
+    /// [default: 128].
     #[arg(long, env = "RESNET_SERVE_MAX_IMAGES_PER_REQUEST")]
     pub max_images_per_request: Option<usize>,
     /// Largest encoded image, in MiB [default: 32].
@@ -439,14 +441,16 @@ fn model_placement(
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let args = args.merged()?;
     let defaults = ServeOptions::default();
+    let sizes: &[usize] = if args.batch_sizes.is_empty() {
+        &[1, 2, 4, 8, 16, 32]
+    } else {
+        &args.batch_sizes
+    };
     let policy = BatchPolicy::new(
-        if args.batch_sizes.is_empty() {
-            &[1, 2, 4, 8, 16, 32]
-        } else {
-            &args.batch_sizes
-        },
+        sizes,
         Duration::from_millis(args.max_queue_delay_ms.unwrap_or(5)),
-        args.queue_capacity.unwrap_or(256),
+        args.queue_capacity
+            .unwrap_or_else(|| resnet_serve::scheduler::policy::default_queue_capacity(sizes)),
     )?;
     let limits = Limits {
         max_encoded_bytes: args

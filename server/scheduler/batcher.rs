@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant};
 
-use super::policy::BatchPolicy;
+use super::policy::{BatchPolicy, Forming, Step};
 use super::Job;
 use crate::metrics::ModelMetrics;
 
@@ -50,11 +50,8 @@ pub struct Batch {
 /// is only closed once it can take one. Shared by a model's batcher and its replicas.
 pub type FreeWorkers = Arc<Semaphore>;
 
-/// Waits for a first live job, then gathers more until the largest allowed batch is
-/// full, or until a worker is free and the first job has waited `max_queue_delay` since
-/// it was queued. While every worker is busy the batch stays open past the delay and
-/// keeps filling: closing it early would leave it waiting anyway, short of images (and
-/// padded with zeros) while later arrivals trail behind in the next one. Dead jobs are
+/// Waits for a first live job, then gathers more until the policy closes the batch
+/// ([`BatchPolicy::next_step`]), taking a free worker's permit meanwhile. Dead jobs are
 /// dropped on arrival. Returns the jobs with the taken worker's permit spent; `None`
 /// once the queue is closed and empty.
 pub async fn form_batch(
@@ -68,27 +65,36 @@ pub async fn form_batch(
             break job;
         }
     };
-    let dispatch_at = first.enqueued + policy.max_queue_delay;
+    let first_enqueued = first.enqueued;
     let mut jobs = vec![first];
     let mut worker = None;
-    while jobs.len() < policy.max_batch() {
-        if worker.is_some() && Instant::now() >= dispatch_at {
-            break;
-        }
+    let mut queue_closed = false;
+    loop {
+        let forming = Forming {
+            images: jobs.len(),
+            first_enqueued,
+            worker_free: worker.is_some(),
+            queue_closed,
+        };
+        let until = match policy.next_step(forming, Instant::now()) {
+            Step::Close => break,
+            Step::Fill { until } => until,
+        };
         tokio::select! {
             // Jobs already waiting are taken before the worker or the timer is looked at.
             biased;
             job = rx.recv() => match job {
                 Some(job) if !job.is_dead(Instant::now()) => jobs.push(job),
                 Some(_) => {}
-                None => break,
+                None => queue_closed = true,
             },
             permit = free.acquire(), if worker.is_none() => match permit {
                 Ok(p) => worker = Some(p),
                 // Closed: no worker will ever come; let the caller find the queue shut.
                 Err(_) => break,
             },
-            () = sleep_until(dispatch_at), if worker.is_some() => break,
+            // The policy is asked again: past `until` it closes the batch.
+            () = sleep_until(until.unwrap_or(first_enqueued)), if until.is_some() => {}
         }
     }
     match worker {

@@ -1,14 +1,43 @@
 //! The batching policy, in one place: which fixed batch sizes exist, how long the first
 //! waiting request may wait for company, and how many requests may queue.
 //!
-//! A batch is dispatched when the largest allowed size is full, or when a worker is free
-//! and the oldest waiting request has waited `max_queue_delay`; while every worker is
-//! busy it keeps filling (see [`super::batcher::form_batch`]). It then runs at the
-//! smallest allowed size that holds what is waiting, padded with zeros. Every batch
-//! thus has one of a few known shapes (the kernels, plans and CUDA graphs for them are
-//! warm), as in TF Serving's `allowed_batch_sizes` and Triton's dynamic batcher.
+//! A batch closes ([`BatchPolicy::next_step`]) when the largest allowed size is full, when
+//! its queue has closed, or when a worker is free and the oldest waiting request has
+//! waited `max_queue_delay`; while every worker is busy it keeps filling: closing it early
+//! would leave it waiting anyway, short of images (and padded with zeros) while later
+//! arrivals trail behind in the next one. It then runs ([`BatchPolicy::run_size`]) at the
+//! smallest allowed size that holds what is waiting, padded with zeros. Every batch thus
+//! has one of a few known shapes (the kernels, plans and CUDA graphs for them are warm), as
+//! in TF Serving's `allowed_batch_sizes` and Triton's dynamic batcher. These are pure
+//! functions of the batch's state and the clock; [`super::batcher`] and [`super::worker`]
+//! only carry them out.
 
 use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// What the batch being formed does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// It takes no more images: it runs as soon as a worker takes it.
+    Close,
+    /// It stays open for more images (and for a worker, if it has none); with a worker
+    /// it closes at `until` at the latest.
+    Fill { until: Option<Instant> },
+}
+
+/// The state of the batch being formed, as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Forming {
+    /// Live images in it.
+    pub images: usize,
+    /// When its first image was queued.
+    pub first_enqueued: Instant,
+    /// A worker is free to run it.
+    pub worker_free: bool,
+    /// No more images can come (the model is shutting down).
+    pub queue_closed: bool,
+}
 
 /// How many batches of the largest size may wait per model unless the operator says
 /// otherwise (TF Serving's `max_enqueued_batches` idea). A queue is a promise of service
@@ -90,6 +119,30 @@ impl BatchPolicy {
             .find(|&s| s >= waiting)
             .unwrap_or_else(|| self.max_batch())
     }
+
+    /// The size a closed batch of `live` images runs at, padding included: never fewer
+    /// rows than images.
+    pub fn run_size(&self, live: usize) -> usize {
+        self.batch_size_for(live).max(live)
+    }
+
+    /// Whether the batch being formed closes now, or until when it keeps filling.
+    pub fn next_step(&self, batch: Forming, now: Instant) -> Step {
+        if batch.images >= self.max_batch() || batch.queue_closed {
+            return Step::Close;
+        }
+        if !batch.worker_free {
+            return Step::Fill { until: None };
+        }
+        let dispatch_at = batch.first_enqueued + self.max_queue_delay;
+        if now >= dispatch_at {
+            Step::Close
+        } else {
+            Step::Fill {
+                until: Some(dispatch_at),
+            }
+        }
+    }
 }
 
 impl Default for BatchPolicy {
@@ -114,6 +167,74 @@ mod tests {
         assert_eq!(BatchPolicy::default().queue_capacity, 128);
         let sizes = [3, 7];
         assert!(BatchPolicy::new(&sizes, Duration::ZERO, default_queue_capacity(&sizes)).is_ok());
+    }
+
+    fn forming(images: usize, first_enqueued: Instant, worker_free: bool) -> Forming {
+        Forming {
+            images,
+            first_enqueued,
+            worker_free,
+            queue_closed: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_when_full_or_when_a_free_worker_waited_the_delay() {
+        let p = BatchPolicy::new(&[1, 2, 4], Duration::from_millis(5), 16).expect("valid");
+        let first = Instant::now();
+        let deadline = first + Duration::from_millis(5);
+        // A free worker: the batch fills until the first image has waited the delay.
+        assert_eq!(
+            p.next_step(forming(1, first, true), Instant::now()),
+            Step::Fill {
+                until: Some(deadline)
+            }
+        );
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert_eq!(
+            p.next_step(forming(3, first, true), Instant::now()),
+            Step::Fill {
+                until: Some(deadline)
+            }
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(p.next_step(forming(3, first, true), Instant::now()), Step::Close);
+        // Every worker busy: it stays open past the delay, with no deadline of its own.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            p.next_step(forming(3, first, false), Instant::now()),
+            Step::Fill { until: None }
+        );
+        // Full closes at once, with or without a worker, before any delay.
+        let now = Instant::now();
+        assert_eq!(p.next_step(forming(4, now, false), now), Step::Close);
+        assert_eq!(p.next_step(forming(4, now, true), now), Step::Close);
+        // So does a closed queue: nothing more can come.
+        let closed = Forming {
+            queue_closed: true,
+            ..forming(1, now, false)
+        };
+        assert_eq!(p.next_step(closed, now), Step::Close);
+    }
+
+    #[test]
+    fn a_zero_delay_closes_as_soon_as_a_worker_is_free() {
+        let p = BatchPolicy::new(&[1, 8], Duration::ZERO, 8).expect("valid");
+        let now = Instant::now();
+        assert_eq!(p.next_step(forming(1, now, true), now), Step::Close);
+        assert_eq!(
+            p.next_step(forming(1, now, false), now),
+            Step::Fill { until: None }
+        );
+    }
+
+    #[test]
+    fn a_batch_runs_at_the_smallest_size_that_holds_it() {
+        let p = BatchPolicy::new(&[1, 4, 8], Duration::ZERO, 8).expect("valid");
+        assert_eq!(p.run_size(1), 1);
+        assert_eq!(p.run_size(2), 4, "padded with zeros to an allowed size");
+        assert_eq!(p.run_size(5), 8);
+        assert_eq!(p.run_size(9), 9, "never fewer rows than images");
     }
 
     #[test]

@@ -188,7 +188,7 @@ fn worker_loop(
         if jobs.is_empty() {
             continue;
         }
-        let size = policy.batch_size_for(jobs.len()).max(jobs.len());
+        let size = policy.run_size(jobs.len());
         let live = jobs.len();
         metrics.record_batch(live, size);
         // A debug span, in a trace of its own: only the exporting layer (or debug logs)

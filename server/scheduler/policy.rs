@@ -198,7 +198,10 @@ mod tests {
             }
         );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(p.next_step(forming(3, first, true), Instant::now()), Step::Close);
+        assert_eq!(
+            p.next_step(forming(3, first, true), Instant::now()),
+            Step::Close
+        );
         // Every worker busy: it stays open past the delay, with no deadline of its own.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(

@@ -35,7 +35,8 @@
 //!   request bytes in flight and the counts of repeated fields, checked from the wire.
 //! - [`auth`]: bearer tokens (and their scopes) every call but health must carry, when
 //!   the operator names a token file.
-//! - [`tls`]: TLS and mutual TLS on the gRPC port, certificates re-read when they change.
+//! - [`tls`]: TLS and mutual TLS on the gRPC port, certificates re-read when they change;
+//!   [`accept`]: accepting its connections without spinning when out of descriptors.
 //! - [`error`]: request errors and their single mapping to gRPC statuses;
 //!   [`refusals`]: refusals counted by a fixed reason and logged at most once a second.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`stats`]: the cumulative
@@ -48,6 +49,7 @@
 //! - [`proto`]: the generated `resnet_serve.v1` gRPC types.
 //! - [`allocator`]: how the binaries' allocator keeps freed activation memory.
 
+pub mod accept;
 pub mod admission;
 pub mod allocator;
 pub mod auth;

@@ -157,6 +157,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Each connection is a descriptor: serving takes all the hard limit allows.
+    #[cfg(unix)]
+    if cli.command.is_none() {
+        match resnet_serve::accept::raise_open_files_limit() {
+            Ok(open_files) => tracing::info!(open_files, "open files limit (RLIMIT_NOFILE)"),
+            Err(e) => tracing::warn!("cannot raise the open files limit (RLIMIT_NOFILE): {e}"),
+        }
+    }
     let outcome = run(cli);
     // After the drain: the last calls' spans go out before the process ends.
     if let Some(t) = telemetry {

@@ -355,20 +355,12 @@ impl Tls {
         let tls = self.clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(self.options.max_handshakes));
         tokio::spawn(async move {
+            let mut errors = crate::accept::AcceptErrors::default();
             loop {
-                let accepted = tokio::select! {
+                // Out of descriptors, it waits rather than spins (crate::accept).
+                let stream = tokio::select! {
                     () = tx.closed() => break,
-                    accepted = listener.accept() => accepted,
-                };
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    // As the plaintext path does: tonic decides what an accept error means.
-                    Err(e) => {
-                        if tx.send(Err(e)).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
+                    (stream, _) = crate::accept::accept(&listener, &mut errors) => stream,
                 };
                 let Ok(slot) = handshakes.clone().try_acquire_owned() else {
                     tls.handshake_failures.with_label_values(&["busy"]).inc();

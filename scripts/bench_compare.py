@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--cpu-kernels", default="auto",
                    help="comma-separated RESNET_SERVE_CPU_KERNELS values to run ours with")
     p.add_argument("--no-stock", action="store_true", help="skip stock Candle (slow)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="ONNX Runtime's threads block instead of spin-waiting (fairer on a "
+                        "machine shared with other work; for PyTorch set OMP_WAIT_POLICY=PASSIVE)")
     args = p.parse_args()
     ours = args.cpu_kernels.split(",")
     subprocess.run(["cargo", "build", "--release", "--example", "forward_throughput"], cwd=ROOT, check=True)
@@ -91,9 +94,12 @@ def main() -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
+    if args.no_spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     print(f"CPU: {cpu_model()}, threads {args.threads}, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}, openvino {ov.__version__}, {args.rounds} rounds x "
-          f"{args.seconds} s, median")
+          f"{args.seconds} s, median, ORT spinning {'off' if args.no_spin else 'on'}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     engines = ["PyTorch", "ONNX Runtime", "OpenVINO"] + [f"ours {k}" for k in ours]
     if not args.no_stock:
         engines.append("stock Candle")

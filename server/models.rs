@@ -50,6 +50,10 @@ const MAX_DIR_ENTRIES: usize = 10_000;
 /// Names shown in an error about a directory's files.
 const NAMES_SHOWN: usize = 8;
 
+/// Endings of what a download or an editor leaves while it writes (`weights download`'s
+/// `X.part` among them): never a directory's checkpoint, nor its "only file".
+const TEMPORARY_SUFFIXES: [&str; 5] = [".part", ".partial", ".tmp", ".temp", "~"];
+
 /// A model spec or setting that cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -317,15 +321,18 @@ pub fn locate(path: &Path) -> Result<Located, SpecError> {
 
 /// The one checkpoint in `dir` (not in its subdirectories): the one file ending in a
 /// checkpoint extension (`.pth`, `.pt`, `.safetensors`, `.bin`, `.ckpt`), or failing that
-/// its only file. Hidden entries (`.git`, `..data`) are passed over, and a file is opened
-/// only inside the directory (a symbolic link leading out of it is not followed: see
-/// [`ModelRepository`]). None or several is an error that names what it found.
+/// its only file. Hidden entries (`.git`, `..data`, `.~lock`) and what a download or an
+/// editor leaves while it writes (`X.part`, `*.partial`, `*.tmp`, `*.temp`, `*~`) are
+/// passed over, and a file is opened only inside the directory (a symbolic link leading
+/// out of it is not followed: see [`ModelRepository`]). None or several is an error that
+/// names what it found, and what it passed over.
 pub fn checkpoint_in(dir: &Path) -> Result<Located, SpecError> {
     let fail = |what: String| SpecError::Directory(format!("{}: {what}", dir.display()));
     let repository = ModelRepository::new(dir).map_err(|e| fail(e.to_string()))?;
     let entries = std::fs::read_dir(repository.root()).map_err(|e| fail(e.to_string()))?;
     let mut files: Vec<String> = Vec::new();
     let mut others: Vec<String> = Vec::new();
+    let mut temporary: Vec<String> = Vec::new();
     for (seen, entry) in entries.enumerate() {
         if seen == MAX_DIR_ENTRIES {
             return Err(fail(format!(
@@ -337,6 +344,13 @@ pub fn checkpoint_in(dir: &Path) -> Result<Located, SpecError> {
         if name.starts_with('.') {
             continue;
         }
+        // An interrupted download's `X.part` would otherwise be "the only file", and
+        // fail later as a checkpoint that does not parse.
+        let lower = name.to_ascii_lowercase();
+        if TEMPORARY_SUFFIXES.iter().any(|s| lower.ends_with(s)) {
+            temporary.push(name);
+            continue;
+        }
         // A regular file, or a link to one inside the directory.
         if repository.open(&name).is_ok() {
             files.push(name);
@@ -346,6 +360,7 @@ pub fn checkpoint_in(dir: &Path) -> Result<Located, SpecError> {
     }
     files.sort();
     others.sort();
+    temporary.sort();
     let checkpoints: Vec<&String> = files
         .iter()
         .filter(|f| {
@@ -359,19 +374,30 @@ pub fn checkpoint_in(dir: &Path) -> Result<Located, SpecError> {
         ([one], _) => (*one).clone(),
         ([], [only]) => only.clone(),
         ([], _) => {
-            let found = if files.is_empty() && others.is_empty() {
-                "it is empty".to_string()
-            } else {
-                format!(
-                    "found {}",
-                    shown(
-                        files.iter().map(|f| f.to_string()).chain(
-                            others
-                                .iter()
-                                .map(|o| format!("{o} (not a file in the directory)"))
+            let skipped = shown(temporary.iter().cloned());
+            let found = match (files.is_empty() && others.is_empty(), temporary.is_empty()) {
+                (true, true) => "it is empty".to_string(),
+                (true, false) => format!(
+                    "it holds only unfinished downloads or temporary files, skipped: {skipped}"
+                ),
+                (false, no_temporary) => {
+                    let mut found = format!(
+                        "found {}",
+                        shown(
+                            files.iter().map(|f| f.to_string()).chain(
+                                others
+                                    .iter()
+                                    .map(|o| format!("{o} (not a file in the directory)"))
+                            )
                         )
-                    )
-                )
+                    );
+                    if !no_temporary {
+                        found.push_str(&format!(
+                            "; skipped as unfinished downloads or temporary files: {skipped}"
+                        ));
+                    }
+                    found
+                }
             };
             return Err(fail(format!(
                 "no checkpoint file (.{}) in the directory: {found}",
@@ -601,5 +627,38 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("missing.pth"), "{err}");
+    }
+
+    #[test]
+    fn unfinished_downloads_and_temporary_files_are_passed_over() {
+        // `weights download` interrupted: its `.part` is not the directory's only file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        std::fs::write(d.join("resnet50_swsl-16a12f1b.part"), "x").expect("write");
+        let err = checkpoint_in(d).expect_err("only a .part").to_string();
+        assert!(
+            err.contains("no checkpoint file")
+                && err.contains(
+                    "holds only unfinished downloads or temporary files, skipped: resnet50_swsl-16a12f1b.part"
+                ),
+            "{err}"
+        );
+        std::fs::write(d.join("notes.txt"), "x").expect("write");
+        std::fs::write(d.join("config.json"), "x").expect("write");
+        let err = checkpoint_in(d).expect_err("no checkpoint").to_string();
+        assert!(
+            err.contains("found config.json, notes.txt; skipped as unfinished downloads or temporary files: resnet50_swsl-16a12f1b.part"),
+            "{err}"
+        );
+        std::fs::remove_file(d.join("notes.txt")).expect("rm");
+        std::fs::remove_file(d.join("config.json")).expect("rm");
+        // Beside a lone file of any name, they do not make it one of several.
+        for temporary in ["weights.tmp", "weights.PARTIAL", "weights~", "x.temp"] {
+            std::fs::write(d.join(temporary), "x").expect("write");
+        }
+        std::fs::write(d.join(".~lock.weights#"), "x").expect("write");
+        std::fs::write(d.join("weights"), "x").expect("write");
+        let found = checkpoint_in(d).expect("the lone file");
+        assert!(found.path.ends_with("weights"), "{found:?}");
     }
 }

@@ -10,7 +10,9 @@
 //! so nothing is dropped (cert-manager and Kubernetes Secrets rewrite the files in
 //! place). A rewrite that does not make a valid configuration (half written, a key that
 //! does not match the certificate) keeps the previous one and is logged; it never stops
-//! the server. At start-up, unreadable or invalid files are an error.
+//! the server. At start-up, unreadable or invalid files are an error. Each file must be
+//! a regular file of at most 1 MiB (a FIFO or a device is refused, not waited on), and
+//! reloads read them on a thread of their own, never on the runtime's.
 //!
 //! Handshakes run in tasks of their own, off the accept loop, each within a deadline: a
 //! client that connects and never finishes its handshake holds only its own task, for
@@ -108,22 +110,57 @@ struct Files {
     client_ca: Option<Vec<u8>>,
 }
 
+/// The most a certificate, key or CA file may hold. A chain of a few certificates is a
+/// few KiB; a CA bundle as big as the system's is ~200 KiB.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// One file, whole: a regular file of at most [`MAX_FILE_BYTES`]. A FIFO would block
+/// the read (or, without O_NONBLOCK, the open) until someone writes to it, and a device
+/// such as `/dev/zero` would never end; both are refused.
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read;
+    let unreadable = |source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let invalid = |reason: String| TlsError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    // Followed if a symbolic link: Kubernetes mounts Secrets as links into `..data/`.
+    let file = options.open(path).map_err(unreadable)?;
+    let metadata = file.metadata().map_err(unreadable)?;
+    if !metadata.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(invalid(format!("larger than {} MiB", MAX_FILE_BYTES >> 20)));
+    }
+    Ok(bytes)
+}
+
 impl Files {
     fn read(options: &TlsOptions) -> Result<Files, TlsError> {
-        let read = |what: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                what,
-                path: path.to_path_buf(),
-                source,
-            })
-        };
         Ok(Files {
-            cert: read("certificate", &options.cert)?,
-            key: read("key", &options.key)?,
+            cert: read_file("certificate", &options.cert)?,
+            key: read_file("key", &options.key)?,
             client_ca: options
                 .client_ca
                 .as_deref()
-                .map(|p| read("client CA", p))
+                .map(|p| read_file("client CA", p))
                 .transpose()?,
         })
     }
@@ -294,6 +331,23 @@ impl Tls {
         Ok(Reload::Applied)
     }
 
+    /// [`Tls::reload`] on a thread of its own: reading files blocks, and a hung mount
+    /// could block for good. Not `spawn_blocking`: the runtime waits for its blocking
+    /// tasks when it shuts down, and a read stuck for good would hold up the exit.
+    async fn reload_off_runtime(self: Arc<Self>) -> Result<Reload, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("tls-reload".into())
+            .spawn(move || {
+                let _ = tx.send(self.reload());
+            })
+            .map_err(|e| format!("cannot start a thread to read the TLS files: {e}"))?;
+        match rx.await {
+            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            Err(_) => Err("reading the TLS files panicked".into()),
+        }
+    }
+
     /// Reloads every `reload_every` and on SIGHUP, for as long as it runs (the server
     /// aborts it when it stops). An error is logged once until the files change again.
     pub async fn watch(self: Arc<Self>) {
@@ -320,7 +374,7 @@ impl Tls {
                 _ = tick.tick() => false,
                 () = signalled => true,
             };
-            match self.reload() {
+            match self.clone().reload_off_runtime().await {
                 Ok(Reload::Applied) => {
                     last_error = None;
                     self.reloads.with_label_values(&["applied"]).inc();
@@ -332,8 +386,7 @@ impl Tls {
                         tracing::info!("SIGHUP: the TLS files are unchanged");
                     }
                 }
-                Err(e) => {
-                    let message = e.to_string();
+                Err(message) => {
                     if hup || last_error.as_deref() != Some(message.as_str()) {
                         self.reloads.with_label_values(&["failed"]).inc();
                         tracing::error!("{message}; keeping the previous TLS certificate");
@@ -604,6 +657,62 @@ mod tests {
         no_ca.client_ca = Some(ca_path);
         let err = Tls::load(no_ca, &metrics).expect_err("empty CA");
         assert!(err.to_string().contains("client CA"), "{err}");
+    }
+
+    /// `Tls::load` on a thread, so that a regression that blocks fails the test
+    /// instead of hanging it.
+    fn load_within_seconds(options: TlsOptions) -> Result<Arc<Tls>, TlsError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Tls::load(options, &crate::metrics::Metrics::new()));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("loading the files blocked")
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn fifos_devices_and_oversized_files_are_refused_not_waited_on() {
+        let ca = Ca::new("test CA");
+        let leaf = ca.leaf("server");
+        let setup = Setup::new(&leaf, None);
+
+        // Nobody writes to it: std::fs::read waited in open() for good.
+        let fifo = setup.dir.path().join("fifo.crt");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let mut options = setup.options.clone();
+        options.cert = fifo.clone();
+        let err = load_within_seconds(options).expect_err("a FIFO");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(err.to_string().contains("fifo.crt"), "{err}");
+
+        // Endless: std::fs::read read it until memory ran out.
+        let mut options = setup.options.clone();
+        options.client_ca = Some(PathBuf::from("/dev/zero"));
+        let err = load_within_seconds(options).expect_err("/dev/zero");
+        assert!(err.to_string().contains("/dev/zero"), "{err}");
+
+        // A valid chain padded past 1 MiB (PEM parsers skip the text between blocks):
+        // it loaded before; now it is refused, at start-up and on reload.
+        let padded = format!("{}{}", leaf.cert, "\n".repeat(1 << 20));
+        let big = setup.dir.path().join("big.crt");
+        std::fs::write(&big, &padded).expect("write");
+        let mut options = setup.options.clone();
+        options.cert = big.clone();
+        let err = load_within_seconds(options).expect_err("oversized");
+        assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
+        assert!(err.to_string().contains("big.crt"), "{err}");
+        let tls = load_within_seconds(setup.options.clone()).expect("loads");
+        std::fs::write(&setup.options.cert, &padded).expect("write");
+        let err = tls.reload().expect_err("oversized on reload");
+        assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
+
+        // At the limit exactly, it still loads.
+        let fits = format!("{}{}", leaf.cert, "\n".repeat((1 << 20) - leaf.cert.len()));
+        std::fs::write(&setup.options.cert, &fits).expect("write");
+        assert!(tls.reload().is_ok());
     }
 
     #[tokio::test]

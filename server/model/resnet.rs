@@ -312,8 +312,15 @@ impl ResNet {
             // Every CPU layer is a parallel loop on the rayon pool. Called from outside
             // the pool, each of those ~60 loops would park this thread and wake it when
             // done (a futex round trip per layer); run the whole pass on a pool thread
-            // instead, so only the pass as a whole crosses threads.
-            return rayon::scope(|_| self.forward_on_this_thread(x));
+            // instead, so only the pass as a whole crosses threads. The caller's kernel
+            // choice goes along: the pools read it when they run (tests force one per
+            // thread, and a pool thread has none of its own).
+            let choice = super::cpu::CpuKernels::current().map_err(candle_core::Error::wrap)?;
+            return rayon::scope(|_| {
+                choice
+                    .scope(|| self.forward_on_this_thread(x))
+                    .map_err(candle_core::Error::wrap)?
+            });
         }
         self.forward_on_this_thread(x)
     }

@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -303,16 +304,35 @@ pub struct Located {
     pub path: PathBuf,
 }
 
-/// `path` opened for reading: the file itself, or for a directory the one checkpoint in
-/// it ([`checkpoint_in`]).
+/// `path` opened for reading: the file itself, which must be a regular file, or for a
+/// directory the one checkpoint in it ([`checkpoint_in`]).
 pub fn locate(path: &Path) -> Result<Located, SpecError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| SpecError::Directory(format!("cannot read {}: {e}", path.display())))?;
+    let cannot =
+        |e: std::io::Error| SpecError::Directory(format!("cannot read {}: {e}", path.display()));
+    let not_regular = || {
+        SpecError::Directory(format!(
+            "{} is not a regular file or a directory",
+            path.display()
+        ))
+    };
+    let meta = std::fs::metadata(path).map_err(cannot)?;
     if meta.is_dir() {
         return checkpoint_in(path);
     }
-    let file = File::open(path)
-        .map_err(|e| SpecError::Directory(format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    // As `ModelRepository::open`: O_NONBLOCK keeps a FIFO swapped in since from blocking
+    // the open (the load would hang), and what was opened is checked again. Links are
+    // followed: the path is the operator's own (Kubernetes mounts are links).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(not_regular());
+    }
     Ok(Located {
         file,
         path: path.to_path_buf(),
@@ -660,5 +680,29 @@ mod tests {
         std::fs::write(d.join("weights"), "x").expect("write");
         let found = checkpoint_in(d).expect("the lone file");
         assert!(found.path.ends_with("weights"), "{found:?}");
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_regular_file_fails_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("model.pth");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path; mkfifo reads it and nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        // Opening a FIFO with no writer blocks: on a thread, so a regression fails here
+        // instead of hanging the test run.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(locate(&path).map(|l| l.path));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("locate returns at once, not blocked on the FIFO");
+        let err = result.expect_err("a FIFO").to_string();
+        assert!(
+            err.contains("model.pth is not a regular file or a directory"),
+            "{err}"
+        );
     }
 }

@@ -95,6 +95,9 @@ pub enum TlsError {
         path: PathBuf,
         reason: String,
     },
+    /// A bug, not the operator's: what was read does not match what was asked for.
+    #[error("TLS configuration: {0}")]
+    Inconsistent(&'static str),
     #[error("TLS certificate {cert} and key {key}: {reason}")]
     Pair {
         cert: PathBuf,
@@ -239,7 +242,21 @@ fn build(options: &TlsOptions, files: &Files) -> Result<Arc<ServerConfig>, TlsEr
                 .map_err(|e| invalid(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
-        _ => builder.with_no_client_auth(),
+        (None, None) => builder.with_no_client_auth(),
+        // Never reached as the files are read; spelled out so that no change can turn
+        // mutual TLS off without saying so.
+        (Some(path), None) => {
+            return Err(TlsError::Invalid {
+                what: "client CA",
+                path: path.clone(),
+                reason: "was not read; refusing to serve without client certificates".into(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(TlsError::Inconsistent(
+                "a client CA was read, but no --tls-client-ca names one",
+            ))
+        }
     };
     let mut config = builder
         .with_single_cert(chain, key)
@@ -713,6 +730,22 @@ mod tests {
         let fits = format!("{}{}", leaf.cert, "\n".repeat((1 << 20) - leaf.cert.len()));
         std::fs::write(&setup.options.cert, &fits).expect("write");
         assert!(tls.reload().is_ok());
+    }
+
+    #[test]
+    fn a_client_ca_that_was_not_read_is_an_error_not_plain_tls() {
+        let ca = Ca::new("test CA");
+        let setup = Setup::new(&ca.leaf("server"), Some(&Ca::new("client CA")));
+        let mut files = Files::read(&setup.options).expect("read");
+        assert!(build(&setup.options, &files).is_ok());
+        files.client_ca = None;
+        let err = build(&setup.options, &files).expect_err("mutual TLS off");
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+        let mut plain = setup.options.clone();
+        plain.client_ca = None;
+        files.client_ca = Some(ca.pem.clone().into_bytes());
+        let err = build(&plain, &files).expect_err("a CA no option names");
+        assert!(matches!(err, TlsError::Inconsistent(_)), "{err}");
     }
 
     #[tokio::test]

@@ -9,8 +9,10 @@
 //! handshakes that follow; connections already open keep the session they negotiated,
 //! so nothing is dropped (cert-manager and Kubernetes Secrets rewrite the files in
 //! place). A rewrite that does not make a valid configuration (half written, a key that
-//! does not match the certificate) keeps the previous one and is logged; it never stops
-//! the server. At start-up, unreadable or invalid files are an error. Each file must be
+//! does not match the certificate) keeps the previous one; it never stops the server.
+//! A failed reading is a warning the first time (a Secret read mid-swap, the new
+//! certificate with the old key, is set right by the next), and an error only when the
+//! next reading fails too. At start-up, unreadable or invalid files are an error. Each file must be
 //! a regular file of at most 1 MiB (a FIFO or a device is refused, not waited on), and
 //! reloads read them on a thread of their own, never on the runtime's.
 //!
@@ -20,7 +22,8 @@
 //! closed). Failures are counted in
 //! `resnet_serve_tls_handshake_failures_total{reason}` (`timeout`, `error`, `busy`),
 //! reloads in
-//! `resnet_serve_tls_reloads_total{result}` (`applied`, `failed`).
+//! `resnet_serve_tls_reloads_total{result}` (`applied`, and `failed`: only failures that
+//! persisted to the next reading, each error once).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -269,6 +272,40 @@ fn build(options: &TlsOptions, files: &Files) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
+/// What the watch makes of a failed reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The first in a row: a Secret can be read mid-swap (the new certificate, the old
+    /// key), which the next reading sets right. A warning.
+    Transient,
+    /// The files are still wrong a reading later (or, on SIGHUP, again): an error, and
+    /// counted.
+    Persistent,
+    /// The same error as the one last reported: nothing more to say.
+    Reported,
+}
+
+/// The failed reloads in a row, and the error last reported as persistent.
+#[derive(Debug, Default)]
+struct Failures {
+    in_a_row: u32,
+    reported: Option<String>,
+}
+
+impl Failures {
+    fn failed(&mut self, message: &str, hup: bool) -> Failure {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self.in_a_row == 1 {
+            return Failure::Transient;
+        }
+        if hup || self.reported.as_deref() != Some(message) {
+            self.reported = Some(message.to_owned());
+            return Failure::Persistent;
+        }
+        Failure::Reported
+    }
+}
+
 /// The configuration handshakes use now, and the reading it was built from.
 struct Current {
     config: Arc<ServerConfig>,
@@ -366,7 +403,8 @@ impl Tls {
     }
 
     /// Reloads every `reload_every` and on SIGHUP, for as long as it runs (the server
-    /// aborts it when it stops). An error is logged once until the files change again.
+    /// aborts it when it stops). Errors go through [`Failures`]: a warning the first
+    /// time, an error (and `reloads_total{failed}`) when the next reading fails too.
     pub async fn watch(self: Arc<Self>) {
         #[cfg(unix)]
         let mut hangup =
@@ -374,7 +412,7 @@ impl Tls {
         let mut tick = tokio::time::interval(self.options.reload_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        let mut last_error: Option<String> = None;
+        let mut failures = Failures::default();
         loop {
             #[cfg(unix)]
             let signalled = async {
@@ -393,23 +431,28 @@ impl Tls {
             };
             match self.clone().reload_off_runtime().await {
                 Ok(Reload::Applied) => {
-                    last_error = None;
+                    failures = Failures::default();
                     self.reloads.with_label_values(&["applied"]).inc();
                     tracing::info!(cert = %self.options.cert.display(), "TLS certificate re-read");
                 }
                 Ok(Reload::Unchanged) => {
-                    last_error = None;
+                    failures = Failures::default();
                     if hup {
                         tracing::info!("SIGHUP: the TLS files are unchanged");
                     }
                 }
-                Err(message) => {
-                    if hup || last_error.as_deref() != Some(message.as_str()) {
+                Err(message) => match failures.failed(&message, hup) {
+                    Failure::Transient => tracing::warn!(
+                        "{message}; keeping the previous TLS certificate for now (a rotation \
+                         may be half done): read again in {} s",
+                        self.options.reload_every.as_secs_f64()
+                    ),
+                    Failure::Persistent => {
                         self.reloads.with_label_values(&["failed"]).inc();
                         tracing::error!("{message}; keeping the previous TLS certificate");
-                        last_error = Some(message);
                     }
-                }
+                    Failure::Reported => {}
+                },
             }
         }
     }
@@ -746,6 +789,22 @@ mod tests {
         files.client_ca = Some(ca.pem.clone().into_bytes());
         let err = build(&plain, &files).expect_err("a CA no option names");
         assert!(matches!(err, TlsError::Inconsistent(_)), "{err}");
+    }
+
+    #[test]
+    fn a_failed_reading_is_reported_only_when_the_next_fails_too() {
+        let mut failures = Failures::default();
+        // Mid-swap, then whole again: a warning, never an error.
+        assert_eq!(failures.failed("mismatch", false), Failure::Transient);
+        failures = Failures::default();
+        assert_eq!(failures.failed("mismatch", false), Failure::Transient);
+        // Still wrong at the next tick: reported once, then not again...
+        assert_eq!(failures.failed("mismatch", false), Failure::Persistent);
+        assert_eq!(failures.failed("mismatch", false), Failure::Reported);
+        // ...unless the error changes or the operator sends SIGHUP.
+        assert_eq!(failures.failed("missing", false), Failure::Persistent);
+        assert_eq!(failures.failed("missing", true), Failure::Persistent);
+        assert_eq!(failures.failed("missing", false), Failure::Reported);
     }
 
     #[tokio::test]

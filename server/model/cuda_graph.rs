@@ -235,7 +235,8 @@ impl Captured {
     /// Converts `images` (each `3 x 224 x 224`, zero images after them up to the batch
     /// size) into the pinned input buffer in the model's dtype: one pass per image, from
     /// the bytes a tensor arrived in where it did, each value checked finite on the way.
-    /// An image that is not is left out (its slot zeroed) and returned.
+    /// An image holding NaN or infinity is staged as it is, as the eager pass takes it,
+    /// and returned, so that the caller decides whether its row is answered.
     fn stage(&mut self, images: &[InputView<'_>]) -> Result<Vec<Rejected>> {
         if images.len() > self.batch || images.iter().any(|i| i.len() != IMAGE_LEN) {
             bail!(

@@ -297,13 +297,11 @@ impl Classifier {
         {
             let images: Vec<InputView<'_>> =
                 pixels.chunks(IMAGE_LEN).map(InputView::from).collect();
+            // Images holding NaN or infinity are staged and computed as they are, as on
+            // the eager pass, so the captured rows stand whatever they held; only the
+            // serving path refuses such images.
             if let Some(out) = self.graphs.run(&images, n) {
-                let out = out?;
-                // Values that are not finite go through as they are here, as they do on
-                // the eager pass: only the serving path refuses them.
-                if out.rejected.is_empty() {
-                    return Ok(out.rows);
-                }
+                return Ok(out?.rows);
             }
         }
         self.classify_eager(pixels, n)

@@ -12,14 +12,14 @@
 //! does not match the certificate) keeps the previous one; it never stops the server.
 //! A failed reading is a warning the first time (a Secret read mid-swap, the new
 //! certificate with the old key, is set right by the next), and an error only when the
-//! next reading fails too. At start-up, unreadable or invalid files are an error. Each file must be
-//! a regular file of at most 1 MiB (a FIFO or a device is refused, not waited on), and
-//! reloads read them on a thread of their own, never on the runtime's.
+//! next reading fails too. At start-up, unreadable or invalid files are an error. Each
+//! file must be a regular file of at most 1 MiB (a FIFO or a device is refused, not
+//! waited on), and reloads read them on a thread of their own, never on the runtime's.
 //!
 //! Handshakes run in tasks of their own, off the accept loop, each within a deadline: a
 //! client that connects and never finishes its handshake holds only its own task, for
-//! at most that long, and at most 1,024 are under way at once (a connection past them is
-//! closed). Failures are counted in
+//! at most that long (5 s by default), and at most 1,024 are under way at once, 64 from
+//! any one IP address (a connection past either is closed). Failures are counted in
 //! `resnet_serve_tls_handshake_failures_total{reason}` (`timeout`, `error`, `busy`),
 //! reloads in
 //! `resnet_serve_tls_reloads_total{result}` (`applied`, and `failed`: only failures that
@@ -43,11 +43,16 @@ use tokio_stream::wrappers::ReceiverStream;
 /// How often the files are looked at for a change.
 pub const DEFAULT_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
-/// How long a client has to finish its handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to finish its handshake: a handshake takes a few round trips,
+/// and the deadline is what a connection that never finishes holds a slot for.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Handshakes under way at once; a connection past it is closed at once.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+
+/// Handshakes under way at once from one IP address, so that one host cannot take all
+/// of [`DEFAULT_MAX_HANDSHAKES`].
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 64;
 
 /// Finished handshakes waiting for the server to take them; past it, handshakes wait.
 const READY_CONNECTIONS: usize = 64;
@@ -68,6 +73,9 @@ pub struct TlsOptions {
     /// `handshake_timeout`: a flood of connections that never finish theirs is bounded
     /// here, refused (closed) past it, rather than held in memory.
     pub max_handshakes: usize,
+    /// Handshakes under way at once from one IP address; past it, as past
+    /// `max_handshakes`. Clients behind one NAT share it.
+    pub max_handshakes_per_ip: u32,
 }
 
 impl TlsOptions {
@@ -79,6 +87,7 @@ impl TlsOptions {
             reload_every: DEFAULT_RELOAD_EVERY,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
         }
     }
 }
@@ -306,6 +315,61 @@ impl Failures {
     }
 }
 
+/// Handshakes under way per source IP address; an address leaves the map when its
+/// last handshake ends, so it holds only addresses with one under way.
+#[derive(Debug)]
+struct PerIp {
+    limit: u32,
+    under_way: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+}
+
+/// One handshake's place in [`PerIp`], given back when dropped.
+struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn try_take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        let mut map = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.get(&ip).copied().unwrap_or(0);
+        if n >= self.limit {
+            return None;
+        }
+        map.insert(ip, n.saturating_add(1));
+        Some(IpSlot {
+            per_ip: self.clone(),
+            ip,
+        })
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.under_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .per_ip
+            .under_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The configuration handshakes use now, and the reading it was built from.
 struct Current {
     config: Arc<ServerConfig>,
@@ -467,13 +531,22 @@ impl Tls {
         let (tx, rx) = mpsc::channel(READY_CONNECTIONS);
         let tls = self.clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(self.options.max_handshakes));
+        let per_ip = Arc::new(PerIp {
+            limit: self.options.max_handshakes_per_ip,
+            under_way: Default::default(),
+        });
         tokio::spawn(async move {
             let mut errors = crate::accept::AcceptErrors::default();
             loop {
                 // Out of descriptors, it waits rather than spins (crate::accept).
-                let stream = tokio::select! {
+                let (stream, peer) = tokio::select! {
                     () = tx.closed() => break,
-                    (stream, _) = crate::accept::accept(&listener, &mut errors) => stream,
+                    accepted = crate::accept::accept(&listener, &mut errors) => accepted,
+                };
+                let Some(ip_slot) = per_ip.try_take(peer.ip()) else {
+                    tls.handshake_failures.with_label_values(&["busy"]).inc();
+                    drop(stream);
+                    continue;
                 };
                 let Ok(slot) = handshakes.clone().try_acquire_owned() else {
                     tls.handshake_failures.with_label_values(&["busy"]).inc();
@@ -485,8 +558,7 @@ impl Tls {
                 let tx = tx.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _slot = slot;
-                    let peer = stream.peer_addr().ok();
+                    let _slots = (slot, ip_slot);
                     match tokio::time::timeout(
                         tls.options.handshake_timeout,
                         acceptor.accept(stream),
@@ -866,6 +938,81 @@ mod tests {
         assert!(served, "the slot was never given back");
         let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
         assert!(matches!(accepted, Ok(Some(Ok(_)))));
+    }
+
+    #[test]
+    fn handshakes_per_ip_are_counted_and_forgotten_at_zero() {
+        let per_ip = Arc::new(PerIp {
+            limit: 2,
+            under_way: Default::default(),
+        });
+        let a: std::net::IpAddr = "10.0.0.1".parse().expect("ip");
+        let mapped: std::net::IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        let b: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        let first = per_ip.try_take(a).expect("one");
+        let second = per_ip.try_take(mapped).expect("two, the same address");
+        assert!(per_ip.try_take(a).is_none(), "a third from one address");
+        let other = per_ip.try_take(b).expect("another address");
+        drop(first);
+        let third = per_ip.try_take(a).expect("a place was given back");
+        drop((second, third, other));
+        assert_eq!(
+            per_ip.len(),
+            0,
+            "addresses with nothing under way are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn handshakes_past_the_limit_of_one_address_are_closed() {
+        let ca = Ca::new("test CA");
+        let mut setup = Setup::new(&ca.leaf("server"), None);
+        setup.options.max_handshakes_per_ip = 1;
+        let metrics = crate::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut incoming = tls.incoming(listener);
+        let name = || ServerName::try_from("localhost").expect("name");
+        let from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(std::net::SocketAddr::from((ip, 0)))
+                .expect("bind");
+            socket
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .expect("connect")
+        };
+
+        // 127.0.0.1's one handshake, held by a client that says nothing.
+        let silent = from([127, 0, 0, 1]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = client(&ca, None)
+            .connect(name(), from([127, 0, 0, 1]).await)
+            .await;
+        assert!(refused.is_err(), "a second handshake from one address");
+        assert_eq!(tls.handshake_failures.with_label_values(&["busy"]).get(), 1);
+        // Another address (all of 127/8 is loopback on Linux) is served meanwhile.
+        let other = client(&ca, None)
+            .connect(name(), from([127, 0, 0, 2]).await)
+            .await;
+        assert!(other.is_ok(), "{other:?}");
+        let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        assert!(matches!(accepted, Ok(Some(Ok(_)))));
+
+        // Once the silent client leaves, its address may handshake again.
+        drop(silent);
+        let mut served = false;
+        for _ in 0..100 {
+            let tcp = from([127, 0, 0, 1]).await;
+            if client(&ca, None).connect(name(), tcp).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "the address's place was never given back");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! same for the models given at start-up and those loaded later through KServe's model
 //! repository API, which may read only the operator's model repository, by file name.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -115,6 +116,17 @@ impl Placement {
                 (checkpoint, *architecture)
             }
         };
+        self.place_checked(served, given, &checkpoint)
+    }
+
+    /// [`Self::place`] with the architecture the checkpoint's tensor shapes match, which
+    /// must be `given` when one is.
+    fn place_checked(
+        &self,
+        served: &str,
+        given: Option<Architecture>,
+        checkpoint: &Checkpoint,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
         let detected = Architecture::detect(|k| checkpoint.info(k).map(|i| i.shape));
         let architecture = match (given, detected) {
             (Some(given), Some(found)) if given != found => {
@@ -131,7 +143,7 @@ impl Placement {
                 ))
             }
         };
-        self.place(served, architecture, &checkpoint)
+        self.place(served, architecture, checkpoint)
     }
 
     /// One replica per device and worker of an opened checkpoint; blocking.
@@ -176,20 +188,57 @@ impl Placement {
     }
 }
 
+/// A model the operator configured (`--model`, a `[models.NAME]` table): its weights
+/// and where and how it runs. RepositoryModelLoad of its name loads it as configured.
+#[derive(Clone)]
+pub struct Configured {
+    pub weights: Weights,
+    pub placement: Arc<Placement>,
+}
+
 impl Placement {
     /// Run-time loading by hub name, for `--model-control`: from a file named in
     /// `repository` (and nowhere else), or, with no file named, from the weights cache.
     /// Its errors name only what the client named: never a path on the server.
     pub fn factory(self: &Arc<Self>, repository: Option<Arc<ModelRepository>>) -> ModelFactory {
+        self.factory_with(repository, HashMap::new())
+    }
+
+    /// [`Self::factory`] that also knows the configured models, by served name: such a
+    /// name loads with its own placement, from its configured weights (or, with a file
+    /// named, from that repository file, read as its architecture when that is known),
+    /// whether it is a hub name or not. Other hub names load as [`Self::factory`]'s do.
+    pub fn factory_with(
+        self: &Arc<Self>,
+        repository: Option<Arc<ModelRepository>>,
+        configured: HashMap<String, Configured>,
+    ) -> ModelFactory {
         let me = self.clone();
         ModelFactory(Arc::new(move |name: &str, file: Option<&str>| {
-            let name: ModelName = name
+            if let Some(model) = configured.get(name) {
+                let architecture = match &model.weights {
+                    Weights::Hub(hub) => Some(hub.architecture),
+                    Weights::Path { architecture, .. } => *architecture,
+                };
+                return match (file, &repository) {
+                    (None, _) => model.placement.load_configured(name, &model.weights),
+                    (Some(_), None) => Err(RepositoryError::NoRepository.to_string()),
+                    (Some(file), Some(repository)) => {
+                        model
+                            .placement
+                            .load_from(repository, name, architecture, file)
+                    }
+                };
+            }
+            let hub: ModelName = name
                 .parse()
                 .map_err(|_| format!("'{}' is not one of the twelve hub models", clip(name)))?;
             match (file, &repository) {
-                (None, _) => me.load_cached(name),
+                (None, _) => me.load_cached(hub),
                 (Some(_), None) => Err(RepositoryError::NoRepository.to_string()),
-                (Some(file), Some(repository)) => me.load_from(repository, name, file),
+                (Some(file), Some(repository)) => {
+                    me.load_from(repository, name, Some(hub.architecture), file)
+                }
             }
         }))
     }
@@ -202,19 +251,38 @@ impl Placement {
         })
     }
 
-    /// `name` from the repository file `file`, called by its name alone in messages.
+    /// A configured model from its configured weights; their paths stay in the server's
+    /// log.
+    fn load_configured(
+        &self,
+        name: &str,
+        weights: &Weights,
+    ) -> Result<Vec<Arc<dyn Backend>>, String> {
+        self.load_weights(name, weights).map_err(|e| {
+            tracing::warn!(model = %name, error = %e, "loading a configured model failed");
+            format!(
+                "{} could not be loaded from its configured weights (the server's log says why)",
+                clip(name)
+            )
+        })
+    }
+
+    /// The model served as `served` from the repository file `file` (called by its name
+    /// alone in messages), read as `architecture` if given, else as the one its tensor
+    /// shapes match.
     fn load_from(
         &self,
         repository: &ModelRepository,
-        name: ModelName,
+        served: &str,
+        architecture: Option<Architecture>,
         file: &str,
     ) -> Result<Vec<Arc<dyn Backend>>, String> {
         let opened = repository.open(file).map_err(|e| e.to_string())?;
         let shown = PathBuf::from(clip(file));
+        let limits = architecture.map_or_else(Limits::any_architecture, Limits::for_architecture);
         let checkpoint =
-            Checkpoint::from_file(opened, &shown, Limits::for_architecture(name.architecture))
-                .map_err(|e| e.to_string())?;
-        self.place(&name.to_string(), name.architecture, &checkpoint)
+            Checkpoint::from_file(opened, &shown, limits).map_err(|e| e.to_string())?;
+        self.place_checked(served, architecture, &checkpoint)
     }
 }
 

@@ -48,7 +48,11 @@ use views::View;
 /// Run-time loading and unloading (KServe's model repository extension).
 pub struct Repository {
     pub factory: ModelFactory,
+    /// The policy of a model loaded without one of its own.
     pub policy: BatchPolicy,
+    /// The policies of configured models that have their own (`[models.NAME]`), by
+    /// served name: a reload keeps its own.
+    pub policies: HashMap<String, BatchPolicy>,
     /// One load or unload at a time.
     busy: tokio::sync::Mutex<()>,
 }
@@ -58,8 +62,15 @@ impl Repository {
         Repository {
             factory,
             policy,
+            policies: HashMap::new(),
             busy: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// With the policies of the configured models that have their own.
+    pub fn with_policies(mut self, policies: HashMap<String, BatchPolicy>) -> Self {
+        self.policies = policies;
+        self
     }
 }
 
@@ -367,14 +378,17 @@ impl KServeService {
     }
 }
 
-fn hub_name(name: &str) -> Result<ModelName, ServeError> {
+fn hub_name(name: &str, configured: &[String]) -> Result<ModelName, ServeError> {
     let base = View::split(name).0;
     base.parse::<ModelName>()
         .map_err(|_| ServeError::UnknownModel {
             name: crate::weights::clip(name),
-            // The twelve hub names (the parse error would repeat the client's string).
-            available: ModelName::all()
-                .map(|m| m.to_string())
+            // The configured names and the twelve hub names (the parse error would repeat
+            // the client's string).
+            available: configured
+                .iter()
+                .cloned()
+                .chain(ModelName::all().map(|m| m.to_string()))
                 .collect::<Vec<_>>()
                 .join(", "),
         })
@@ -515,7 +529,12 @@ impl GrpcInferenceService for KServeService {
             }
         }
         if self.repository.is_some() && !only_ready {
-            for name in ModelName::all().map(|n| n.to_string()) {
+            // The hub names and the configured names, each once.
+            let loadable: std::collections::BTreeSet<String> = ModelName::all()
+                .map(|n| n.to_string())
+                .chain(self.state.configured_models.iter().cloned())
+                .collect();
+            for name in loadable {
                 if !loaded.contains(&name) {
                     models.push(pb::repository_index_response::ModelIndex {
                         name,
@@ -536,7 +555,14 @@ impl GrpcInferenceService for KServeService {
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         let repo = self.repository()?.clone();
         let r = request.into_inner();
-        let name = hub_name(&r.model_name)?;
+        // A configured model (`--model`, `[models.NAME]`) by its served name, with what
+        // it was configured with; any other hub name with the server's settings.
+        let base = View::split(&r.model_name).0;
+        let name = if self.state.configured_models.iter().any(|m| m == base) {
+            base.to_string()
+        } else {
+            hub_name(&r.model_name, &self.state.configured_models)?.to_string()
+        };
         // A file is named, never a path: the factory opens it in the operator's model
         // repository (`--model-repository`) or refuses it.
         let mut file = None;
@@ -554,7 +580,7 @@ impl GrpcInferenceService for KServeService {
         }
         let _busy = repo.busy.lock().await;
         let factory = repo.factory.clone();
-        let model = name.to_string();
+        let model = name.clone();
         let started = std::time::Instant::now();
         let replicas = tokio::task::spawn_blocking(move || (factory.0)(&model, file.as_deref()))
             .await
@@ -563,16 +589,13 @@ impl GrpcInferenceService for KServeService {
         if replicas.is_empty() {
             return Err(ServeError::Internal(format!("loading {name} gave no replicas")).into());
         }
-        let key = name.to_string();
-        let handle = ModelHandle::spawn(
-            &key,
-            replicas,
-            repo.policy.clone(),
-            self.state.metrics.for_model(&key),
-        );
+        let key = name;
+        let count = replicas.len();
+        let policy = repo.policies.get(&key).unwrap_or(&repo.policy).clone();
+        let handle = ModelHandle::spawn(&key, replicas, policy, self.state.metrics.for_model(&key));
         // Replacing an entry leaves requests already queued on the old copy to finish.
         self.state.registry.insert(handle);
-        tracing::info!(model = %key, seconds = started.elapsed().as_secs_f64(), "loaded through the model repository API");
+        tracing::info!(model = %key, replicas = count, seconds = started.elapsed().as_secs_f64(), "loaded through the model repository API");
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 

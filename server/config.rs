@@ -361,6 +361,21 @@ fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<resnet_serve::tls::Tls
     }
 }
 
+/// The longest `--max-connection-age`: past a month it no longer balances anything, and
+/// an unbounded value would overflow the server's +-10% jitter.
+const MAX_CONNECTION_AGE_CEILING: u64 = 30 * 24 * 60 * 60;
+
+/// `--max-connection-age`, from whichever source it came, within 1 s..=30 days.
+fn max_connection_age(args: &ServeArgs) -> anyhow::Result<Option<Duration>> {
+    match args.max_connection_age {
+        Some(0) => anyhow::bail!("--max-connection-age must be at least 1 second"),
+        Some(secs) if secs > MAX_CONNECTION_AGE_CEILING => anyhow::bail!(
+            "--max-connection-age is {secs} seconds; at most {MAX_CONNECTION_AGE_CEILING} (30 days)"
+        ),
+        age => Ok(age.map(Duration::from_secs)),
+    }
+}
+
 /// The models to serve (see [`models::plan`]): resnet50_swsl when nothing names any.
 fn planned_models(args: &ServeArgs) -> anyhow::Result<Vec<models::Planned>> {
     let planned = models::plan(&args.models, args.models_from_command_line, &args.model_tables)?;
@@ -504,10 +519,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .transpose()?,
         auth_open: auth_open(&args.auth_open)?,
         tls: tls_options(&args)?,
-        max_connection_age: match args.max_connection_age {
-            Some(0) => anyhow::bail!("--max-connection-age must be at least 1 second"),
-            age => age.map(Duration::from_secs),
-        },
+        max_connection_age: max_connection_age(&args)?,
         shared_memory_limits: resnet_serve::shm::Limits {
             max_regions: args
                 .shared_memory_max_regions
@@ -541,6 +553,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache,
         compute_threads: args.compute_threads,
     });
+    let mut control = None;
     if args.model_control {
         let repository = match &args.model_repository {
             Some(dir) => {
@@ -550,7 +563,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        options.model_factory = Some(place.factory(repository));
+        // Made once the configured models' placements are known (below).
+        control = Some(repository);
     } else if args.model_repository.is_some() {
         anyhow::bail!("--model-repository is read only by --model-control, which is off");
     }
@@ -571,6 +585,21 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Arc::new(model_placement(&planned, &place, &args, warm)?)
         };
         loads.push((planned, placed));
+    }
+    // RepositoryModelLoad of a configured name reloads it as configured: its weights,
+    // its placement and (through `model_policies`) its policy.
+    if let Some(repository) = control {
+        let configured = loads
+            .iter()
+            .map(|(planned, placement)| {
+                let model = resnet_serve::placement::Configured {
+                    weights: planned.weights.clone(),
+                    placement: placement.clone(),
+                };
+                (planned.name.clone(), model)
+            })
+            .collect();
+        options.model_factory = Some(place.factory_with(repository, configured));
     }
     let loader: ModelLoader = Box::new(move || {
         let mut out: Vec<(String, Arc<dyn Backend>)> = Vec::new();
@@ -803,6 +832,10 @@ mod tests {
         assert_eq!(tls.key, PathBuf::from("/tls/key.pem"));
         assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
         assert_eq!(args.max_connection_age, Some(300));
+        assert_eq!(
+            max_connection_age(&args).expect("in range"),
+            Some(Duration::from_secs(300))
+        );
 
         let lone = Cli::try_parse_from(["x", "--tls-cert", "/tls/cert.pem"]).expect("parses");
         let err = tls_options(&lone.serve).expect_err("no key").to_string();
@@ -811,6 +844,30 @@ mod tests {
         assert!(tls_options(&ca_only.serve).is_err());
         let plain = Cli::try_parse_from(["x"]).expect("parses");
         assert!(tls_options(&plain.serve).expect("plaintext").is_none());
+    }
+
+    #[test]
+    fn max_connection_age_is_refused_outside_one_second_to_thirty_days() {
+        let age = |value: &str| {
+            let cli = Cli::try_parse_from(["x", "--max-connection-age", value]).expect("parses");
+            max_connection_age(&cli.serve)
+        };
+        let month = Duration::from_secs(30 * 24 * 60 * 60);
+        assert_eq!(age("2592000").expect("30 days"), Some(month));
+        for refused in ["0", "2592001", "18446744073709551615"] {
+            let err = age(refused).expect_err(refused).to_string();
+            assert!(err.contains("--max-connection-age"), "{err}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("serve.toml");
+        std::fs::write(&file, "max_connection_age = 18446744073709551615\n").expect("write");
+        let cli =
+            Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
+        match cli.serve.merged() {
+            Ok(args) => assert!(max_connection_age(&args).is_err(), "from the file"),
+            // toml's integers are i64: the file cannot even say it.
+            Err(e) => assert!(e.to_string().contains("serve.toml"), "{e}"),
+        }
     }
 
     #[test]

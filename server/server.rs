@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 
 use crate::kserve::{KServeService, Repository};
@@ -231,7 +229,12 @@ pub async fn run(
         repository: options
             .model_factory
             .clone()
-            .map(|f| Arc::new(Repository::new(f, options.policy.clone()))),
+            .map(|f| {
+                Arc::new(
+                    Repository::new(f, options.policy.clone())
+                        .with_policies(options.model_policies.clone()),
+                )
+            }),
         refuse_non_finite: options.kserve_refuse_non_finite,
     });
     let streaming_kserve = kserve_service.clone();
@@ -414,11 +417,28 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]).
+/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]). Accepted in
+/// a task of their own that waits out a lack of descriptors ([`crate::accept`]) rather
+/// than handing tonic errors it would ask again for at once; when the stream is
+/// dropped (the server stops accepting), the listener closes.
 fn without_nagle(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| accepted.inspect(nodelay))
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut errors = crate::accept::AcceptErrors::default();
+        loop {
+            let stream = tokio::select! {
+                () = tx.closed() => break,
+                (stream, _) = crate::accept::accept(&listener, &mut errors) => stream,
+            };
+            nodelay(&stream);
+            if tx.send(Ok(stream)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Turns Nagle's algorithm off on an accepted connection. A reply goes out as several
@@ -442,7 +462,8 @@ fn jittered(age: Duration) -> Duration {
         .finish();
     // In [0.9, 1.1].
     let factor = 0.9 + 0.2 * (random >> 11) as f64 / (1u64 << 53) as f64;
-    age.mul_f64(factor)
+    // `mul_f64` panics past `Duration::MAX`; config caps the age, this never panics.
+    Duration::try_from_secs_f64(age.as_secs_f64() * factor).unwrap_or(age)
 }
 
 /// A background task that ends with its owner.
@@ -457,6 +478,7 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_stream::StreamExt;
 
     #[tokio::test]
     async fn accepted_connections_have_nagle_off() {
@@ -477,6 +499,11 @@ mod tests {
                 *d >= Duration::from_secs(90) && *d <= Duration::from_secs(110),
                 "{d:?}"
             );
+        }
+        // Near `Duration::MAX` every draw above ~1.0 overflows (`mul_f64` panicked on
+        // about half of them): such an age is kept as it is.
+        for _ in 0..64 {
+            assert!(jittered(Duration::MAX) >= Duration::MAX.mul_f64(0.85));
         }
         let (min, max) = (draws.iter().min(), draws.iter().max());
         assert!(

@@ -9,8 +9,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use resnet_client::proto::inference::model_config::SchedulingChoice;
-use resnet_client::proto::inference::{ModelConfigRequest, ModelMetadataRequest};
+use resnet_client::proto::inference::{
+    model_repository_parameter::ParameterChoice, ModelConfigRequest, ModelMetadataRequest,
+    ModelRepositoryParameter, RepositoryIndexRequest, RepositoryModelLoadRequest,
+    RepositoryModelUnloadRequest,
+};
 use resnet_client::{tensor, Client, ClientConfig, Output};
 use resnet_serve::model::{synthetic, Architecture};
 
@@ -41,6 +46,8 @@ fn server(args: &[&str], log: &Path) -> (Served, String) {
             .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--device", "cpu"])
             .args(args)
+            // Nothing is downloaded in these tests: a closed port answers any attempt.
+            .env("RESNET_SERVE_WEIGHTS_URL", "http://127.0.0.1:9")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).expect("log"))
             .spawn()
@@ -202,6 +209,187 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
     assert!(
         text.contains("resnet18-custom") && text.contains("model.safetensors"),
         "the log names the model and the file the directory held: {text}"
+    );
+}
+
+/// A model's dynamic batching as KServe's ModelConfig reports it: preferred sizes,
+/// delay in microseconds, queue size.
+async fn kserve_policy(
+    k: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> (Vec<i32>, u64, Option<u32>) {
+    let config = k
+        .model_config(ModelConfigRequest {
+            name: name.into(),
+            version: String::new(),
+        })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config body");
+    let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
+        panic!("dynamic batching expected");
+    };
+    (
+        db.preferred_batch_size,
+        db.max_queue_delay_microseconds,
+        db.default_queue_policy.map(|q| q.max_queue_size),
+    )
+}
+
+/// A RepositoryModelLoad of `model`, from `file` in the model repository if given.
+fn load_request(model: &str, file: Option<&str>) -> RepositoryModelLoadRequest {
+    RepositoryModelLoadRequest {
+        model_name: model.into(),
+        parameters: file
+            .map(|f| {
+                (
+                    "file".to_string(),
+                    ModelRepositoryParameter {
+                        parameter_choice: Some(ParameterChoice::StringParam(f.into())),
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn model_control_reloads_a_configured_model_as_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mounted = dir.path().join("mnt-models");
+    std::fs::create_dir(&mounted).expect("mkdir");
+    common::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    let file = dir.path().join("r18.safetensors");
+    std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
+    let repo = dir.path().join("repo");
+    std::fs::create_dir(&repo).expect("mkdir");
+    std::fs::copy(&file, repo.join("other.safetensors")).expect("copy");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "batch_sizes = [1, 2, 4, 8]\n\
+             model_control = true\n\
+             model_repository = \"{repo}\"\n\
+             cache_dir = \"{cache}\"\n\
+             [models.resnet18-custom]\n\
+             path = \"{mounted}\"\n\
+             batch_sizes = [1, 2]\n\
+             max_queue_delay_ms = 1\n\
+             queue_capacity = 6\n\
+             workers_per_device = 2\n\
+             [models.resnet18_swsl]\n\
+             path = \"{file}\"\n",
+            repo = repo.display(),
+            cache = dir.path().join("cache").display(),
+            mounted = mounted.display(),
+            file = file.display(),
+        ),
+    )
+    .expect("write");
+    let log = dir.path().join("server.log");
+    let (_served, url) = server(&["--config", &config.display().to_string()], &log);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = ready(&url, "resnet18-custom", &log).await;
+        let values = synthetic::input(7, 2, 224);
+        let images = || values.chunks(3 * 224 * 224).map(tensor).collect::<Vec<_>>();
+        let logits = |name: &'static str| {
+            let client = client.clone();
+            let images = images();
+            async move {
+                client
+                    .classify(name, images, Output::Logits)
+                    .await
+                    .expect(name)
+                    .results
+            }
+        };
+        let before = logits("resnet18-custom").await;
+        let swsl_before = logits("resnet18_swsl").await;
+        let mut k = client.kserve_stub();
+        let own = (vec![1, 2], 1000, Some(6));
+        assert_eq!(kserve_policy(&mut k, "resnet18-custom").await, own);
+        for name in ["resnet18-custom", "resnet18_swsl"] {
+            k.repository_model_unload(RepositoryModelUnloadRequest {
+                model_name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("unload");
+        }
+        // Unloaded, the configured name is listed as one that can be loaded.
+        let index = k
+            .repository_index(RepositoryIndexRequest::default())
+            .await
+            .expect("index")
+            .into_inner()
+            .models;
+        assert!(
+            index
+                .iter()
+                .any(|m| m.name == "resnet18-custom" && m.state == "UNAVAILABLE"),
+            "{index:?}"
+        );
+        // A name of the operator's own, reloaded from its configured directory with its
+        // own policy and workers; a hub name with its own path from that path, not the
+        // weights cache (which has nothing and cannot download here).
+        for name in ["resnet18-custom", "resnet18_swsl"] {
+            k.repository_model_load(load_request(name, None))
+                .await
+                .unwrap_or_else(|e| panic!("reloading {name}: {e}"));
+        }
+        assert_eq!(kserve_policy(&mut k, "resnet18-custom").await, own);
+        for (name, was) in [
+            ("resnet18-custom", &before),
+            ("resnet18_swsl", &swsl_before),
+        ] {
+            let now = logits(name).await;
+            assert_eq!(now.len(), 2);
+            for (a, b) in now.iter().zip(was) {
+                assert!(
+                    common::relative_error(&a.values, &b.values) <= 1e-6,
+                    "{name}"
+                );
+            }
+        }
+        // A file from the repository replaces its weights, not its settings.
+        k.repository_model_load(load_request("resnet18-custom", Some("other.safetensors")))
+            .await
+            .expect("load from the repository");
+        assert_eq!(kserve_policy(&mut k, "resnet18-custom").await, own);
+        // A hub name with no table of its own keeps the server's settings.
+        k.repository_model_load(load_request("resnet18_ssl", Some("other.safetensors")))
+            .await
+            .expect("load a hub name");
+        assert_eq!(
+            kserve_policy(&mut k, "resnet18_ssl").await,
+            (vec![1, 2, 4, 8], 5000, Some(32))
+        );
+        // A name neither configured nor a hub name is unknown.
+        let e = k
+            .repository_model_load(load_request("cats", None))
+            .await
+            .expect_err("unknown");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        assert!(e.message().contains("resnet18-custom"), "{e}");
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let reloads: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains(" loaded through the model repository API")
+                && l.contains("model=resnet18-custom")
+        })
+        .collect();
+    assert_eq!(reloads.len(), 2, "{text}");
+    assert!(
+        reloads.iter().all(|l| l.contains("replicas=2")),
+        "its own workers_per_device: {reloads:?}"
     );
 }
 

@@ -378,7 +378,11 @@ fn max_connection_age(args: &ServeArgs) -> anyhow::Result<Option<Duration>> {
 
 /// The models to serve (see [`models::plan`]): resnet50_swsl when nothing names any.
 fn planned_models(args: &ServeArgs) -> anyhow::Result<Vec<models::Planned>> {
-    let planned = models::plan(&args.models, args.models_from_command_line, &args.model_tables)?;
+    let planned = models::plan(
+        &args.models,
+        args.models_from_command_line,
+        &args.model_tables,
+    )?;
     if !planned.is_empty() {
         return Ok(planned);
     }
@@ -401,9 +405,10 @@ fn model_policy(
         return Ok(None);
     }
     let sizes = s.batch_sizes.as_deref().unwrap_or(policy.allowed_sizes());
-    let capacity = s.queue_capacity.or(args.queue_capacity).unwrap_or_else(|| {
-        resnet_serve::scheduler::policy::default_queue_capacity(sizes)
-    });
+    let capacity = s
+        .queue_capacity
+        .or(args.queue_capacity)
+        .unwrap_or_else(|| resnet_serve::scheduler::policy::default_queue_capacity(sizes));
     let delay = s
         .max_queue_delay_ms
         .map_or(policy.max_queue_delay, Duration::from_millis);
@@ -715,7 +720,11 @@ mod tests {
         )
         .expect("write");
         let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
-        assert_eq!(cli.serve.log_format(), LogFormat::Json, "read past the tables");
+        assert_eq!(
+            cli.serve.log_format(),
+            LogFormat::Json,
+            "read past the tables"
+        );
         let merged = cli.serve.merged().expect("merges");
         assert_eq!(merged.batch_sizes, vec![1, 2]);
         let planned = planned_models(&merged).expect("plan");
@@ -728,7 +737,10 @@ mod tests {
         assert_eq!(own.allowed_sizes(), &[1, 8]);
         assert_eq!(own.max_queue_delay, Duration::from_millis(1));
         assert_eq!(own.queue_capacity, 32, "four of its largest batches");
-        assert_eq!(model_policy(&planned[1], &merged, &server).expect("valid"), None);
+        assert_eq!(
+            model_policy(&planned[1], &merged, &server).expect("valid"),
+            None
+        );
 
         // --model names what is served; the file's table lends its settings.
         let cli = Cli::try_parse_from(["x", "--config", config, "--model", "resnet50=/m.pth"])
@@ -739,17 +751,32 @@ mod tests {
 
         // Unknown keys in a model's table and outside it are named.
         for (text, key) in [
-            ("[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n", "batch_size"),
-            ("[models.a]\nhub = \"resnet18_ssl\"\n[other]\nx = 1\n", "other"),
-            ("[model.a]\nhub = \"resnet18_ssl\"\n[models.a]\nhub = \"resnet18_ssl\"\n", "both"),
+            (
+                "[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n",
+                "batch_size",
+            ),
+            (
+                "[models.a]\nhub = \"resnet18_ssl\"\n[other]\nx = 1\n",
+                "other",
+            ),
+            (
+                "[model.a]\nhub = \"resnet18_ssl\"\n[models.a]\nhub = \"resnet18_ssl\"\n",
+                "both",
+            ),
         ] {
             std::fs::write(&file, text).expect("write");
             let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
             let err = format!("{:#}", cli.serve.merged().expect_err(text));
-            assert!(err.contains(key) && err.contains("serve.toml"), "{text}: {err}");
+            assert!(
+                err.contains(key) && err.contains("serve.toml"),
+                "{text}: {err}"
+            );
         }
-        std::fs::write(&file, "[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "[models.resnet50]\npath = \"/m\"\nbatch_size = [1]\n",
+        )
+        .expect("write");
         let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
         let err = format!("{:#}", cli.serve.merged().expect_err("unknown"));
         assert!(err.contains("[models.resnet50]"), "names the model: {err}");

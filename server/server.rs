@@ -226,15 +226,12 @@ pub async fn run(
 
     let kserve_service = Arc::new(KServeService {
         state: state.clone(),
-        repository: options
-            .model_factory
-            .clone()
-            .map(|f| {
-                Arc::new(
-                    Repository::new(f, options.policy.clone())
-                        .with_policies(options.model_policies.clone()),
-                )
-            }),
+        repository: options.model_factory.clone().map(|f| {
+            Arc::new(
+                Repository::new(f, options.policy.clone())
+                    .with_policies(options.model_policies.clone()),
+            )
+        }),
         refuse_non_finite: options.kserve_refuse_non_finite,
     });
     let streaming_kserve = kserve_service.clone();

@@ -1128,7 +1128,10 @@ async fn non_finite_inputs_are_computed_as_triton_does_unless_refused() {
     // Image 1's own row is finite (and meaningless): the CPU kernels' ReLU, max(x, 0),
     // turns NaN into 0, as ONNX Runtime's MLAS and CUDA's fmaxf do (README, KServe).
     let bad = logits[1000..].iter().filter(|v| !v.is_finite()).count();
-    assert_eq!(bad, 0, "image 1's row holds {bad} values that are not finite");
+    assert_eq!(
+        bad, 0,
+        "image 1's row holds {bad} values that are not finite"
+    );
     let (shape, raw) = named_output(&r, "probabilities");
     assert_eq!(shape, vec![2, 3]);
     let classes = byte_elements(&raw);

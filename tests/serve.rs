@@ -569,7 +569,8 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(
-        err.message().contains("queues at most 4 images; this request has 5"),
+        err.message()
+            .contains("queues at most 4 images; this request has 5"),
         "{}",
         err.message()
     );

@@ -10,6 +10,7 @@
 #
 #   scripts/ab_secure.sh               # ROUNDS=3, binaries from target/release
 #   BIN=/some/dir scripts/ab_secure.sh
+#   INPUTS=jpeg ROUNDS=5 scripts/ab_secure.sh   # JPEG only (the figure)
 #
 # Prints one line per round, side and input (images/s) and the spans the receiver got.
 set -euo pipefail
@@ -58,7 +59,7 @@ for round in $(seq 1 "$ROUNDS"); do
       curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null 2>&1 && break
       sleep 0.2
     done
-    for input in jpeg tensor; do
+    for input in ${INPUTS:-jpeg tensor}; do
       if [ "$input" = jpeg ]; then src=(--input tests/fixtures/images/rocket.jpg); else src=(--synthetic); fi
       ips=$("${client[@]}" load --concurrency 8 --duration 15 --warmup 3 "${src[@]}" --json 2>"$work/client.err" \
         | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d,list) else d; print(round(d["images_per_s"],2), d.get("errors", ""))') \

@@ -414,28 +414,17 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]). Accepted in
-/// a task of their own that waits out a lack of descriptors ([`crate::accept`]) rather
-/// than handing tonic errors it would ask again for at once; when the stream is
-/// dropped (the server stops accepting), the listener closes.
+/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]).
 fn without_nagle(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut errors = crate::accept::AcceptErrors::default();
-        loop {
-            let stream = tokio::select! {
-                () = tx.closed() => break,
-                (stream, _) = crate::accept::accept(&listener, &mut errors) => stream,
-            };
-            nodelay(&stream);
-            if tx.send(Ok(stream)).await.is_err() {
-                break;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    // Polled by tonic itself, not fed from a task of its own: once tonic stops taking
+    // connections the listener is gone with this stream, so a client finds the port
+    // closed (never sent) instead of a connection accepted and then dropped under its
+    // call (a lost request at shutdown; tests/soak.rs caught one).
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(|accepted| accepted.inspect(nodelay))
 }
 
 /// Turns Nagle's algorithm off on an accepted connection. A reply goes out as several

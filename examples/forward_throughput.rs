@@ -14,7 +14,7 @@ use resnet_serve::model::{Architecture, Classifier, INPUT_SIZE};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    resnet_serve::allocator::keep_freed_memory();
+    resnet_serve::process::allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let arch = Architecture::ALL
         .into_iter()

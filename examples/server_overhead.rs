@@ -29,11 +29,11 @@ use anyhow::Context;
 use resnet_client::load::{self, LoadConfig, Mode, Transport};
 use resnet_client::shm::SharedTensors;
 use resnet_client::{tensor, Client, ClientConfig, Output};
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::{stage_batch, InputView, Logits, ModelError, NUM_CLASSES};
 use resnet_serve::preprocess::INPUT_LEN;
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -196,7 +196,7 @@ fn threads_cpu_ns(keep: impl Fn(&str) -> bool) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    resnet_serve::allocator::keep_freed_memory();
+    resnet_serve::process::allocator::keep_freed_memory();
     let args = parse()?;
     // Named, so the staging's CPU is counted as the server's whichever thread starts the
     // pool (unnamed, its threads would take the name of the thread that first used it).

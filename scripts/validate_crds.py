@@ -20,8 +20,8 @@ Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonsc
    instead of in a cluster:
    - every `--flag` a server container passes, every RESNET_SERVE_* variable in the
      manifests and Dockerfiles, and every key of the resnet-serve.toml ConfigMap is one
-     the server declares (server/config.rs and the rest of server/);
-   - every resnet_serve_* metric in a Prometheus query is one server/metrics.rs exports;
+     the server declares (server/commands/config.rs and the rest of server/);
+   - every resnet_serve_* metric in a Prometheus query is one server/process/metrics.rs exports;
    - a ScaledObject scales a Deployment defined here; a ServiceMonitor selects a Service
      here that has the port it scrapes, a PodMonitor pods that have it;
    - an InferenceService's name is a DNS-1035 label, its runtime is defined here and
@@ -347,7 +347,7 @@ def flag_variables(src: str) -> set[str]:
 
 
 def server_metrics() -> set[str]:
-    text = (ROOT / "server" / "metrics.rs").read_text()
+    text = (ROOT / "server" / "process" / "metrics.rs").read_text()
     names = re.findall(
         r'(?:counter|histogram|Opts::new|IntGauge::new|Gauge::new|HistogramOpts::new)\(\s*"([a-z_]+)"',
         text,
@@ -411,7 +411,7 @@ def main(argv: list[str]) -> int:
     flag_vars = flag_variables(src)
     metrics = server_metrics()
     if not flag_vars or not metrics:
-        finding("scripts/validate_crds.py", "found no flags in server/ or no metrics in server/metrics.rs: update its patterns")
+        finding("scripts/validate_crds.py", "found no flags in server/ or no metrics in server/process/metrics.rs: update its patterns")
 
     objects: list[tuple[Path, dict]] = list(documents(files))
     by_kind: dict[str, list[tuple[Path, dict]]] = {}
@@ -480,7 +480,7 @@ def main(argv: list[str]) -> int:
             for m in set(re.findall(r"\bresnet_serve_[a-z_]+", query)):
                 base = re.sub(r"_(bucket|sum|count)$", "", m)
                 if m not in metrics and base not in metrics:
-                    finding(w, f"query uses {m}, which server/metrics.rs does not export")
+                    finding(w, f"query uses {m}, which server/process/metrics.rs does not export")
 
         # 3. references between objects
         if kind == "ScaledObject":

@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod config;
+mod commands;
 
 // Keeps and reuses freed memory: each layer's output is a fresh multi-MiB buffer that
 // glibc returns to the OS, paying page faults on every forward pass (resnet50 batch 8:
@@ -16,9 +15,10 @@ mod config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use resnet_serve::device::{self, DeviceSpec, Precision};
+use commands::predict::{self, OutputKind};
+use commands::{bench, config};
 use resnet_serve::model::ModelName;
-use resnet_serve::predict::{self, OutputKind};
+use resnet_serve::process::device::{self, DeviceSpec, Precision};
 use resnet_serve::weights::download::{Downloader, BASE_URL_ENV};
 use resnet_serve::weights::{convert, inspect, Checkpoint};
 
@@ -108,7 +108,7 @@ enum WeightsCommand {
 }
 
 fn main() -> ExitCode {
-    resnet_serve::allocator::keep_freed_memory();
+    resnet_serve::process::allocator::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.command.is_none() {
@@ -117,12 +117,12 @@ fn main() -> ExitCode {
             "warn"
         })
     });
-    // Serving exports traces when an OTLP endpoint is configured (server/telemetry.rs).
+    // Serving exports traces when an OTLP endpoint is configured (server/process/telemetry.rs).
     let telemetry = match cli.command {
         None => cli
             .serve
             .otlp_endpoint()
-            .map(|endpoint| resnet_serve::telemetry::Telemetry::start(&endpoint))
+            .map(|endpoint| resnet_serve::process::telemetry::Telemetry::start(&endpoint))
             .transpose(),
         Some(_) => Ok(None),
     };
@@ -160,7 +160,7 @@ fn main() -> ExitCode {
     // Each connection is a descriptor: serving takes all the hard limit allows.
     #[cfg(unix)]
     if cli.command.is_none() {
-        match resnet_serve::accept::raise_open_files_limit() {
+        match resnet_serve::process::accept::raise_open_files_limit() {
             Ok(open_files) => tracing::info!(open_files, "open files limit (RLIMIT_NOFILE)"),
             Err(e) => tracing::warn!("cannot raise the open files limit (RLIMIT_NOFILE): {e}"),
         }

@@ -15,12 +15,12 @@ use resnet_client::proto::inference::{
     RepositoryModelLoadRequest, ServerLiveRequest, SystemSharedMemoryStatusRequest,
 };
 use resnet_client::proto::{image, ClassifyRequest, FloatTensor, Image, ListModelsRequest};
-use resnet_serve::auth::{Open, Tokens};
-use resnet_serve::local::LocalServer;
+use resnet_serve::api::auth::{Open, Tokens};
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 use sha2::Digest;
 use tonic::transport::Channel;
 use tonic::{Code, Request};

@@ -25,11 +25,11 @@ use resnet_client::proto::{
     image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
     OutputKind, OutputSpec, RawFrame, StreamFrame,
 };
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 

@@ -22,14 +22,14 @@ use resnet_client::proto::inference::{
     ServerMetadataRequest,
 };
 use resnet_client::proto::{image, ClassifyRequest, EncodedImage, Image, OutputKind, OutputSpec};
-use resnet_serve::device::Precision;
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic;
 use resnet_serve::model::Architecture;
 use resnet_serve::model::ModelError;
-use resnet_serve::placement::Placement;
+use resnet_serve::process::device::Precision;
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::placement::Placement;
+use resnet_serve::process::server::{self, ModelFactory, ServeOptions};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, ModelFactory, ServeOptions};
 use resnet_serve::weights::download::Downloader;
 use resnet_serve::weights::repository::ModelRepository;
 use tokio_stream::StreamExt;

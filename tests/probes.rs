@@ -11,11 +11,11 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use resnet_client::proto::classifier_client::ClassifierClient;
 use resnet_client::proto::{image, ClassifyRequest, FloatTensor, Image};
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier, ModelError};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 
 /// The seeded resnet18 behind a gate: a batch waits inside the worker until opened.
 struct Gated {

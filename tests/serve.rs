@@ -13,12 +13,12 @@ use resnet_client::proto::{
     image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
     ListModelsRequest, OutputKind, OutputSpec, RawFrame, StreamFrame,
 };
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, ModelError};
 use resnet_serve::preprocess::{Input, Preprocessor, INPUT_LEN};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;

@@ -15,12 +15,12 @@ use common::testca::{Issued, TestCa};
 use prost::Message;
 use resnet_client::proto::{stream_result, StreamFrame, StreamResult};
 use resnet_client::{Client, ClientConfig, ClientError, Output, TlsFiles};
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, RunError, ServeOptions};
+use resnet_serve::process::tls::TlsOptions;
 use resnet_serve::scheduler::{Backend, BatchPolicy};
-use resnet_serve::server::{self, RunError, ServeOptions};
-use resnet_serve::tls::TlsOptions;
 use tokio_rustls::rustls;
 use tonic::Code;
 
@@ -285,7 +285,7 @@ async fn tokens_are_required_over_tls_too() {
     let server = start(|o| {
         o.tls = Some(pki.options());
         o.auth_tokens = Some(Arc::new(
-            resnet_serve::auth::Tokens::load(&tokens).expect("tokens"),
+            resnet_serve::api::auth::Tokens::load(&tokens).expect("tokens"),
         ));
     })
     .await;
@@ -437,7 +437,7 @@ async fn tritonclient_over_mutual_tls_with_a_token() {
         tls.client_ca = Some(client_ca.clone());
         o.tls = Some(tls);
         o.auth_tokens = Some(Arc::new(
-            resnet_serve::auth::Tokens::load(&tokens).expect("tokens"),
+            resnet_serve::api::auth::Tokens::load(&tokens).expect("tokens"),
         ));
     })
     .await;

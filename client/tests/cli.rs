@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use resnet_serve::local::LocalServer;
 use resnet_serve::model::synthetic::SyntheticWeights;
 use resnet_serve::model::{Architecture, Classifier};
-use resnet_serve::predict::{self, OutputKind};
+use resnet_serve::preprocess::{Input, Preprocessor};
+use resnet_serve::process::local::LocalServer;
+use resnet_serve::process::server::{self, ServeOptions};
 use resnet_serve::scheduler::{Backend, BatchPolicy};
-use resnet_serve::server::{self, ServeOptions};
 
 #[path = "../../tests/common/testca.rs"]
 mod testca;
@@ -71,7 +71,7 @@ impl Server {
         model: Arc<dyn Backend>,
         queue_capacity: usize,
         tokens: Option<PathBuf>,
-        tls: Option<resnet_serve::tls::TlsOptions>,
+        tls: Option<resnet_serve::process::tls::TlsOptions>,
     ) -> Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -89,7 +89,7 @@ impl Server {
                     // `load --shared-memory` registers a region.
                     shared_memory: true,
                     auth_tokens: tokens.map(|path| {
-                        Arc::new(resnet_serve::auth::Tokens::load(path).expect("tokens"))
+                        Arc::new(resnet_serve::api::auth::Tokens::load(path).expect("tokens"))
                     }),
                     tls,
                     ..ServeOptions::default()
@@ -158,11 +158,19 @@ fn classify_prints_what_predict_computes() {
         .output()
         .expect("runs");
     let json = json_of(&out);
-    let offline = predict::predict(&model, &files, OutputKind::Logits, 5, 8).expect("predict");
-    for (i, p) in offline.iter().enumerate() {
-        let predict::Output::Logits(want) = &p.output else {
-            panic!("logits")
-        };
+    // What `resnet-serve predict` computes: each file preprocessed as torchvision does, one
+    // forward pass over the batch.
+    let pre = Preprocessor::default();
+    let mut pixels = Vec::new();
+    for file in &files {
+        let bytes = std::fs::read(file).expect("fixture");
+        let input = pre.prepare(Input::Encoded(&bytes)).expect("preprocess");
+        input
+            .view()
+            .for_each_run(|run| pixels.extend_from_slice(run));
+    }
+    let offline = model.classify(&pixels, files.len()).expect("forward");
+    for (i, want) in offline.iter().enumerate() {
         let got: Vec<f32> = json[i]["logits"]
             .as_array()
             .expect("array")
@@ -931,7 +939,7 @@ fn tls_and_mutual_tls_from_the_flags_and_the_environment() {
     let (cert, key) = ca.issue("server", 1).write(dir.path(), "server");
     let clients = testca::TestCa::new("cli client CA");
     let (client_cert, client_key) = clients.issue("cli", 2).write(dir.path(), "client");
-    let mut tls = resnet_serve::tls::TlsOptions::new(cert, key);
+    let mut tls = resnet_serve::process::tls::TlsOptions::new(cert, key);
     tls.client_ca = Some(clients.write(dir.path(), "clients.crt"));
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "cli-secret\n").expect("write");

@@ -11,14 +11,14 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use prost::Message;
-use resnet_serve::admission::{Bounded, ByteBudget, Counts};
-use resnet_serve::kserve::views::View;
-use resnet_serve::kserve::{tensors, InferRequest};
+use resnet_serve::api::admission::{Bounded, ByteBudget, Counts};
+use resnet_serve::api::kserve::views::View;
+use resnet_serve::api::kserve::{tensors, InferRequest};
+use resnet_serve::api::shm::SharedMemory;
+use resnet_serve::api::unary::{Frames, FromFrames, Limits};
 use resnet_serve::preprocess::{Input, Preprocessor};
 use resnet_serve::proto::inference::ModelInferRequest;
 use resnet_serve::proto::{self, image};
-use resnet_serve::shm::SharedMemory;
-use resnet_serve::unary::{Frames, FromFrames, Limits};
 
 /// Splits `data` into a message and the points at which its frames are cut: the first
 /// byte is the number of cuts (mod 8), each cut two little-endian bytes (mod the
@@ -217,8 +217,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// The gRPC message framing readers (the 5-byte prefix, its flag and announced length
 /// against the limit, messages across DATA frames): the unary reader
-/// ([`resnet_serve::unary::read_message`]) and the streaming one
-/// ([`resnet_serve::unary::messages`]) over the same body, cut into frames at the
+/// ([`resnet_serve::api::unary::read_message`]) and the streaming one
+/// ([`resnet_serve::api::unary::messages`]) over the same body, cut into frames at the
 /// points [`framed`] reads, under a decoding limit and an in-flight budget of 4 KiB,
 /// all of which is given back once the messages are dropped.
 pub fn message_reader(data: &[u8]) {
@@ -242,7 +242,7 @@ pub fn message_reader(data: &[u8]) {
     runtime().block_on(async {
         let budget = ByteBudget::new(LIMIT, None);
         if let Ok((message, _, _reservation)) =
-            resnet_serve::unary::read_message(body(chunks.clone()), LIMIT, &budget).await
+            resnet_serve::api::unary::read_message(body(chunks.clone()), LIMIT, &budget).await
         {
             assert!(bytes::Buf::remaining(&message) <= LIMIT);
             let _ = proto::ClassifyRequest::decode_frames(message);
@@ -254,7 +254,7 @@ pub fn message_reader(data: &[u8]) {
             counts: counts(),
             budget: budget.clone(),
         };
-        let stream = resnet_serve::unary::messages::<proto::StreamFrame>(body(chunks), limits);
+        let stream = resnet_serve::api::unary::messages::<proto::StreamFrame>(body(chunks), limits);
         let results: Vec<_> = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             stream.collect::<Vec<_>>(),
@@ -271,14 +271,14 @@ pub fn message_reader(data: &[u8]) {
 }
 
 /// The `grpc-timeout` header, through the interceptor that turns it into a deadline
-/// ([`resnet_serve::service::stamp_deadline`]), with the bytes as the header's value.
+/// ([`resnet_serve::api::service::stamp_deadline`]), with the bytes as the header's value.
 pub fn grpc_timeout(data: &[u8]) {
     let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(data) else {
         return;
     };
     let mut req = tonic::Request::new(());
     req.metadata_mut().insert("grpc-timeout", value);
-    let _ = resnet_serve::service::stamp_deadline(req);
+    let _ = resnet_serve::api::service::stamp_deadline(req);
 }
 
 /// Where two debug renderings part, with some context of each.

@@ -9,7 +9,7 @@ use tokio::time::{sleep_until, Instant};
 
 use super::policy::{BatchPolicy, Forming, Step};
 use super::Job;
-use crate::metrics::ModelMetrics;
+use crate::process::metrics::ModelMetrics;
 
 /// A model's waiting jobs, in two priority levels.
 pub struct Queues {

@@ -15,7 +15,7 @@
 //!
 //! Each job carries its request's [`Origin`] (its id, and its span when traces are
 //! exported): the worker names the batch's requests in its log lines, and the batch's
-//! span links to each request's span (server/telemetry.rs).
+//! span links to each request's span (server/process/telemetry.rs).
 
 pub mod batcher;
 pub mod policy;
@@ -31,7 +31,7 @@ pub use batcher::Queues;
 pub use policy::BatchPolicy;
 pub use worker::{Backend, BackendInfo};
 
-use crate::metrics::ModelMetrics;
+use crate::process::metrics::ModelMetrics;
 
 /// Why a scheduled image got no logits.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -77,7 +77,7 @@ pub struct Job {
 pub struct Origin {
     /// The request's id (`x-request-id`, or one made for it); empty when it has none.
     pub request_id: Arc<str>,
-    /// The request's span, when traces are exported ([`crate::telemetry::link_to`]).
+    /// The request's span, when traces are exported ([`crate::process::telemetry::link_to`]).
     pub span: Option<Arc<opentelemetry::trace::SpanContext>>,
     /// It takes the logits of an image holding NaN or infinite values, computed as
     /// given (KServe, as Triton does); otherwise such an image is refused
@@ -90,7 +90,7 @@ impl Origin {
     pub fn new(request_id: &str) -> Self {
         Origin {
             request_id: Arc::from(request_id),
-            span: crate::telemetry::current_link().map(Arc::new),
+            span: crate::process::telemetry::current_link().map(Arc::new),
             compute_non_finite: false,
         }
     }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::batcher::{Batch, FreeWorkers};
 use super::{BatchPolicy, Job, ScheduleError};
-use crate::metrics::ModelMetrics;
 use crate::model::{Classifier, InputView, Logits, ModelError};
+use crate::process::metrics::ModelMetrics;
 
 /// What a model reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl Backend for Classifier {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             architecture: self.architecture().to_string(),
-            device: crate::device::describe(self.device()),
+            device: crate::process::device::describe(self.device()),
             dtype: format!("{:?}", self.dtype()).to_lowercase(),
         }
     }
@@ -201,7 +201,10 @@ fn worker_loop(
             batch_size = live as i64,
             padded_size = size as i64
         );
-        crate::telemetry::link_batch(&span, jobs.iter().filter_map(|j| j.origin.span.as_deref()));
+        crate::process::telemetry::link_batch(
+            &span,
+            jobs.iter().filter_map(|j| j.origin.span.as_deref()),
+        );
         for job in &mut jobs {
             // The image's wait is over.
             job.queued = tracing::Span::none();

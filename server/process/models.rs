@@ -16,7 +16,7 @@
 //! letters, digits, `-` and `_`, starting and ending with a letter or digit: a
 //! Kubernetes/KServe name (DNS-1123 label) or one of the hub names, which have
 //! underscores. It may not end in `_frame` or `_image`, which name the KServe views of
-//! a model ([`crate::kserve::views`]).
+//! a model ([`crate::api::kserve::views`]).
 //!
 //! The TOML file's `[models.NAME]` tables ([`ModelSettings`]) give a model its weights
 //! (`path`, `arch`, `hub`) and its own batching, queue and placement; a setting a table
@@ -30,8 +30,8 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::device::Precision;
 use crate::model::{Architecture, ModelName};
+use crate::process::device::Precision;
 use crate::weights::clip;
 use crate::weights::repository::ModelRepository;
 

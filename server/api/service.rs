@@ -11,17 +11,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::admission::Held;
-use crate::error::ServeError;
+use crate::api::admission::Held;
+use crate::api::error::ServeError;
+use crate::api::refusals::RefusalLog;
+use crate::api::shm::SharedMemory;
 use crate::labels;
-use crate::metrics::Metrics;
 use crate::model::{ModelInput, INPUT_SIZE, NUM_CLASSES};
 use crate::preprocess::{Input, Preprocessor};
+use crate::process::metrics::Metrics;
+use crate::process::registry::Registry;
 use crate::proto::{self, classifier_server::Classifier, image, stream_result, OutputKind};
-use crate::refusals::RefusalLog;
-use crate::registry::Registry;
 use crate::scheduler::ModelHandle;
-use crate::shm::SharedMemory;
 
 /// What one image needs before it is a model input.
 enum Arrival {
@@ -189,7 +189,7 @@ impl State {
             if name.is_empty() {
                 "(default)".to_string()
             } else {
-                crate::error::excerpt(name, crate::error::NAME_CHARS)
+                crate::api::error::excerpt(name, crate::api::error::NAME_CHARS)
             }
         };
         let loading = !self.loaded.load(Ordering::SeqCst)
@@ -233,7 +233,9 @@ impl State {
 
     /// Logs a refused request (at most once per second per status) and counts it.
     pub(crate) fn refused(&self, code: tonic::Code, error: &ServeError) {
-        self.metrics.refusals(crate::refusals::reason(code)).inc();
+        self.metrics
+            .refusals(crate::api::refusals::reason(code))
+            .inc();
         self.refusal_log.log(code_name(code), &error.message());
     }
 
@@ -243,7 +245,7 @@ impl State {
         let kept: String = given
             .chars()
             .filter(|c| c.is_ascii_graphic())
-            .take(crate::error::NAME_CHARS)
+            .take(crate::api::error::NAME_CHARS)
             .collect();
         if kept.is_empty() {
             format!("req-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed))
@@ -651,7 +653,7 @@ pub struct ClassifierService {
 
 impl ClassifierService {
     /// `ClassifyStream` over `frames`, as tonic decodes them or as decoded from the
-    /// call's HTTP/2 frames (server/unary.rs): results in the frames' order.
+    /// call's HTTP/2 frames (server/api/unary.rs): results in the frames' order.
     pub fn classify_frames(
         &self,
         frames: impl tokio_stream::Stream<Item = Result<Held<proto::StreamFrame>, Status>>
@@ -712,7 +714,11 @@ impl Classifier for ClassifierService {
             otel.name = tracing::field::Empty,
             otel.kind = tracing::field::Empty
         );
-        crate::telemetry::join_caller(&span, request.metadata(), crate::telemetry::CLASSIFY);
+        crate::process::telemetry::join_caller(
+            &span,
+            request.metadata(),
+            crate::process::telemetry::CLASSIFY,
+        );
         let mut req = request.into_inner();
         req.request_id = request_id;
         let id = tonic::metadata::MetadataValue::try_from(req.request_id.as_str()).ok();
@@ -740,9 +746,9 @@ impl Classifier for ClassifierService {
             Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(e) => self.state.refused(code, e),
         });
-        if crate::telemetry::enabled() {
+        if crate::process::telemetry::enabled() {
             let message = result.as_ref().err().map(ServeError::message);
-            crate::telemetry::record_status(&span, code, message.as_deref().unwrap_or(""));
+            crate::process::telemetry::record_status(&span, code, message.as_deref().unwrap_or(""));
         }
         with_request_id(result.map(Response::new).map_err(Status::from), id)
     }

@@ -62,7 +62,7 @@ pub struct ModelMetrics {
     padded_slots: IntCounter,
     model: String,
     /// Cumulative totals for KServe's `ModelStatistics`.
-    pub stats: crate::stats::InferStats,
+    pub stats: crate::process::stats::InferStats,
 }
 
 impl ModelMetrics {
@@ -246,12 +246,12 @@ impl Metrics {
         self.auth_refusals.clone()
     }
 
-    /// Failed TLS handshakes, by reason (server/tls.rs).
+    /// Failed TLS handshakes, by reason (server/process/tls.rs).
     pub fn tls_handshake_failures(&self) -> IntCounterVec {
         self.tls_handshake_failures.clone()
     }
 
-    /// Reloads of the TLS files, by result (server/tls.rs).
+    /// Reloads of the TLS files, by result (server/process/tls.rs).
     pub fn tls_reloads(&self) -> IntCounterVec {
         self.tls_reloads.clone()
     }
@@ -275,7 +275,7 @@ impl Metrics {
             batch_slots: self.batch_slots.with_label_values(&[model]),
             padded_slots: self.padded_slots.with_label_values(&[model]),
             model: model.to_string(),
-            stats: crate::stats::InferStats::default(),
+            stats: crate::process::stats::InferStats::default(),
         })
     }
 

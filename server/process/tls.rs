@@ -405,7 +405,7 @@ impl Tls {
     /// Reads and checks the files: an error here keeps the server from starting.
     pub fn load(
         options: TlsOptions,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::process::metrics::Metrics,
     ) -> Result<Arc<Tls>, TlsError> {
         let files = Files::read(&options)?;
         let config = build(&options, &files)?;
@@ -536,12 +536,12 @@ impl Tls {
             under_way: Default::default(),
         });
         tokio::spawn(async move {
-            let mut errors = crate::accept::AcceptErrors::default();
+            let mut errors = crate::process::accept::AcceptErrors::default();
             loop {
-                // Out of descriptors, it waits rather than spins (crate::accept).
+                // Out of descriptors, it waits rather than spins (crate::process::accept).
                 let (stream, peer) = tokio::select! {
                     () = tx.closed() => break,
-                    accepted = crate::accept::accept(&listener, &mut errors) => accepted,
+                    accepted = crate::process::accept::accept(&listener, &mut errors) => accepted,
                 };
                 let Some(ip_slot) = per_ip.try_take(peer.ip()) else {
                     tls.handshake_failures.with_label_values(&["busy"]).inc();
@@ -553,7 +553,7 @@ impl Tls {
                     drop(stream);
                     continue;
                 };
-                crate::server::nodelay(&stream);
+                crate::process::server::nodelay(&stream);
                 let acceptor = TlsAcceptor::from(tls.config());
                 let tx = tx.clone();
                 let tls = tls.clone();
@@ -718,7 +718,7 @@ mod tests {
         let ca = Ca::new("test CA");
         let first = ca.leaf("first");
         let setup = Setup::new(&first, None);
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         assert_eq!(
             handshake(&tls, client(&ca, None)).await,
@@ -761,7 +761,7 @@ mod tests {
     fn bad_files_at_start_up_are_errors_that_name_them() {
         let ca = Ca::new("test CA");
         let leaf = ca.leaf("server");
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let setup = Setup::new(&leaf, None);
 
         let mut missing = setup.options.clone();
@@ -796,7 +796,7 @@ mod tests {
     fn load_within_seconds(options: TlsOptions) -> Result<Arc<Tls>, TlsError> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(Tls::load(options, &crate::metrics::Metrics::new()));
+            let _ = tx.send(Tls::load(options, &crate::process::metrics::Metrics::new()));
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("loading the files blocked")
@@ -885,7 +885,7 @@ mod tests {
         let clients = Ca::new("client CA");
         let foreign = Ca::new("foreign CA");
         let setup = Setup::new(&ca.leaf("server"), Some(&clients));
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
 
         let good = clients.leaf("good client");
@@ -909,7 +909,7 @@ mod tests {
         let ca = Ca::new("test CA");
         let mut setup = Setup::new(&ca.leaf("server"), None);
         setup.options.max_handshakes = 1;
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -968,7 +968,7 @@ mod tests {
         let ca = Ca::new("test CA");
         let mut setup = Setup::new(&ca.leaf("server"), None);
         setup.options.max_handshakes_per_ip = 1;
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -1021,7 +1021,7 @@ mod tests {
         let leaf = ca.leaf("server");
         let mut setup = Setup::new(&leaf, None);
         setup.options.handshake_timeout = Duration::from_millis(1500);
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = crate::process::metrics::Metrics::new();
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

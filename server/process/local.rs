@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::server::{self, ModelLoader, RunError, ServeOptions};
+use crate::process::server::{self, ModelLoader, RunError, ServeOptions};
 
 /// A running server on `127.0.0.1`, gRPC and metrics each on a port of their own.
 pub struct LocalServer {

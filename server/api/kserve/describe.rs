@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::process::stats::Tally;
 use crate::proto::inference::{
     model_config::SchedulingChoice, model_input, model_instance_group,
     model_metadata_response::TensorMetadata, DataType, InferBatchStatistics, InferStatistics,
@@ -11,7 +12,6 @@ use crate::proto::inference::{
     ModelOutput, ModelParameter, ModelQueuePolicy, ModelStatistics, StatisticDuration,
 };
 use crate::scheduler::ModelHandle;
-use crate::stats::Tally;
 
 use super::views::{Output, View};
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use resnet_serve::device::{self, DeviceSpec, Precision};
-use resnet_serve::models::{self, ModelSettings};
-use resnet_serve::placement::Placement;
 use resnet_serve::preprocess::Limits;
+use resnet_serve::process::device::{self, DeviceSpec, Precision};
+use resnet_serve::process::models::{self, ModelSettings};
+use resnet_serve::process::placement::Placement;
+use resnet_serve::process::server::{self, ModelLoader, ServeOptions};
 use resnet_serve::scheduler::{Backend, BatchPolicy};
-use resnet_serve::server::{self, ModelLoader, ServeOptions};
 use resnet_serve::weights::download::Downloader;
 use resnet_serve::weights::repository::ModelRepository;
 
@@ -282,7 +282,9 @@ impl ServeArgs {
             let text = std::fs::read_to_string(self.config.as_ref()?).ok()?;
             parse_file(&text).ok()?.otlp_endpoint
         });
-        resnet_serve::telemetry::endpoint(configured.as_deref(), |name| std::env::var(name).ok())
+        resnet_serve::process::telemetry::endpoint(configured.as_deref(), |name| {
+            std::env::var(name).ok()
+        })
     }
 }
 
@@ -326,11 +328,11 @@ fn parse_file(text: &str) -> anyhow::Result<ServeArgs> {
 const LEGACY_MODELS_ENV: &str = "RESNET_SERVE_MODELS";
 
 /// `--auth-open`: which calls stay open when tokens are required.
-fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::auth::Open> {
+fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::api::auth::Open> {
     if names.is_empty() {
-        return Ok(resnet_serve::auth::Open::default());
+        return Ok(resnet_serve::api::auth::Open::default());
     }
-    let mut open = resnet_serve::auth::Open {
+    let mut open = resnet_serve::api::auth::Open {
         health: false,
         reflection: false,
     };
@@ -347,10 +349,10 @@ fn auth_open(names: &[String]) -> anyhow::Result<resnet_serve::auth::Open> {
 
 /// `--tls-cert`, `--tls-key`, `--tls-client-ca`, from whichever source each came (so the
 /// pairs are checked here, not by clap).
-fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<resnet_serve::tls::TlsOptions>> {
+fn tls_options(args: &ServeArgs) -> anyhow::Result<Option<resnet_serve::process::tls::TlsOptions>> {
     match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let mut options = resnet_serve::tls::TlsOptions::new(cert, key);
+            let mut options = resnet_serve::process::tls::TlsOptions::new(cert, key);
             options.client_ca = args.tls_client_ca.clone();
             Ok(Some(options))
         }
@@ -520,12 +522,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth_tokens: args
             .auth_token_file
             .as_ref()
-            .map(|path| resnet_serve::auth::Tokens::load(path).map(Arc::new))
+            .map(|path| resnet_serve::api::auth::Tokens::load(path).map(Arc::new))
             .transpose()?,
         auth_open: auth_open(&args.auth_open)?,
         tls: tls_options(&args)?,
         max_connection_age: max_connection_age(&args)?,
-        shared_memory_limits: resnet_serve::shm::Limits {
+        shared_memory_limits: resnet_serve::api::shm::Limits {
             max_regions: args
                 .shared_memory_max_regions
                 .unwrap_or(defaults.shared_memory_limits.max_regions),
@@ -597,7 +599,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let configured = loads
             .iter()
             .map(|(planned, placement)| {
-                let model = resnet_serve::placement::Configured {
+                let model = resnet_serve::process::placement::Configured {
                     weights: planned.weights.clone(),
                     placement: placement.clone(),
                 };
@@ -623,7 +625,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)));
     let metrics_listen = args
         .metrics_listen
-        .unwrap_or_else(resnet_serve::metrics::default_addr);
+        .unwrap_or_else(resnet_serve::process::metrics::default_addr);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)

@@ -3,11 +3,8 @@
 
 use std::sync::LazyLock;
 
-static LABELS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
-    include_str!("labels/imagenet_classes.txt")
-        .lines()
-        .collect()
-});
+static LABELS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| include_str!("imagenet_classes.txt").lines().collect());
 
 /// All 1000 class names, index-aligned with the logits.
 pub fn labels() -> &'static [&'static str] {

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use crate::labels::{self, Scored};
-use crate::model::{Classifier, ModelError, ModelName};
-use crate::preprocess::{Input, PreprocessError, Preprocessor, INPUT_LEN};
-use crate::weights::{Checkpoint, WeightsError};
+use resnet_serve::labels::{self, Scored};
+use resnet_serve::model::{Classifier, ModelError, ModelName};
+use resnet_serve::preprocess::{Input, PreprocessError, Preprocessor, INPUT_LEN};
+use resnet_serve::weights::{Checkpoint, WeightsError};
 
 /// What to report per image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

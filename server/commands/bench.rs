@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 
-use resnet_serve::device::{self, DeviceSpec, Precision};
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
 use resnet_serve::model::{Architecture, Classifier, Kernels, INPUT_SIZE};
+use resnet_serve::process::device::{self, DeviceSpec, Precision};
 use resnet_serve::weights::Checkpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

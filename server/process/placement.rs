@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::device::{self, Precision};
 use crate::model::{Architecture, Classifier, ModelName};
-use crate::models::{self, Weights};
+use crate::process::device::{self, Precision};
+use crate::process::models::{self, Weights};
+use crate::process::server::ModelFactory;
 use crate::scheduler::Backend;
-use crate::server::ModelFactory;
 use crate::weights::download::Downloader;
 use crate::weights::repository::{ModelRepository, RepositoryError};
 use crate::weights::{clip, Checkpoint, Limits};

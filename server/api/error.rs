@@ -2,9 +2,9 @@
 
 use tonic::{Code, Status};
 
+use crate::api::shm::ShmError;
 use crate::preprocess::PreprocessError;
 use crate::scheduler::ScheduleError;
-use crate::shm::ShmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -249,7 +249,11 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(tokens: Arc<Tokens>, open: Open, metrics: &crate::metrics::Metrics) -> Arc<Self> {
+    pub fn new(
+        tokens: Arc<Tokens>,
+        open: Open,
+        metrics: &crate::process::metrics::Metrics,
+    ) -> Arc<Self> {
         Arc::new(Guard {
             tokens,
             open,

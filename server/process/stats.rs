@@ -2,7 +2,7 @@
 //! `ModelStatistics` reports): counts and nanoseconds for successful and failed requests,
 //! queueing, and the three phases of each batch (assembling the input, the forward pass,
 //! handing results back), plus the same phases per batch size. Prometheus histograms
-//! ([`crate::metrics`]) answer "how is it distributed"; these answer "how much in total".
+//! ([`crate::process::metrics`]) answer "how is it distributed"; these answer "how much in total".
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

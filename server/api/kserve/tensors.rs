@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use prost::bytes::Bytes;
 
-use crate::error::ServeError;
+use crate::api::error::ServeError;
+use crate::api::shm::{Region, SharedMemory};
+use crate::api::unary::Segmented;
 use crate::labels;
 use crate::model::{INPUT_SIZE, NUM_CLASSES};
 use crate::proto::inference::{
@@ -18,8 +20,6 @@ use crate::proto::inference::{
     InferParameter, ModelInferRequest,
 };
 use crate::proto::{self, image};
-use crate::shm::{Region, SharedMemory};
-use crate::unary::Segmented;
 
 use super::views::{Output, View};
 
@@ -568,7 +568,7 @@ mod tests {
 
     #[test]
     fn tensors_across_frames_are_sliced_and_only_straddlers_copied() {
-        use crate::unary::{Frames, FromFrames};
+        use crate::api::unary::{Frames, FromFrames};
         use prost::Message;
         let per = 3 * 224 * 224 * 4;
         let data: Vec<u8> = (0..3 * per).map(|i| (i % 251) as u8).collect();
@@ -584,7 +584,7 @@ mod tests {
         let mut frames = Frames::default();
         frames.push(first.clone());
         frames.push(second.clone());
-        let decoded = crate::kserve::InferRequest::decode_frames(frames).expect("decode");
+        let decoded = crate::api::kserve::InferRequest::decode_frames(frames).expect("decode");
         assert_eq!(decoded.message.id, "frames");
         assert!(decoded.message.raw_input_contents.is_empty());
         let [raw] = decoded.field.as_slice() else {
@@ -619,7 +619,7 @@ mod tests {
         // A truncated field is refused, not read past.
         let mut short = Frames::default();
         short.push(Bytes::copy_from_slice(&body[..body.len() - 1]));
-        assert!(crate::kserve::InferRequest::decode_frames(short).is_err());
+        assert!(crate::api::kserve::InferRequest::decode_frames(short).is_err());
     }
 
     fn request(view: View, datatype: &str, shape: Vec<i64>, raw: Vec<u8>) -> ModelInferRequest {
@@ -744,7 +744,7 @@ mod tests {
         let per = 3 * 224 * 224 * 4;
         let mut data = vec![0u8; 16 + 2 * per];
         data[16..20].copy_from_slice(&1.5f32.to_le_bytes());
-        let object = crate::shm::test_objects::Object::with("tensors", &data);
+        let object = crate::api::shm::test_objects::Object::with("tensors", &data);
         let shm = SharedMemory::new(true);
         shm.register("r", &object.key(), 0, data.len() as u64)
             .expect("register");

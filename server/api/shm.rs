@@ -917,7 +917,7 @@ mod tests {
 
     #[test]
     fn off_unless_enabled() {
-        assert!(!crate::server::ServeOptions::default().shared_memory);
+        assert!(!crate::process::server::ServeOptions::default().shared_memory);
         let obj = Object::new("off", 16);
         let shm = SharedMemory::new(false);
         assert!(!shm.enabled());

@@ -9,17 +9,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-use crate::kserve::{KServeService, Repository};
-use crate::metrics::Metrics;
+use crate::api::kserve::{KServeService, Repository};
+use crate::api::service::{ClassifierService, State};
+use crate::api::shm::SharedMemory;
+use crate::api::unary;
 use crate::preprocess::{Limits, Preprocessor};
+use crate::process::metrics::Metrics;
+use crate::process::registry::Registry;
 use crate::proto::classifier_server::Classifier;
 use crate::proto::classifier_server::ClassifierServer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use crate::registry::Registry;
 use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
-use crate::service::{ClassifierService, State};
-use crate::shm::SharedMemory;
-use crate::unary;
 
 /// The largest message of a method that tonic decodes (every one but the four that
 /// carry images and tensors).
@@ -60,7 +60,7 @@ pub struct ServeOptions {
     /// `/dev/shm` that clients register). Off by default: the operator enables it.
     pub shared_memory: bool,
     /// How many regions and bytes clients may register when it is on.
-    pub shared_memory_limits: crate::shm::Limits,
+    pub shared_memory_limits: crate::api::shm::Limits,
     /// Bytes of request messages the server holds at once (received and not yet
     /// answered); past it a new call is refused with RESOURCE_EXHAUSTED at once.
     pub max_in_flight_bytes: usize,
@@ -76,11 +76,11 @@ pub struct ServeOptions {
     /// than computing them as given, as Triton does.
     pub kserve_refuse_non_finite: bool,
     /// Bearer tokens every call must carry (`None`: the server is open).
-    pub auth_tokens: Option<Arc<crate::auth::Tokens>>,
+    pub auth_tokens: Option<Arc<crate::api::auth::Tokens>>,
     /// The calls that stay open when tokens are required.
-    pub auth_open: crate::auth::Open,
+    pub auth_open: crate::api::auth::Open,
     /// TLS (and mutual TLS) on the gRPC port; `None`: plaintext.
-    pub tls: Option<crate::tls::TlsOptions>,
+    pub tls: Option<crate::process::tls::TlsOptions>,
     /// After about this long (+-10%), a connection is asked to go away (HTTP/2 GOAWAY;
     /// its calls in flight finish), so that clients reconnect and L4 load balancing
     /// spreads them over replicas added since. `None`: connections live on.
@@ -100,14 +100,14 @@ impl Default for ServeOptions {
             default_model: None,
             model_factory: None,
             shared_memory: false,
-            shared_memory_limits: crate::shm::Limits::default(),
-            max_in_flight_bytes: crate::admission::default_in_flight_bytes(),
+            shared_memory_limits: crate::api::shm::Limits::default(),
+            max_in_flight_bytes: crate::api::admission::default_in_flight_bytes(),
             max_concurrent_streams: 128,
             configured_models: Vec::new(),
             model_policies: std::collections::HashMap::new(),
             kserve_refuse_non_finite: false,
             auth_tokens: None,
-            auth_open: crate::auth::Open::default(),
+            auth_open: crate::api::auth::Open::default(),
             tls: None,
             max_connection_age: None,
         }
@@ -125,10 +125,10 @@ pub enum RunError {
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::process::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// A [`crate::local::LocalServer`] that did not come up.
+    /// A [`crate::process::local::LocalServer`] that did not come up.
     #[error("{0}")]
     NotReady(String),
 }
@@ -187,11 +187,11 @@ pub async fn run(
     let limits = unary::Limits {
         max_decoding: options.max_message_bytes,
         max_encoding: options.max_message_bytes,
-        counts: crate::admission::Counts::new(
+        counts: crate::api::admission::Counts::new(
             options.max_images_per_request,
             options.max_message_bytes,
         ),
-        budget: crate::admission::ByteBudget::new(
+        budget: crate::api::admission::ByteBudget::new(
             options.max_in_flight_bytes,
             Some(metrics.refusals("in_flight_bytes")),
         ),
@@ -210,7 +210,7 @@ pub async fn run(
             .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
         limits.clone(),
-        crate::service::stamp_deadline,
+        crate::api::service::stamp_deadline,
     )
     .unary("/resnet_serve.v1.Classifier/Classify", move |request| {
         let service = classifier_service.clone();
@@ -240,18 +240,18 @@ pub async fn run(
             .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
         limits,
-        crate::service::stamp_deadline,
+        crate::api::service::stamp_deadline,
     )
     .unary(
         "/inference.GRPCInferenceService/ModelInfer",
-        move |request: tonic::Request<crate::kserve::InferRequest>| {
+        move |request: tonic::Request<crate::api::kserve::InferRequest>| {
             let service = kserve_service.clone();
             async move { service.model_infer_call(request).await }
         },
     )
     .streaming(
         "/inference.GRPCInferenceService/ModelStreamInfer",
-        move |request: tonic::Request<unary::Messages<crate::kserve::InferRequest>>| {
+        move |request: tonic::Request<unary::Messages<crate::api::kserve::InferRequest>>| {
             let answers = streaming_kserve.stream_infer(request.into_inner());
             async move { answers }
         },
@@ -261,7 +261,7 @@ pub async fn run(
     let tls = options
         .tls
         .clone()
-        .map(|o| crate::tls::Tls::load(o, &metrics))
+        .map(|o| crate::process::tls::Tls::load(o, &metrics))
         .transpose()?;
     let _tls_watch = tls.clone().map(|t| AbortOnDrop(tokio::spawn(t.watch())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -273,7 +273,7 @@ pub async fn run(
         // Lets clients send DATA frames of up to the stream window (8 MiB) instead of
         // 16 KiB: a 64-image tensor request is a few frames rather than ~2,400, and
         // since `Classify` and `ModelInfer` decode straight from the frames
-        // (server/unary.rs), a tensor is copied only when it straddles two of them:
+        // (server/api/unary.rs), a tensor is copied only when it straddles two of them:
         // ~6% of tensors at 8 MiB against ~56% at 1 MiB.
         .max_frame_size(8 << 20)
         // Each open stream holds a task and buffers: one connection may not open
@@ -285,9 +285,12 @@ pub async fn run(
         builder = builder.max_connection_age(jittered(age));
     }
     let router = builder
-        .layer(crate::auth::AuthLayer(options.auth_tokens.clone().map(
-            |tokens| crate::auth::Guard::new(tokens, options.auth_open, &metrics),
-        )))
+        .layer(crate::api::auth::AuthLayer(
+            options
+                .auth_tokens
+                .clone()
+                .map(|tokens| crate::api::auth::Guard::new(tokens, options.auth_open, &metrics)),
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -313,10 +316,15 @@ pub async fn run(
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics_listener.map(|l| {
         let probed = state.clone();
-        let ready: crate::metrics::Readiness = Arc::new(move || probed.readiness());
-        tokio::spawn(crate::metrics::serve(metrics.clone(), l, ready, async {
-            let _ = metrics_stop_rx.await;
-        }))
+        let ready: crate::process::metrics::Readiness = Arc::new(move || probed.readiness());
+        tokio::spawn(crate::process::metrics::serve(
+            metrics.clone(),
+            l,
+            ready,
+            async {
+                let _ = metrics_stop_rx.await;
+            },
+        ))
     });
 
     let loaded = tokio::task::spawn_blocking(loader)

@@ -14,7 +14,7 @@
 //! Extensions served: `classification`, `model_configuration`, `schedule_policy`
 //! (request parameters `priority`: 1 high, 2 normal; `timeout`: microseconds, like the
 //! gRPC deadline), `statistics`, `system_shared_memory` (unless `--shared-memory false`;
-//! see [`crate::shm`]), and `model_repository` when `--model-control` allows it.
+//! see [`crate::api::shm`]), and `model_repository` when `--model-control` allows it.
 
 pub mod describe;
 pub mod tensors;
@@ -31,17 +31,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::admission::{Bounded, Counts, Held};
-use crate::error::ServeError;
+use crate::api::admission::{Bounded, Counts, Held};
+use crate::api::error::ServeError;
+use crate::api::service::{code_name, deadline_of, ordered_stream, State};
+use crate::api::unary::{Segmented, WithSegments};
 use crate::model::ModelName;
+use crate::process::server::ModelFactory;
 use crate::proto::inference::{
     self as pb, grpc_inference_service_server::GrpcInferenceService,
     model_repository_parameter::ParameterChoice as RepoParam,
 };
 use crate::scheduler::{BatchPolicy, ModelHandle, Priority};
-use crate::server::ModelFactory;
-use crate::service::{code_name, deadline_of, ordered_stream, State};
-use crate::unary::{Segmented, WithSegments};
 
 use views::View;
 
@@ -82,8 +82,8 @@ const RAW_INPUT_CONTENTS: u32 = 7;
 pub type InferRequest = WithSegments<pb::ModelInferRequest, RAW_INPUT_CONTENTS>;
 
 impl Bounded for InferRequest {
-    fn check_counts(frames: &crate::unary::Frames, counts: &Counts) -> Result<(), Status> {
-        crate::admission::check_infer_request(frames, counts)
+    fn check_counts(frames: &crate::api::unary::Frames, counts: &Counts) -> Result<(), Status> {
+        crate::api::admission::check_infer_request(frames, counts)
     }
 }
 
@@ -229,7 +229,7 @@ impl KServeService {
     }
 
     /// `ModelStreamInfer` over `requests`, as tonic decodes them or as decoded from the
-    /// call's HTTP/2 frames (server/unary.rs): responses in the requests' order, an
+    /// call's HTTP/2 frames (server/api/unary.rs): responses in the requests' order, an
     /// error in its response's `error_message` without ending the stream.
     pub fn stream_infer(
         &self,
@@ -325,7 +325,7 @@ impl KServeService {
         request: Request<InferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let given = crate::service::request_id_header(request.metadata());
+        let given = crate::api::service::request_id_header(request.metadata());
         let request_id = self
             .state
             .request_id(given.as_deref().unwrap_or(&request.get_ref().message.id));
@@ -341,19 +341,23 @@ impl KServeService {
             otel.name = tracing::field::Empty,
             otel.kind = tracing::field::Empty
         );
-        crate::telemetry::join_caller(&span, request.metadata(), crate::telemetry::MODEL_INFER);
+        crate::process::telemetry::join_caller(
+            &span,
+            request.metadata(),
+            crate::process::telemetry::MODEL_INFER,
+        );
         let result = self
             .model_infer_segmented(request.into_inner(), deadline, &request_id)
             .instrument(span.clone())
             .await;
-        if crate::telemetry::enabled() {
+        if crate::process::telemetry::enabled() {
             let (code, message) = match &result {
                 Ok(_) => (tonic::Code::Ok, ""),
                 Err(status) => (status.code(), status.message()),
             };
-            crate::telemetry::record_status(&span, code, message);
+            crate::process::telemetry::record_status(&span, code, message);
         }
-        crate::service::with_request_id(result, echo)
+        crate::api::service::with_request_id(result, echo)
     }
 
     async fn model_infer_segmented(

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use prost::encoding::{decode_key, decode_varint, WireType};
 use tonic::Status;
 
+use crate::api::refusals::RefusalLog;
+use crate::api::unary::Frames;
 use crate::proto;
-use crate::refusals::RefusalLog;
-use crate::unary::Frames;
 
 /// Bytes of request messages received and not yet answered, across the server.
 #[derive(Debug)]

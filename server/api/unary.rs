@@ -35,7 +35,7 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use crate::admission::{Bounded, ByteBudget, Counts, Held, Reservation};
+use crate::api::admission::{Bounded, ByteBudget, Counts, Held, Reservation};
 
 /// The gRPC message prefix: a compressed flag, then the length as a big-endian u32.
 const PREFIX_LEN: usize = 5;
@@ -48,7 +48,7 @@ type Route = Arc<dyn Fn(http::Request<Body>) -> RouteFuture + Send + Sync>;
 
 /// Message-size limits, as tonic's `max_decoding_message_size` /
 /// `max_encoding_message_size` set them, and what a message may cost before it is
-/// decoded (server/admission.rs).
+/// decoded (server/api/admission.rs).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_decoding: usize,

@@ -104,28 +104,15 @@ impl Limits {
         }
     }
 
-    /// `total` storage bytes so far plus `len` more, refused past the limit.
-    pub(super) fn add_storage(
+    /// `total` bytes of `what` so far plus `len` more, refused past the limit:
+    /// "storage data" (the storages together) or "tensors" (as read, views included).
+    pub(super) fn add(
         &self,
         path: &Path,
         total: u64,
         len: u64,
+        what: &str,
     ) -> Result<u64, WeightsError> {
-        self.add(path, total, len, "storage data")
-    }
-
-    /// `total` bytes of tensors (as read) so far plus `len` more, refused past the limit.
-    pub(super) fn add_tensor(
-        &self,
-        path: &Path,
-        total: u64,
-        len: u64,
-    ) -> Result<u64, WeightsError> {
-        self.add(path, total, len, "tensors")
-    }
-
-    /// `total` bytes of `what` so far plus `len` more, refused past the tensor bytes.
-    fn add(&self, path: &Path, total: u64, len: u64, what: &str) -> Result<u64, WeightsError> {
         match total.checked_add(len) {
             Some(t) if t <= self.max_tensor_bytes => Ok(t),
             _ => Err(self.exceeded(

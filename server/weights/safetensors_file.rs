@@ -59,7 +59,12 @@ pub(super) fn read(
     for (_, info) in &tensors {
         // safetensors has checked each range lies in the file and matches its shape.
         let (start, end) = info.data_offsets;
-        total = limits.add_storage(path, total, end.saturating_sub(start) as u64)?;
+        total = limits.add(
+            path,
+            total,
+            end.saturating_sub(start) as u64,
+            "storage data",
+        )?;
     }
     for (name, info) in tensors {
         let dt = dtype(info.dtype).ok_or_else(|| {

@@ -2,13 +2,10 @@
 //! generated clients with and without `authorization`, scopes, a `sha256:` line, the
 //! file rewritten while serving, and the open health and reflection services.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
 use resnet_client::proto::classifier_client::ClassifierClient;
 use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use resnet_client::proto::inference::{
@@ -16,16 +13,11 @@ use resnet_client::proto::inference::{
 };
 use resnet_client::proto::{image, ClassifyRequest, FloatTensor, Image, ListModelsRequest};
 use resnet_serve::api::auth::{Open, Tokens};
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, Classifier};
-use resnet_serve::process::local::LocalServer;
-use resnet_serve::process::server::{self, ServeOptions};
-use resnet_serve::scheduler::{Backend, BatchPolicy};
+use resnet_serve::process::server::ServeOptions;
 use sha2::Digest;
+use testkit::{TestServer, MODEL};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
-
-const MODEL: &str = "resnet18_swsl";
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut r = Request::new(message);
@@ -48,34 +40,14 @@ fn classify_request() -> ClassifyRequest {
     }
 }
 
-async fn start(tokens: &std::path::Path, open: Open) -> (LocalServer, Channel) {
-    let loader: server::ModelLoader = Box::new(|| {
-        let arch = Architecture::Resnet18;
-        let model: Arc<dyn Backend> = Arc::new(
-            Classifier::load(
-                arch,
-                &SyntheticWeights::new(arch, 7),
-                &Device::Cpu,
-                DType::F32,
-            )
-            .expect("model"),
-        );
-        Ok(vec![(MODEL.to_string(), model)])
-    });
+async fn start(tokens: &std::path::Path, open: Open) -> (TestServer, Channel) {
     let options = ServeOptions {
-        policy: BatchPolicy::new(&[1, 2], Duration::from_millis(1), 16).expect("policy"),
-        preprocess_threads: 2,
         auth_tokens: Some(Arc::new(Tokens::load(tokens).expect("token file"))),
         auth_open: open,
-        ..ServeOptions::default()
+        ..testkit::server::options(&[1, 2], 1, 16)
     };
-    let server = LocalServer::start(options, loader).await.expect("bind");
-    server.ready(Duration::from_secs(120)).await.expect("ready");
-    let channel = Channel::from_shared(server.url.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let server = TestServer::start(options, testkit::resnet18()).await;
+    let channel = server.channel().await;
     (server, channel)
 }
 
@@ -118,9 +90,9 @@ async fn calls_need_a_token_and_changes_need_an_admin_one() {
     assert_eq!(err.code(), Code::Unauthenticated);
     // A stream, refused before its first message.
     let (response, mut send) =
-        common::bare_call(&server.url, "/resnet_serve.v1.Classifier/ClassifyStream").await;
+        testkit::wire::bare_call(&server.url, "/resnet_serve.v1.Classifier/ClassifyStream").await;
     let _ = send.send_data(bytes::Bytes::new(), true);
-    let (status, _) = common::bare_status(response).await;
+    let (status, _) = testkit::wire::bare_status(response).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
 
     // The infer token classifies, and may not change the server.
@@ -204,12 +176,12 @@ async fn calls_need_a_token_and_changes_need_an_admin_one() {
         .expect_err("the old token is gone");
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    let metrics = common::scrape(server.metrics_addr).await;
+    let metrics = server.metrics().await;
     for reason in ["missing", "invalid", "scope"] {
         let line = format!("resnet_serve_auth_refusals_total{{reason=\"{reason}\"}}");
         assert!(metrics.contains(&line), "{reason}: {metrics}");
     }
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +206,7 @@ async fn reflection_can_be_closed_too() {
         .await
         .expect_err("closed");
     assert_eq!(err.code(), Code::Unauthenticated);
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,5 +253,5 @@ async fn the_client_crate_sends_its_token_on_every_kind_of_call() {
         answered += 1;
     }
     assert_eq!(answered, 2);
-    server.stop().await.expect("stops");
+    server.stop().await;
 }

@@ -1,8 +1,6 @@
 //! The checkpoint readers against files written by `torch.save` itself (legacy and zip),
 //! and against malformed and malicious ones.
 
-mod common;
-
 use std::fs;
 use std::time::Instant;
 
@@ -12,7 +10,7 @@ use resnet_serve::weights::{convert, inspect, Checkpoint, Format, Limits, Weight
 const FORMATS: [(&str, Format); 2] = [("legacy", Format::TorchLegacy), ("zip", Format::TorchZip)];
 
 fn assert_matches_expected(ck: &Checkpoint) {
-    let expected = common::reference("checkpoints/mixed_expected.safetensors");
+    let expected = testkit::fixtures::reference("checkpoints/mixed_expected.safetensors");
     let names: Vec<&str> = ck.names().collect();
     assert_eq!(
         names,
@@ -32,7 +30,7 @@ fn assert_matches_expected(ck: &Checkpoint) {
 #[test]
 fn reads_torch_save_files_with_offsets_shared_storages_strides_and_dtypes() {
     for (suffix, format) in FORMATS {
-        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/mixed_{suffix}.pth")))
+        let ck = Checkpoint::open(testkit::fixture(&format!("checkpoints/mixed_{suffix}.pth")))
             .expect("opens");
         assert_eq!(ck.format(), format);
         assert_matches_expected(&ck);
@@ -47,8 +45,10 @@ fn reads_torch_save_files_with_offsets_shared_storages_strides_and_dtypes() {
 fn nested_and_module_prefixed_state_dicts_load() {
     for (suffix, _) in FORMATS {
         for kind in ["nested", "module_prefix"] {
-            let ck = Checkpoint::open(common::fixture(&format!("checkpoints/{kind}_{suffix}.pth")))
-                .expect("opens");
+            let ck = Checkpoint::open(testkit::fixture(&format!(
+                "checkpoints/{kind}_{suffix}.pth"
+            )))
+            .expect("opens");
             assert_matches_expected(&ck);
         }
     }
@@ -57,7 +57,7 @@ fn nested_and_module_prefixed_state_dicts_load() {
 #[test]
 fn a_pickle_naming_an_arbitrary_global_is_refused() {
     for (suffix, _) in FORMATS {
-        let err = Checkpoint::open(common::fixture(&format!("checkpoints/evil_{suffix}.pth")))
+        let err = Checkpoint::open(testkit::fixture(&format!("checkpoints/evil_{suffix}.pth")))
             .expect_err("refused");
         let text = err.to_string();
         assert!(matches!(err, WeightsError::Pickle { .. }), "{text}");
@@ -69,8 +69,8 @@ fn a_pickle_naming_an_arbitrary_global_is_refused() {
 fn truncated_and_corrupted_files_fail_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (suffix, _) in FORMATS {
-        let bytes =
-            fs::read(common::fixture(&format!("checkpoints/mixed_{suffix}.pth"))).expect("fixture");
+        let bytes = fs::read(testkit::fixture(&format!("checkpoints/mixed_{suffix}.pth")))
+            .expect("fixture");
         // Cut at many points: inside the pickles, inside the data, one byte short.
         for cut in [
             1,
@@ -97,7 +97,7 @@ fn truncated_and_corrupted_files_fail_cleanly() {
         }
     }
     // Wrong magic number in an otherwise valid legacy file.
-    let mut bytes = fs::read(common::fixture("checkpoints/mixed_legacy.pth")).expect("fixture");
+    let mut bytes = fs::read(testkit::fixture("checkpoints/mixed_legacy.pth")).expect("fixture");
     bytes[5] ^= 0xff;
     let path = dir.path().join("magic.pth");
     fs::write(&path, &bytes).expect("write");
@@ -120,7 +120,7 @@ fn format_is_detected_by_content_not_extension() {
     for (suffix, format) in FORMATS {
         let path = dir.path().join(format!("weights_{suffix}.safetensors"));
         fs::copy(
-            common::fixture(&format!("checkpoints/mixed_{suffix}.pth")),
+            testkit::fixture(&format!("checkpoints/mixed_{suffix}.pth")),
             &path,
         )
         .expect("copy");
@@ -131,7 +131,7 @@ fn format_is_detected_by_content_not_extension() {
     }
     let path = dir.path().join("really_safetensors.pth");
     fs::copy(
-        common::fixture("checkpoints/mixed_expected.safetensors"),
+        testkit::fixture("checkpoints/mixed_expected.safetensors"),
         &path,
     )
     .expect("copy");
@@ -144,7 +144,7 @@ fn format_is_detected_by_content_not_extension() {
 #[test]
 fn hub_hash_in_the_file_name_is_verified() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = common::fixture("checkpoints/mixed_legacy.pth");
+    let src = testkit::fixture("checkpoints/mixed_legacy.pth");
     let sha =
         resnet_serve::weights::hub::sha256_hex(fs::File::open(&src).expect("open")).expect("hash");
     let good = dir.path().join(format!("model-{}.pth", &sha[..8]));
@@ -167,8 +167,10 @@ fn hub_hash_in_the_file_name_is_verified() {
 fn converts_every_format_to_safetensors() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (suffix, _) in FORMATS {
-        let ck = Checkpoint::open(common::fixture(&format!("checkpoints/nested_{suffix}.pth")))
-            .expect("opens");
+        let ck = Checkpoint::open(testkit::fixture(&format!(
+            "checkpoints/nested_{suffix}.pth"
+        )))
+        .expect("opens");
         let out = dir.path().join(format!("{suffix}.safetensors"));
         assert_eq!(convert::to_safetensors(&ck, &out).expect("converts"), 11);
         let back = Checkpoint::open(&out).expect("reads back");
@@ -184,12 +186,12 @@ fn converts_every_format_to_safetensors() {
 fn a_zip_member_that_inflates_to_a_gibibyte_costs_neither_time_nor_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bomb.pth");
-    let replaced = common::write_zip_bomb(&path);
+    let replaced = testkit::fixtures::write_zip_bomb(&path);
     let on_disk = fs::metadata(&path).expect("meta").len();
     assert!(on_disk < 2 << 20, "{on_disk} bytes on disk");
 
     // Loading resnet18: refused from the member's size before it inflates.
-    let before = common::peak_rss();
+    let before = testkit::wait::peak_rss();
     let started = Instant::now();
     let err = Checkpoint::open_within(&path, Limits::for_architecture(Architecture::Resnet18))
         .expect_err("refused");
@@ -206,7 +208,7 @@ fn a_zip_member_that_inflates_to_a_gibibyte_costs_neither_time_nor_memory() {
         let info = ck.info(name).expect("info");
         assert_eq!(raw.len(), info.numel() * dtype.size(), "{name}");
     }
-    let grew = common::peak_rss().saturating_sub(before);
+    let grew = testkit::wait::peak_rss().saturating_sub(before);
     eprintln!(
         "1 GiB zip member ({on_disk} bytes on disk, {}): refused for resnet18 in {refused_in:?}, \
          opened within the default limits in {opened_in:?}; peak RSS grew {} KiB",

@@ -1,7 +1,5 @@
 //! The `resnet-serve` binary's offline commands, run as a user would.
 
-mod common;
-
 use std::process::Command;
 
 use resnet_serve::model::Architecture;
@@ -14,7 +12,7 @@ fn bin() -> Command {
 fn predict_prints_torchvision_logits_and_top5_as_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let images = ["rocket.jpg", "camera_gray.png", "chelsea_rgba.png"];
     let out = bin()
         .args([
@@ -27,7 +25,7 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
             "--weights",
         ])
         .arg(&weights)
-        .args(images.map(|i| common::fixture(&format!("images/{i}"))))
+        .args(images.map(|i| testkit::fixture(&format!("images/{i}"))))
         .output()
         .expect("runs");
     assert!(
@@ -36,7 +34,7 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let reference = common::reference("preprocess.safetensors");
+    let reference = testkit::fixtures::reference("preprocess.safetensors");
     for (i, name) in images.iter().enumerate() {
         let entry = &json[i];
         assert!(
@@ -52,7 +50,7 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
         let want = reference
             .read_f32(&format!("{name}.logits"))
             .expect("reference");
-        assert!(common::relative_error(&got, &want) <= 1e-3, "{name}");
+        assert!(testkit::relative_error(&got, &want) <= 1e-3, "{name}");
     }
 
     // Top-k text output names ImageNet labels.
@@ -66,7 +64,7 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
             "--weights",
         ])
         .arg(&weights)
-        .arg(common::fixture("images/rocket.jpg"))
+        .arg(testkit::fixture("images/rocket.jpg"))
         .output()
         .expect("runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -84,11 +82,11 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
 fn predict_refuses_weights_of_another_architecture() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let out = bin()
         .args(["predict", "--model", "resnet50_swsl", "--weights"])
         .arg(&weights)
-        .arg(common::fixture("images/rocket.jpg"))
+        .arg(testkit::fixture("images/rocket.jpg"))
         .output()
         .expect("runs");
     assert!(!out.status.success());
@@ -103,7 +101,7 @@ fn predict_refuses_weights_of_another_architecture() {
 fn weights_inspect_and_convert_work_on_all_three_formats() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("r18.safetensors");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &st);
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &st);
     let out = bin()
         .args(["weights", "inspect", "--json"])
         .arg(&st)
@@ -119,7 +117,7 @@ fn weights_inspect_and_convert_work_on_all_three_formats() {
         ("mixed_legacy.pth", "torch legacy"),
         ("mixed_zip.pth", "torch zip"),
     ] {
-        let src = common::fixture(&format!("checkpoints/{file}"));
+        let src = testkit::fixture(&format!("checkpoints/{file}"));
         let out = bin()
             .args(["weights", "inspect"])
             .arg(&src)
@@ -155,9 +153,9 @@ fn weights_inspect_and_convert_work_on_all_three_formats() {
 fn bad_image_files_are_reported_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let bad = dir.path().join("broken.jpg");
-    let good = std::fs::read(common::fixture("images/rocket.jpg")).expect("fixture");
+    let good = std::fs::read(testkit::fixture("images/rocket.jpg")).expect("fixture");
     std::fs::write(&bad, &good[..300]).expect("write");
     let out = bin()
         .args(["predict", "--model", "resnet18_ssl", "--weights"])

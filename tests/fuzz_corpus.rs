@@ -26,12 +26,15 @@ const TARGETS: &[(&str, Harness)] = &[
     ("grpc_timeout", requests::grpc_timeout),
 ];
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+/// `fuzz/corpus/`, one directory per target.
+fn corpus_root() -> PathBuf {
+    testkit::fixtures::repo_root().join("fuzz/corpus")
+}
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target)
+    corpus_root().join(target)
 }
 
 /// The files of one target's corpus, sorted (so a failure names the same file each run).
@@ -67,11 +70,10 @@ fn replay(target: &str) {
 
 #[test]
 fn every_target_has_a_corpus_and_a_test() {
-    let dirs: Vec<String> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus"))
-            .expect("fuzz/corpus")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
+    let dirs: Vec<String> = std::fs::read_dir(corpus_root())
+        .expect("fuzz/corpus")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     for (name, _) in TARGETS {
         assert!(
             dirs.iter().any(|d| d == name),

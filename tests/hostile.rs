@@ -6,13 +6,10 @@
 //! One server (the seeded resnet18, an in-flight budget of 96 MiB) takes every case in
 //! turn; the table of cases, codes and times is printed at the end.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use prost::Message;
 use resnet_client::proto::classifier_client::ClassifierClient;
 use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -25,46 +22,28 @@ use resnet_client::proto::{
     image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
     OutputKind, OutputSpec, RawFrame, StreamFrame,
 };
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, Classifier};
-use resnet_serve::process::local::LocalServer;
-use resnet_serve::process::server::{self, ServeOptions};
-use resnet_serve::scheduler::{Backend, BatchPolicy};
+use resnet_serve::process::server::{ModelLoader, ServeOptions};
+use resnet_serve::scheduler::Backend;
+use testkit::{TestServer, MODEL};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-const MODEL: &str = "resnet18_swsl";
 /// What the server (and this test's client) may hold at any point.
 const RSS_LIMIT: u64 = 1 << 30;
 /// The longest any refusal may take before the test calls it a hang.
 const PATIENCE: Duration = Duration::from_secs(5);
 
-fn classifier() -> Arc<dyn Backend> {
-    let arch = Architecture::Resnet18;
-    Arc::new(
-        Classifier::load(
-            arch,
-            &SyntheticWeights::new(arch, 7),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .expect("model"),
-    )
-}
-
 fn options() -> ServeOptions {
     ServeOptions {
-        policy: BatchPolicy::new(&[1, 2, 4, 8], Duration::from_millis(2), 64).expect("policy"),
-        preprocess_threads: 2,
         max_in_flight_bytes: 96 << 20,
         drain_timeout: Duration::from_secs(10),
-        ..ServeOptions::default()
+        ..testkit::server::options(&[1, 2, 4, 8], 2, 64)
     }
 }
 
 /// The server under attack, the clients, and the record of every case.
 struct Attack {
-    server: LocalServer,
+    server: TestServer,
     addr: String,
     classifier: ClassifierClient<Channel>,
     kserve: GrpcInferenceServiceClient<Channel>,
@@ -74,15 +53,9 @@ struct Attack {
 
 impl Attack {
     async fn start() -> Attack {
-        let loader: server::ModelLoader = Box::new(|| Ok(vec![(MODEL.to_string(), classifier())]));
-        let server = LocalServer::start(options(), loader).await.expect("bind");
-        server.ready(Duration::from_secs(120)).await.expect("ready");
+        let server = TestServer::start(options(), testkit::resnet18()).await;
         let addr = server.url.clone();
-        let channel = Channel::from_shared(addr.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let channel = server.channel().await;
         Attack {
             server,
             addr,
@@ -133,7 +106,7 @@ impl Attack {
             .unwrap_or_else(|_| panic!("after {after}: ServerLive did not answer"))
             .unwrap_or_else(|e| panic!("after {after}: ServerLive failed: {e}"));
         assert!(live.into_inner().live, "after {after}");
-        let rss = common::rss_bytes();
+        let rss = testkit::wait::rss_bytes();
         self.peak_rss = self.peak_rss.max(rss);
         assert!(rss < RSS_LIMIT, "after {after}: RSS {} MiB", rss >> 20);
     }
@@ -141,11 +114,11 @@ impl Attack {
 
 /// A call's body sent as written (no client would send it), and its status.
 async fn bare(addr: String, path: &str, body: bytes::Bytes) -> Result<bytes::Bytes, Status> {
-    let (response, mut send) = common::bare_call(&addr, path).await;
+    let (response, mut send) = testkit::wire::bare_call(&addr, path).await;
     // A call refused part-way may be answered (and its stream reset) before all of its
     // body is sent.
     let _ = send.send_data(body, true);
-    let (status, data) = common::bare_status(response).await;
+    let (status, data) = testkit::wire::bare_status(response).await;
     if status.code() == Code::Ok {
         Ok(data)
     } else {
@@ -181,7 +154,7 @@ fn infer_with_contents(
     input.extend(field(5, contents));
     let mut message = field(1, model.as_bytes());
     message.extend(field(5, &input));
-    common::framed(0, &message)
+    testkit::wire::framed(0, &message)
 }
 
 fn request(images: Vec<Image>) -> ClassifyRequest {
@@ -229,16 +202,7 @@ fn png(width: u32, height: u32) -> Vec<u8> {
 }
 
 fn jpeg() -> Vec<u8> {
-    std::fs::read(common::fixture("images/chelsea_q90.jpg")).expect("fixture")
-}
-
-fn kserve_input(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor {
-    InferInputTensor {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
-        ..Default::default()
-    }
+    testkit::fixtures::image_bytes("chelsea_q90.jpg")
 }
 
 fn infer_request(model: &str, input: InferInputTensor, raw: Vec<Vec<u8>>) -> ModelInferRequest {
@@ -345,9 +309,9 @@ async fn the_server_survives_every_hostile_request() {
     while empties.len() < (64 << 20) - 8 {
         empties.extend_from_slice(&[0x12, 0x00]);
     }
-    let body = common::framed(0, &empties);
+    let body = testkit::wire::framed(0, &empties);
     drop(empties);
-    let (body_len, rss_with_body) = (body.len() as u64, common::rss_bytes());
+    let (body_len, rss_with_body) = (body.len() as u64, testkit::wait::rss_bytes());
     a.case(
         "64 MiB Classify of 33 M empty images",
         Code::InvalidArgument,
@@ -355,7 +319,7 @@ async fn the_server_survives_every_hostile_request() {
     )
     .await
     .ok();
-    let grown = common::rss_bytes().saturating_sub(rss_with_body);
+    let grown = testkit::wait::rss_bytes().saturating_sub(rss_with_body);
     assert!(
         grown <= body_len,
         "the refusal grew RSS by {} MiB",
@@ -396,7 +360,7 @@ async fn the_server_survives_every_hostile_request() {
         bare(
             a.addr.clone(),
             CLASSIFY,
-            common::framed(0, &[0xff, 0xff, 0xff]),
+            testkit::wire::framed(0, &[0xff, 0xff, 0xff]),
         ),
     )
     .await
@@ -404,12 +368,12 @@ async fn the_server_survives_every_hostile_request() {
     a.case(
         "compressed flag without an encoding",
         Code::Internal,
-        bare(a.addr.clone(), CLASSIFY, common::framed(1, &[])),
+        bare(a.addr.clone(), CLASSIFY, testkit::wire::framed(1, &[])),
     )
     .await
     .ok();
     let two = {
-        let one = common::grpc_body(&request(vec![tensor(one_tensor.clone())]));
+        let one = testkit::wire::grpc_body(&request(vec![tensor(one_tensor.clone())]));
         let mut b = one.to_vec();
         b.extend_from_slice(&one);
         bytes::Bytes::from(b)
@@ -421,7 +385,7 @@ async fn the_server_survives_every_hostile_request() {
     )
     .await
     .ok();
-    let cut = common::grpc_body(&request(vec![tensor(one_tensor.clone())]));
+    let cut = testkit::wire::grpc_body(&request(vec![tensor(one_tensor.clone())]));
     a.case(
         "body ends inside its message",
         Code::Internal,
@@ -521,7 +485,7 @@ async fn the_server_survives_every_hostile_request() {
     }
 
     // --- KServe ------------------------------------------------------------------
-    let tensor_input = |shape| kserve_input("input", "FP32", shape);
+    let tensor_input = |shape| testkit::kserve::input("input", "FP32", shape);
     let huge = (1i64 << 52) + 1;
     a.case(
         "KServe shape [2^52+1,3,224,224]",
@@ -581,7 +545,7 @@ async fn the_server_survives_every_hostile_request() {
         uint_contents: vec![7; 224 * 224 * 3],
         ..Default::default()
     };
-    let mut frame_input = kserve_input("frame", "UINT8", vec![1, 224, 224, 3]);
+    let mut frame_input = testkit::kserve::input("frame", "UINT8", vec![1, 224, 224, 3]);
     frame_input.contents = Some(small);
     a.case(
         "KServe UINT8 frame as typed contents (within bounds)",
@@ -636,7 +600,7 @@ async fn the_server_survives_every_hostile_request() {
         Code::InvalidArgument,
         a.kserve.clone().model_infer(infer_request(
             &format!("{MODEL}_image"),
-            kserve_input("image", "BYTES", vec![1]),
+            testkit::kserve::input("image", "BYTES", vec![1]),
             vec![elements],
         )),
     )
@@ -730,7 +694,7 @@ async fn the_server_survives_every_hostile_request() {
     let stream_cases: Vec<(&str, bytes::Bytes, Code)> = vec![
         (
             "ClassifyStream: a malformed second message",
-            common::framed(0, &[0xff, 0xff]),
+            testkit::wire::framed(0, &[0xff, 0xff]),
             Code::Internal,
         ),
         (
@@ -744,17 +708,17 @@ async fn the_server_survives_every_hostile_request() {
         ),
         (
             "ClassifyStream: a compressed second message",
-            common::framed(1, &[1]),
+            testkit::wire::framed(1, &[1]),
             Code::Internal,
         ),
         (
             "ClassifyStream: a body ending inside its second message",
-            common::framed(0, &[10, 20, 30]).slice(..6),
+            testkit::wire::framed(0, &[10, 20, 30]).slice(..6),
             Code::Internal,
         ),
     ];
     for (name, tail, want) in stream_cases {
-        let mut body = common::grpc_body(&frame(1)).to_vec();
+        let mut body = testkit::wire::grpc_body(&frame(1)).to_vec();
         body.extend_from_slice(&tail);
         let got = a
             .case(
@@ -767,11 +731,11 @@ async fn the_server_survives_every_hostile_request() {
     }
     // The first frame's answer came before the status that ended the stream.
     {
-        let mut body = common::grpc_body(&frame(7)).to_vec();
-        body.extend_from_slice(&common::framed(0, &[0xff, 0xff]));
-        let (response, mut send) = common::bare_call(&a.addr, CLASSIFY_STREAM).await;
+        let mut body = testkit::wire::grpc_body(&frame(7)).to_vec();
+        body.extend_from_slice(&testkit::wire::framed(0, &[0xff, 0xff]));
+        let (response, mut send) = testkit::wire::bare_call(&a.addr, CLASSIFY_STREAM).await;
         let _ = send.send_data(body.into(), true);
-        let (status, data) = common::bare_status(response).await;
+        let (status, data) = testkit::wire::bare_status(response).await;
         assert_eq!(status.code(), Code::Internal, "{status}");
         let answer = resnet_client::proto::StreamResult::decode(data.slice(5..)).expect("answer");
         assert_eq!(answer.frame_id, 7);
@@ -780,13 +744,13 @@ async fn the_server_survives_every_hostile_request() {
             Some(stream_result::Outcome::Result(_))
         ));
     }
-    let mut stream_infer = common::grpc_body(&infer_request(
+    let mut stream_infer = testkit::wire::grpc_body(&infer_request(
         MODEL,
         tensor_input(vec![1, 3, 224, 224]),
         vec![one_tensor.clone()],
     ))
     .to_vec();
-    stream_infer.extend_from_slice(&common::framed(0, &[0xff, 0xff]));
+    stream_infer.extend_from_slice(&testkit::wire::framed(0, &[0xff, 0xff]));
     a.case(
         "ModelStreamInfer: a malformed second message",
         Code::Internal,
@@ -809,7 +773,7 @@ async fn the_server_survives_every_hostile_request() {
     // --- The in-flight budget ----------------------------------------------------
     // A call that announces 60 MiB and sends a little of it holds 60 of the 96 MiB;
     // a second such call is refused at once, without waiting for either body.
-    let (held, mut held_send) = common::bare_call(&a.addr, CLASSIFY).await;
+    let (held, mut held_send) = testkit::wire::bare_call(&a.addr, CLASSIFY).await;
     let mut prefix = vec![0u8];
     prefix.extend_from_slice(&(60u32 << 20).to_be_bytes());
     prefix.extend_from_slice(&[0x12; 1000]);
@@ -817,10 +781,10 @@ async fn the_server_survives_every_hostile_request() {
         .send_data(prefix.clone().into(), false)
         .expect("send");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (refused, mut refused_send) = common::bare_call(&a.addr, CLASSIFY).await;
+    let (refused, mut refused_send) = testkit::wire::bare_call(&a.addr, CLASSIFY).await;
     refused_send.send_data(prefix.into(), false).expect("send");
     let started = Instant::now();
-    let (status, _) = tokio::time::timeout(PATIENCE, common::bare_status(refused))
+    let (status, _) = tokio::time::timeout(PATIENCE, testkit::wire::bare_status(refused))
         .await
         .expect("refused at once");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
@@ -836,7 +800,7 @@ async fn the_server_survives_every_hostile_request() {
         .expect("a small call still fits");
     held_send.send_reset(h2::Reason::CANCEL);
     drop(held);
-    let metrics = common::scrape(a.server.metrics_addr).await;
+    let metrics = a.server.metrics().await;
     assert!(
         metrics.contains("resnet_serve_refusals_total{reason=\"in_flight_bytes\"} 1"),
         "{metrics}"
@@ -869,7 +833,7 @@ async fn the_server_survives_every_hostile_request() {
         a.peak_rss >> 20
     );
     assert!(a.record.len() >= 40, "{} cases", a.record.len());
-    a.server.stop().await.expect("clean shutdown");
+    a.server.stop().await;
 }
 
 /// A PNG header (IHDR) claiming `w x h`, then an empty IDAT: no pixel data at all.
@@ -908,24 +872,22 @@ fn crc32(data: &[u8]) -> u32 {
 #[tokio::test]
 async fn a_model_that_is_still_loading_is_unavailable_not_missing() {
     let (release, wait) = std::sync::mpsc::channel::<()>();
-    let loader: server::ModelLoader = Box::new(move || {
+    let loader: ModelLoader = Box::new(move || {
         let _ = wait.recv_timeout(Duration::from_secs(60));
-        Ok(vec![(MODEL.to_string(), classifier())])
+        Ok(vec![(
+            MODEL.to_string(),
+            testkit::resnet18() as Arc<dyn Backend>,
+        )])
     });
-    let server = LocalServer::start(
+    let server = TestServer::spawn(
         ServeOptions {
             configured_models: vec![MODEL.to_string()],
             ..options()
         },
         loader,
     )
-    .await
-    .expect("bind");
-    let channel = Channel::from_shared(server.url.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    .await;
+    let channel = server.channel().await;
     let mut c = ClassifierClient::new(channel.clone());
     let mut k = GrpcInferenceServiceClient::new(channel);
     let one = request(vec![tensor(vec![0; 3 * 224 * 224 * 4])]);
@@ -949,7 +911,7 @@ async fn a_model_that_is_still_loading_is_unavailable_not_missing() {
         .expect("answers");
     assert!(!ready.into_inner().ready);
     release.send(()).expect("release");
-    server.ready(Duration::from_secs(120)).await.expect("ready");
+    server.ready().await;
     c.classify(one).await.expect("serves once loaded");
     let info = c
         .get_model(GetModelRequest { name: MODEL.into() })
@@ -957,5 +919,5 @@ async fn a_model_that_is_still_loading_is_unavailable_not_missing() {
         .expect("info")
         .into_inner();
     assert!(info.ready);
-    server.stop().await.expect("stops");
+    server.stop().await;
 }

@@ -2,8 +2,6 @@
 //! synthetic resnet18 checkpoint, called through our own generated `inference` stubs
 //! (the client crate's) and through Python's tritonclient.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,59 +10,31 @@ use candle_core::Device;
 use resnet_client::proto::classifier_client::ClassifierClient;
 use resnet_client::proto::inference::{
     grpc_inference_service_client::GrpcInferenceServiceClient as KClient,
-    infer_parameter::ParameterChoice,
-    model_config::SchedulingChoice,
-    model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
-    model_repository_parameter, InferParameter, InferTensorContents, ModelConfigRequest,
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelReadyRequest,
-    ModelRepositoryParameter, ModelStatisticsRequest, RepositoryIndexRequest,
+    infer_parameter::ParameterChoice, model_config::SchedulingChoice,
+    model_infer_request::InferRequestedOutputTensor, model_repository_parameter, InferParameter,
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelReadyRequest, ModelRepositoryParameter, ModelStatisticsRequest, RepositoryIndexRequest,
     RepositoryModelLoadRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
     ServerMetadataRequest,
 };
 use resnet_client::proto::{image, ClassifyRequest, EncodedImage, Image, OutputKind, OutputSpec};
 use resnet_serve::model::synthetic;
 use resnet_serve::model::Architecture;
-use resnet_serve::model::ModelError;
 use resnet_serve::process::device::Precision;
-use resnet_serve::process::local::LocalServer;
 use resnet_serve::process::placement::Placement;
 use resnet_serve::process::server::{self, ModelFactory, ServeOptions};
-use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
+use resnet_serve::scheduler::{Backend, BatchPolicy};
 use resnet_serve::weights::download::Downloader;
 use resnet_serve::weights::repository::ModelRepository;
+use testkit::backends::{Alive, Tracked};
+use testkit::kserve::{f32s, input, raw_f32};
+use testkit::TestServer;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
 const MODEL: &str = "resnet18_ssl";
 const IMAGE_LEN: usize = 3 * 224 * 224;
-
-/// Counts model replicas alive, so a test can see an unloaded model's memory go.
-#[derive(Default)]
-struct Alive(std::sync::atomic::AtomicUsize);
-
-struct Tracked {
-    inner: Arc<dyn Backend>,
-    alive: Arc<Alive>,
-}
-
-impl Backend for Tracked {
-    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.inner.forward(pixels, n)
-    }
-
-    fn info(&self) -> BackendInfo {
-        self.inner.info()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        self.alive
-            .0
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 /// How a test server lets clients load models.
 #[derive(Clone, Copy, PartialEq)]
@@ -77,8 +47,7 @@ enum Control {
 }
 
 struct KServer {
-    server: LocalServer,
-    addr: String,
+    server: TestServer,
     /// Replicas loaded through the repository API and not yet freed.
     alive: Arc<Alive>,
     dir: tempfile::TempDir,
@@ -104,7 +73,7 @@ impl KServer {
         let repo = dir.path().join("repo");
         std::fs::create_dir(&repo).expect("mkdir");
         let weights = repo.join("resnet18.safetensors");
-        common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
+        testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
         let alive = Arc::new(Alive::default());
         let placement = Arc::new(Placement {
             devices: vec![Device::Cpu],
@@ -130,13 +99,7 @@ impl KServer {
                     let replicas = (real.0)(name, path)?;
                     Ok(replicas
                         .into_iter()
-                        .map(|inner| {
-                            alive.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            Arc::new(Tracked {
-                                inner,
-                                alive: alive.clone(),
-                            }) as Arc<dyn Backend>
-                        })
+                        .map(|inner| Arc::new(Tracked::new(inner, &alive)) as Arc<dyn Backend>)
                         .collect())
                 }))
             }),
@@ -153,50 +116,21 @@ impl KServer {
                 .map(|b| (MODEL.to_string(), b))
                 .collect())
         });
-        let server = LocalServer::start(options, loader).await.expect("bind");
-        server.ready(Duration::from_secs(60)).await.expect("ready");
-        KServer {
-            addr: server.url.clone(),
-            server,
-            alive,
-            dir,
-        }
+        let server = TestServer::spawn(options, loader).await;
+        server.ready().await;
+        KServer { server, alive, dir }
     }
 
     async fn kserve(&self) -> KClient<Channel> {
-        KClient::connect(self.addr.clone())
-            .await
-            .expect("connect")
-            .max_decoding_message_size(64 << 20)
+        self.server.kserve().await
     }
 
     async fn ours(&self) -> ClassifierClient<Channel> {
-        ClassifierClient::connect(self.addr.clone())
-            .await
-            .expect("connect")
+        self.server.client().await
     }
 
     async fn stop(self) {
-        self.server.stop().await.expect("clean shutdown");
-    }
-}
-
-fn raw_f32(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn f32s(raw: &[u8]) -> Vec<f32> {
-    raw.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn input(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor {
-    InferInputTensor {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
-        ..Default::default()
+        self.server.stop().await;
     }
 }
 
@@ -279,7 +213,7 @@ async fn classify_logits(server: &KServer, images: Vec<Image>) -> Vec<Vec<f32>> 
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
-    common::relative_error(a, b) <= 1e-5
+    testkit::relative_error(a, b) <= 1e-5
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,16 +290,7 @@ async fn startup_rpcs_answer_what_triton_would() {
             (name, datatype, shape)
         );
     }
-    let config = c
-        .model_config(ModelConfigRequest {
-            name: MODEL.into(),
-            version: String::new(),
-        })
-        .await
-        .expect("config")
-        .into_inner()
-        .config
-        .expect("config body");
+    let config = testkit::kserve::model_config(&mut c, MODEL).await;
     assert_eq!(
         config.max_batch_size, 64,
         "the per-request image limit (128) bounded by the model's queue (64)"
@@ -465,7 +390,7 @@ async fn inference_matches_our_api_for_every_input_kind() {
     assert!(close(&f32s(&r.raw_output_contents[0])[..1000], &want[0]));
 
     // BYTES: encoded images, as our API's encoded input.
-    let jpeg = std::fs::read(common::fixture("images/chelsea_q90.jpg")).expect("fixture");
+    let jpeg = std::fs::read(testkit::fixture("images/chelsea_q90.jpg")).expect("fixture");
     let mut raw = Vec::new();
     for _ in 0..2 {
         raw.extend_from_slice(&(jpeg.len() as u32).to_le_bytes());
@@ -758,7 +683,7 @@ async fn models_load_and_unload_at_run_time_when_allowed() {
         .expect("load");
     let (req, _) = tensor_request("resnet18_swsl", 4, 1);
     c.model_infer(req).await.expect("served after load");
-    assert_eq!(server.alive.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(server.alive.count(), 1);
     // From the cache, which has nothing and cannot download here: a clear error.
     let e = c
         .repository_model_load(RepositoryModelLoadRequest {
@@ -920,15 +845,15 @@ async fn model_control_reads_only_the_repository_and_only_by_file_name() {
     );
     assert!(hides_the_server(e.message()), "{}", e.message());
     // A 1 MiB checkpoint whose storage inflates to 1 GiB: refused from its sizes.
-    common::write_zip_bomb(&repo.join("bomb.pth"));
-    let before = common::peak_rss();
+    testkit::fixtures::write_zip_bomb(&repo.join("bomb.pth"));
+    let before = testkit::wait::peak_rss();
     let started = std::time::Instant::now();
     let e = c
         .repository_model_load(load_file("resnet18_swsl", "bomb.pth"))
         .await
         .expect_err("bomb");
     let took = started.elapsed();
-    let grew = common::peak_rss().saturating_sub(before);
+    let grew = testkit::wait::peak_rss().saturating_sub(before);
     eprintln!(
         "zip bomb refused through RepositoryModelLoad in {took:?}; peak RSS grew {grew} bytes"
     );
@@ -1008,13 +933,8 @@ async fn model_control_without_a_repository_names_no_files() {
         "{}",
         e.message()
     );
-    assert_eq!(server.alive.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(server.alive.count(), 0);
     server.stop().await;
-}
-
-/// The Python interpreter with tritonclient[grpc] (`.ci/run` installs it).
-fn python() -> String {
-    std::env::var("RESNET_SERVE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1024,7 +944,7 @@ async fn tritonclient_drives_the_server() {
     let values = synthetic::input(11, 2, 224);
     let images = tensor_images(&values);
     let want = classify_logits(&server, images).await;
-    let jpeg_path = common::fixture("images/chelsea_q90.jpg");
+    let jpeg_path = testkit::fixture("images/chelsea_q90.jpg");
     let jpeg_want = classify_logits(
         &server,
         vec![Image {
@@ -1038,28 +958,23 @@ async fn tritonclient_drives_the_server() {
     std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
     std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
     std::fs::write(dir.join("jpeg_logits.f32"), raw_f32(&jpeg_want[0])).expect("write");
-    let url = server.addr.trim_start_matches("http://").to_string();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kserve/tritonclient_check.py");
-    let data = dir.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
-            .arg(&script)
-            .args(["--url", &url, "--model", MODEL, "--data"])
-            .arg(&data)
-            .arg("--jpeg")
-            .arg(&jpeg_path)
-            .output()
-    })
-    .await
-    .expect("join")
-    .unwrap_or_else(|e| panic!("running {} (set RESNET_SERVE_TEST_PYTHON): {e}", python()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "tritonclient checks failed:\n{text}");
+    let url = server.server.url.trim_start_matches("http://");
+    let out = testkit::python::run(
+        "tritonclient_check.py",
+        vec![
+            "--url".into(),
+            url.into(),
+            "--model".into(),
+            MODEL.into(),
+            "--data".into(),
+            dir.into(),
+            "--jpeg".into(),
+            jpeg_path.into(),
+        ],
+    )
+    .await;
+    let text = out.text;
+    assert!(out.success, "tritonclient checks failed:\n{text}");
     assert!(text.contains("all tritonclient checks passed"), "{text}");
     assert!(
         text.contains("ok: shared-memory logits match Classify"),
@@ -1082,11 +997,8 @@ fn byte_elements(raw: &[u8]) -> Vec<String> {
 
 /// `resnet_serve_kserve_nonfinite_inputs_total` for the test model (0 when absent).
 async fn non_finite_count(server: &KServer) -> f64 {
-    let text = common::scrape(server.server.metrics_addr).await;
-    let series = format!("resnet_serve_kserve_nonfinite_inputs_total{{model=\"{MODEL}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    let series = format!("resnet_serve_kserve_nonfinite_inputs_total{{model=\"{MODEL}\"}}");
+    testkit::metrics::series(&server.server.metrics().await, &series).unwrap_or(0.0)
 }
 
 /// A request for 2 seeded images, image 1 holding a NaN and infinities.
@@ -1212,29 +1124,21 @@ async fn a_triton_image_client_takes_the_model_as_an_image_classifier() {
     let dir = server.dir.path();
     std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
     std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
-    let url = server.addr.trim_start_matches("http://").to_string();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/kserve/triton_image_client_contract.py");
-    let data = dir.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
-            .arg(&script)
-            .args(["--url", &url, "--model", MODEL, "--data"])
-            .arg(&data)
-            .output()
-    })
-    .await
-    .expect("join")
-    .unwrap_or_else(|e| panic!("running {} (set RESNET_SERVE_TEST_PYTHON): {e}", python()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "image client contract failed:\n{text}"
-    );
+    let url = server.server.url.trim_start_matches("http://");
+    let out = testkit::python::run(
+        "triton_image_client_contract.py",
+        vec![
+            "--url".into(),
+            url.into(),
+            "--model".into(),
+            MODEL.into(),
+            "--data".into(),
+            dir.into(),
+        ],
+    )
+    .await;
+    let text = out.text;
+    assert!(out.success, "image client contract failed:\n{text}");
     assert!(text.contains("image client contract holds"), "{text}");
     server.stop().await;
 }

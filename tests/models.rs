@@ -2,95 +2,37 @@
 //! the `resnet-serve` binary run as an operator runs it: a TOML file with `[models.NAME]`
 //! tables, `--model NAME=ARCH:PATH`, and a directory as KServe mounts it at /mnt/models.
 
-mod common;
-
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use resnet_client::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use resnet_client::proto::inference::model_config::SchedulingChoice;
 use resnet_client::proto::inference::{
-    model_repository_parameter::ParameterChoice, ModelConfigRequest, ModelMetadataRequest,
-    ModelRepositoryParameter, RepositoryIndexRequest, RepositoryModelLoadRequest,
-    RepositoryModelUnloadRequest,
+    model_repository_parameter::ParameterChoice, ModelMetadataRequest, ModelRepositoryParameter,
+    RepositoryIndexRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
 };
-use resnet_client::{tensor, Client, ClientConfig, Output};
+use resnet_client::{tensor, Output};
 use resnet_serve::model::{synthetic, Architecture};
+use testkit::binary::Served;
+use testkit::kserve::batching_policy as kserve_policy;
 
-/// A port free on 127.0.0.1 now (the server binds it a moment later).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+const BIN: &str = env!("CARGO_BIN_EXE_resnet-serve");
 
-/// The server process; killed when the test ends.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The server started with `args`, its log in `log`, and its gRPC URL.
-fn server(args: &[&str], log: &Path) -> (Served, String) {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let served = Served(
-        Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
-            .args(["--listen", &listen])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--device", "cpu"])
+/// The server started on the CPU with `args`, its log in `log`.
+fn server(args: &[&str], log: &Path) -> Served {
+    Served::start(BIN, log, |c| {
+        c.args(["--device", "cpu"])
             .args(args)
             // Nothing is downloaded in these tests: a closed port answers any attempt.
-            .env("RESNET_SERVE_WEIGHTS_URL", "http://127.0.0.1:9")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log"))
-            .spawn()
-            .expect("the server starts"),
-    );
-    (served, format!("http://{listen}"))
+            .env("RESNET_SERVE_WEIGHTS_URL", "http://127.0.0.1:9");
+    })
 }
 
-/// Runs the binary to its end (it must fail at start-up) and returns what it printed.
+/// Runs the binary on the CPU to its end (it must fail at start-up) and returns what it
+/// printed.
 fn failed_start(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--device", "cpu"])
-        .args(args)
-        .output()
-        .expect("runs");
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "must fail: {text}");
-    text
-}
-
-/// Connects once `model` answers a classification.
-async fn ready(url: &str, model: &str, log: &Path) -> Client {
-    let give_up = Instant::now() + Duration::from_secs(120);
-    let input = vec![0.25f32; 3 * 224 * 224];
-    loop {
-        assert!(
-            Instant::now() < give_up,
-            "the server never answered: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        if let Ok(client) = Client::connect(ClientConfig::new([url.to_string()])).await {
-            if client
-                .classify(model, vec![tensor(&input)], Output::TopK(1))
-                .await
-                .is_ok()
-            {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let args: Vec<&str> = ["--device", "cpu"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    testkit::binary::failed_start(BIN, &args)
 }
 
 #[test]
@@ -99,7 +41,7 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
     // What KServe mounts at /mnt/models: the checkpoint and whatever came with it.
     let mounted = dir.path().join("mnt-models");
     std::fs::create_dir(&mounted).expect("mkdir");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
     std::fs::write(mounted.join("README.md"), "the synthetic resnet18").expect("write");
     let file = dir.path().join("r18.safetensors");
     std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
@@ -121,10 +63,10 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
     )
     .expect("write");
     let log = dir.path().join("server.log");
-    let (_served, url) = server(&["--config", &config.display().to_string()], &log);
+    let served = server(&["--config", &config.display().to_string()], &log);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let client = ready(&url, "resnet18-custom", &log).await;
+        let client = served.ready("resnet18-custom").await;
         // The same weights under two names: the same logits.
         let values = synthetic::input(5, 2, 224);
         let images = || values.chunks(3 * 224 * 224).map(tensor).collect::<Vec<_>>();
@@ -139,7 +81,7 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
         assert_eq!(custom.results.len(), 2);
         for (a, b) in custom.results.iter().zip(&cats.results) {
             assert_eq!(a.values.len(), 1000);
-            assert!(common::relative_error(&a.values, &b.values) <= 1e-6);
+            assert!(testkit::relative_error(&a.values, &b.values) <= 1e-6);
         }
         let names: Vec<String> = client
             .list_models()
@@ -165,25 +107,9 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
             let mut k = k.clone();
             let name = name.to_string();
             async move {
-                let config = k
-                    .model_config(ModelConfigRequest {
-                        name,
-                        version: String::new(),
-                    })
-                    .await
-                    .expect("config")
-                    .into_inner()
-                    .config
-                    .expect("config body");
+                let config = testkit::kserve::model_config(&mut k, &name).await;
                 assert_eq!(config.parameters["architecture"].string_value, "resnet18");
-                let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
-                    panic!("dynamic batching expected");
-                };
-                (
-                    db.preferred_batch_size,
-                    db.max_queue_delay_microseconds,
-                    db.default_queue_policy.map(|q| q.max_queue_size),
-                )
+                testkit::kserve::dynamic_batching(&config)
             }
         };
         assert_eq!(policy("resnet18-custom").await, (vec![1, 2], 1000, Some(6)));
@@ -212,32 +138,6 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
     );
 }
 
-/// A model's dynamic batching as KServe's ModelConfig reports it: preferred sizes,
-/// delay in microseconds, queue size.
-async fn kserve_policy(
-    k: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
-    name: &str,
-) -> (Vec<i32>, u64, Option<u32>) {
-    let config = k
-        .model_config(ModelConfigRequest {
-            name: name.into(),
-            version: String::new(),
-        })
-        .await
-        .expect("config")
-        .into_inner()
-        .config
-        .expect("config body");
-    let Some(SchedulingChoice::DynamicBatching(db)) = config.scheduling_choice else {
-        panic!("dynamic batching expected");
-    };
-    (
-        db.preferred_batch_size,
-        db.max_queue_delay_microseconds,
-        db.default_queue_policy.map(|q| q.max_queue_size),
-    )
-}
-
 /// A RepositoryModelLoad of `model`, from `file` in the model repository if given.
 fn load_request(model: &str, file: Option<&str>) -> RepositoryModelLoadRequest {
     RepositoryModelLoadRequest {
@@ -262,7 +162,7 @@ fn model_control_reloads_a_configured_model_as_configured() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mounted = dir.path().join("mnt-models");
     std::fs::create_dir(&mounted).expect("mkdir");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
     let file = dir.path().join("r18.safetensors");
     std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
     let repo = dir.path().join("repo");
@@ -292,10 +192,10 @@ fn model_control_reloads_a_configured_model_as_configured() {
     )
     .expect("write");
     let log = dir.path().join("server.log");
-    let (_served, url) = server(&["--config", &config.display().to_string()], &log);
+    let served = server(&["--config", &config.display().to_string()], &log);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let client = ready(&url, "resnet18-custom", &log).await;
+        let client = served.ready("resnet18-custom").await;
         let values = synthetic::input(7, 2, 224);
         let images = || values.chunks(3 * 224 * 224).map(tensor).collect::<Vec<_>>();
         let logits = |name: &'static str| {
@@ -352,7 +252,7 @@ fn model_control_reloads_a_configured_model_as_configured() {
             assert_eq!(now.len(), 2);
             for (a, b) in now.iter().zip(was) {
                 assert!(
-                    common::relative_error(&a.values, &b.values) <= 1e-6,
+                    testkit::relative_error(&a.values, &b.values) <= 1e-6,
                     "{name}"
                 );
             }
@@ -399,7 +299,7 @@ fn model_paths_and_names_that_cannot_be_served_fail_at_start_up_saying_why() {
     let two = dir.path().join("two");
     std::fs::create_dir(&two).expect("mkdir");
     let r18 = two.join("a.pth");
-    common::write_synthetic_checkpoint(Architecture::Resnet18, &r18);
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &r18);
     std::fs::copy(&r18, two.join("b.safetensors")).expect("copy");
     let text = failed_start(&["--model", &format!("cats={}", two.display())]);
     assert!(

@@ -8,10 +8,8 @@
 //! The exporter's settings are process-wide, so each test runs its own server process
 //! (with its own receiver), as tests/soak.rs does.
 
-mod common;
-
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +26,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use resnet_client::proto::inference::model_infer_request::InferInputTensor;
 use resnet_client::proto::inference::ModelInferRequest;
 use resnet_client::proto::ClassifyRequest;
-use resnet_client::{tensor, Client, ClientConfig, Output};
+use resnet_client::{tensor, Client, Output};
 use resnet_serve::model::Architecture;
 
 /// What the receiver was sent.
@@ -112,106 +110,62 @@ fn int(attributes: &[KeyValue], key: &str) -> Option<i64> {
     }
 }
 
-/// A port free on 127.0.0.1 now (the server binds it a moment later).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// The server process; killed if the test ends without it having exited.
+/// The binary serving a seeded resnet18, exporting traces as `configure` sets it up
+/// (every other OTEL_ variable of the test's environment removed); its directory
+/// (weights and log) lives as long as it does.
 struct Served {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
+    process: testkit::binary::Served,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Served {
-    /// The binary serving a seeded resnet18, exporting traces as `configure` sets it up
-    /// (every other OTEL_ variable of the test's environment removed).
     fn start(configure: impl FnOnce(&mut Command)) -> Served {
         let dir = tempfile::tempdir().expect("tempdir");
         let weights = dir.path().join("resnet18.safetensors");
-        common::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
-        let (grpc, metrics) = (free_port(), free_port());
+        testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
         let log = dir.path().join("server.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_resnet-serve"));
-        command
-            .args(["--listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .arg("--model")
-            .arg(format!("resnet18_swsl={}", weights.display()))
-            .args(["--batch-sizes", "1,2,4", "--max-queue-delay-ms", "1"])
-            .args(["--drain-timeout-s", "10"])
-            .env("RUST_LOG", "info,resnet_serve=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("OTEL_") {
-                command.env_remove(name);
-            }
-        }
-        // Nothing is exported on a timer within the test: what arrives was flushed at
-        // shutdown.
-        command.env("OTEL_BSP_SCHEDULE_DELAY", "600000");
-        configure(&mut command);
-        let child = command.spawn().expect("the server starts");
-        Served {
-            child,
-            url: format!("http://127.0.0.1:{grpc}"),
-            log,
-            _dir: dir,
-        }
+        let process =
+            testkit::binary::Served::start(env!("CARGO_BIN_EXE_resnet-serve"), &log, |command| {
+                command
+                    .arg("--model")
+                    .arg(format!("resnet18_swsl={}", weights.display()))
+                    .args(["--batch-sizes", "1,2,4", "--max-queue-delay-ms", "1"])
+                    .args(["--drain-timeout-s", "10"])
+                    .env("RUST_LOG", "info,resnet_serve=debug");
+                for (name, _) in std::env::vars() {
+                    if name.starts_with("OTEL_") {
+                        command.env_remove(name);
+                    }
+                }
+                // Nothing is exported on a timer within the test: what arrives was
+                // flushed at shutdown.
+                command.env("OTEL_BSP_SCHEDULE_DELAY", "600000");
+                configure(command);
+            });
+        Served { process, _dir: dir }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
-    /// Connects once the server lists its model (loaded), returning the model's name.
+    /// Connects once the server lists its model (loaded), returning the model's name:
+    /// no call is made that would leave spans behind.
     async fn ready(&self) -> (Client, String) {
-        let give_up = Instant::now() + Duration::from_secs(120);
-        loop {
-            assert!(
-                Instant::now() < give_up,
-                "the server never came up: {}",
-                self.log()
-            );
-            if let Ok(client) = Client::connect(ClientConfig::new([self.url.clone()])).await {
-                if let Ok(models) = client.list_models().await {
-                    if let Some(m) = models.first() {
-                        return (client, m.name.clone());
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.process
+            .ready_when(|client| async move {
+                let name = client.list_models().await.ok()?.first()?.name.clone();
+                Some((client, name))
+            })
+            .await
     }
 
     /// SIGTERM, then waits for the drain to end the process successfully.
     fn stop(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-        let give_up = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(Instant::now() < give_up, "never exited: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        self.process.sigterm();
+        let status = self
+            .process
+            .wait_exit(Duration::from_secs(30), "after SIGTERM");
         assert!(status.success(), "{status}: {}", self.log());
     }
 }
@@ -422,7 +376,7 @@ async fn a_kserve_call_joins_the_callers_trace_through_the_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_the_spans_never_a_call() {
     // Nothing listens there.
-    let down = format!("http://127.0.0.1:{}", free_port());
+    let down = format!("http://127.0.0.1:{}", testkit::binary::free_port());
     let mut server = Served::start(|c| {
         c.env("OTEL_EXPORTER_OTLP_ENDPOINT", &down)
             // Export attempts while serving, not only at the end.

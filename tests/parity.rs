@@ -4,8 +4,6 @@
 //! implementation this CPU supports (AVX-512, AVX2, the portable GEMMs), each forced in
 //! turn.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
 use resnet_serve::model::cpu::CpuKernels;
 use resnet_serve::model::synthetic::{self, SyntheticWeights};
@@ -40,7 +38,7 @@ fn check(arch: Architecture) {
 }
 
 fn check_on(arch: Architecture, which: CpuKernels) {
-    let reference = common::reference("arch_parity.safetensors");
+    let reference = testkit::fixtures::reference("arch_parity.safetensors");
     let want = reference
         .read_f32(&format!("{arch}.logits"))
         .expect("reference logits");
@@ -81,7 +79,7 @@ fn check_on(arch: Architecture, which: CpuKernels) {
         (0.5..50.0).contains(&spread),
         "{arch}: reference logits max |.| = {spread}"
     );
-    let err = common::relative_error(&got, &want);
+    let err = testkit::relative_error(&got, &want);
     println!("{arch} on {used}: max|d|/max|ref| = {err:.2e}");
     assert!(
         err <= TOLERANCE,
@@ -144,7 +142,7 @@ fn a_batch_equals_its_images_run_alone() {
         let alone = model
             .classify(&pixels[i * per..(i + 1) * per], 1)
             .expect("single");
-        let err = common::relative_error(&batched[i], &alone[0]);
+        let err = testkit::relative_error(&batched[i], &alone[0]);
         assert!(err <= 1e-5, "image {i}: batch vs alone {err:.3e}");
     }
 }

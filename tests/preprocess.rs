@@ -2,14 +2,8 @@
 //! modes: the uint8 224x224 crop within one level per pixel, and the same top-5 (and
 //! close logits) end to end through the synthetic resnet18 PyTorch also ran.
 
-mod common;
-
-use std::fs;
-
-use candle_core::{DType, Device};
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, Classifier};
 use resnet_serve::preprocess::{decode, resize, Input, Preprocessor};
+use testkit::fixtures::image_bytes;
 
 const IMAGES: [&str; 15] = [
     "camera_gray16.png",
@@ -29,13 +23,9 @@ const IMAGES: [&str; 15] = [
     "tiny_up.png",
 ];
 
-fn image_bytes(name: &str) -> Vec<u8> {
-    fs::read(common::fixture(&format!("images/{name}"))).expect("fixture image")
-}
-
 #[test]
 fn crops_match_pil_within_one_level() {
-    let reference = common::reference("preprocess.safetensors");
+    let reference = testkit::fixtures::reference("preprocess.safetensors");
     let mut worst = 0u8;
     for name in IMAGES {
         let want = reference
@@ -64,15 +54,8 @@ fn crops_match_pil_within_one_level() {
 
 #[test]
 fn same_top5_as_torchvision_end_to_end() {
-    let reference = common::reference("preprocess.safetensors");
-    let arch = Architecture::Resnet18;
-    let model = Classifier::load(
-        arch,
-        &SyntheticWeights::new(arch, 7),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .expect("builds");
+    let reference = testkit::fixtures::reference("preprocess.safetensors");
+    let model = testkit::resnet18();
     let pre = Preprocessor::default();
     for name in IMAGES {
         let want = reference
@@ -90,7 +73,7 @@ fn same_top5_as_torchvision_end_to_end() {
                 .collect()
         };
         assert_eq!(top(&got), top(&want), "{name}: top-5");
-        let err = common::relative_error(&got, &want);
+        let err = testkit::relative_error(&got, &want);
         println!("{name}: logits max|d|/max|ref| = {err:.2e}");
         // One-level differences from the resampler move logits by ~4e-4 of their range.
         assert!(err <= 1e-3, "{name}: logits differ by {err:.3e}");

@@ -1,171 +1,40 @@
 //! The gRPC server end to end: a real server on 127.0.0.1:0 serving the synthetic
 //! resnet18, called through the generated client of the `resnet-client` crate.
 
-mod common;
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use resnet_client::proto::classifier_client::ClassifierClient;
 use resnet_client::proto::{
     image, stream_result, ClassifyRequest, EncodedImage, FloatTensor, GetModelRequest, Image,
     ListModelsRequest, OutputKind, OutputSpec, RawFrame, StreamFrame,
 };
-use resnet_serve::model::synthetic::{self, SyntheticWeights};
-use resnet_serve::model::{Architecture, Classifier, ModelError};
+use resnet_serve::model::synthetic;
+use resnet_serve::model::Classifier;
 use resnet_serve::preprocess::{Input, Preprocessor, INPUT_LEN};
-use resnet_serve::process::local::LocalServer;
-use resnet_serve::process::server::{self, ServeOptions};
-use resnet_serve::scheduler::{Backend, BackendInfo, BatchPolicy};
+use resnet_serve::process::server::ServeOptions;
+use resnet_serve::scheduler::Backend;
+use testkit::backends::{Gated, PanicOnce};
+use testkit::server::health;
+use testkit::wait::eventually;
+use testkit::{TestServer, MODEL};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
-const MODEL: &str = "resnet18_swsl";
-
 fn model() -> Arc<Classifier> {
-    static MODEL: OnceLock<Arc<Classifier>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let arch = Architecture::Resnet18;
-            Arc::new(
-                Classifier::load(
-                    arch,
-                    &SyntheticWeights::new(arch, 7),
-                    &Device::Cpu,
-                    DType::F32,
-                )
-                .expect("model"),
-            )
-        })
-        .clone()
-}
-
-/// Waits for `cond` to hold, checking between yields; fails the test after 30 s
-/// rather than hanging it.
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// The classifier service's health status at `addr` (-1 when it cannot be asked).
-async fn health(addr: &str) -> i32 {
-    let channel = Channel::from_shared(addr.to_string())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-    h.check(tonic_health::pb::HealthCheckRequest {
-        service: "resnet_serve.v1.Classifier".into(),
-    })
-    .await
-    .map(|r| r.into_inner().status)
-    .unwrap_or(-1)
-}
-
-struct TestServer {
-    server: LocalServer,
-    addr: String,
-}
-
-impl TestServer {
-    async fn start(options: ServeOptions, backend: Arc<dyn Backend>) -> TestServer {
-        Self::start_replicas(options, vec![backend]).await
-    }
-
-    /// One model served by several replicas (as on several GPUs).
-    async fn start_replicas(options: ServeOptions, replicas: Vec<Arc<dyn Backend>>) -> TestServer {
-        let loader: server::ModelLoader = Box::new(move || {
-            Ok(replicas
-                .into_iter()
-                .map(|b| (MODEL.to_string(), b))
-                .collect())
-        });
-        let server = LocalServer::start(options, loader).await.expect("bind");
-        let s = TestServer {
-            addr: server.url.clone(),
-            server,
-        };
-        s.wait_serving().await;
-        s
-    }
-
-    async fn client(&self) -> ClassifierClient<Channel> {
-        ClassifierClient::connect(self.addr.clone())
-            .await
-            .expect("connect")
-    }
-
-    async fn health(&self) -> i32 {
-        health(&self.addr).await
-    }
-
-    async fn wait_serving(&self) {
-        // The listener is bound before the server starts, so connecting succeeds at
-        // once; health then reports SERVING (1) once models are loaded.
-        let channel = Channel::from_shared(self.addr.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-        let mut watch = h
-            .watch(tonic_health::pb::HealthCheckRequest {
-                service: "resnet_serve.v1.Classifier".into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        while let Some(Ok(status)) = watch.message().await.transpose() {
-            if status.status == 1 {
-                return;
-            }
-        }
-        panic!("server never became SERVING");
-    }
-
-    async fn metrics(&self) -> String {
-        common::scrape(self.server.metrics_addr).await
-    }
-
-    /// The value of one sample line, e.g. `resnet_serve_batches_total{model="m"}`.
-    async fn metric(&self, prefix: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    async fn stop(self) {
-        self.server.stop().await.expect("clean shutdown");
-    }
+    testkit::resnet18()
 }
 
 fn options(sizes: &[usize], delay_ms: u64, capacity: usize) -> ServeOptions {
     ServeOptions {
-        policy: BatchPolicy::new(sizes, Duration::from_millis(delay_ms), capacity).expect("policy"),
-        preprocess_threads: 2,
         drain_timeout: Duration::from_secs(20),
-        ..ServeOptions::default()
+        ..testkit::server::options(sizes, delay_ms, capacity)
     }
 }
 
 fn encoded(name: &str) -> Image {
-    let data = std::fs::read(common::fixture(&format!("images/{name}"))).expect("fixture");
+    let data = testkit::fixtures::image_bytes(name);
     Image {
         kind: Some(image::Kind::Encoded(EncodedImage { data: data.into() })),
     }
@@ -204,7 +73,7 @@ async fn classify_returns_what_the_model_computes_for_every_input_kind() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
     let mut client = server.client().await;
     let pre = Preprocessor::default();
-    let png = std::fs::read(common::fixture("images/coffee.png")).expect("fixture");
+    let png = testkit::fixtures::image_bytes("coffee.png");
     let rgb =
         resnet_serve::preprocess::decode::decode_rgb8(&png, &Default::default()).expect("decode");
     let (tensor, values) = tensor_image(11);
@@ -230,7 +99,7 @@ async fn classify_returns_what_the_model_computes_for_every_input_kind() {
         .into_values();
     let want = [alone(&png_input), alone(&png_input), alone(&values)];
     for (i, (got, want)) in resp.results.iter().zip(&want).enumerate() {
-        let err = common::relative_error(&got.values, want);
+        let err = testkit::relative_error(&got.values, want);
         assert!(err <= 1e-5, "image {i}: {err:e}");
     }
 
@@ -287,7 +156,7 @@ async fn concurrent_requests_coalesce_into_batches_with_unchanged_results() {
     }
     for t in tasks {
         let (got, input) = t.await.expect("task");
-        let err = common::relative_error(&got, &alone(&input));
+        let err = testkit::relative_error(&got, &alone(&input));
         assert!(err <= 1e-5, "batched result differs from alone: {err:e}");
     }
     let batches = server.metric("resnet_serve_batches_total{").await;
@@ -327,7 +196,7 @@ async fn a_request_larger_than_the_largest_batch_is_split_and_reassembled_in_ord
     assert_eq!(resp.results.len(), 11);
     for (i, (r, input)) in resp.results.iter().zip(&inputs).enumerate() {
         assert!(
-            common::relative_error(&r.values, &alone(input)) <= 1e-5,
+            testkit::relative_error(&r.values, &alone(input)) <= 1e-5,
             "image {i} out of order or wrong"
         );
     }
@@ -380,7 +249,7 @@ async fn stream_answers_in_order_with_per_frame_errors() {
         match (&r.outcome, &inputs[i]) {
             (Some(stream_result::Outcome::Result(c)), Some(input)) => {
                 assert!(
-                    common::relative_error(&c.values, &alone(input)) <= 1e-5,
+                    testkit::relative_error(&c.values, &alone(input)) <= 1e-5,
                     "frame {i}"
                 );
             }
@@ -421,7 +290,7 @@ async fn a_fast_stream_producer_is_slowed_not_buffered() {
         .await
         .expect("stream")
         .into_inner();
-    gate.entered.notified().await;
+    gate.entered().await;
     // The worker is held: the server must stop reading after a bounded window.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let read_while_blocked = pulled.load(Ordering::SeqCst);
@@ -429,7 +298,7 @@ async fn a_fast_stream_producer_is_slowed_not_buffered() {
         read_while_blocked < 30,
         "{read_while_blocked} of 80 frames pulled while the model was blocked"
     );
-    gate.open.store(true, Ordering::SeqCst);
+    gate.open();
     let mut n = 0u64;
     while let Some(r) = responses.message().await.expect("message") {
         assert_eq!(r.frame_id, n);
@@ -448,14 +317,14 @@ async fn a_reset_stream_is_no_longer_in_flight() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
     // A bare HTTP/2 client, so the call can be reset as a client that goes away resets it.
     let (response, mut send) =
-        common::bare_call(&server.addr, "/resnet_serve.v1.Classifier/ClassifyStream").await;
+        testkit::wire::bare_call(&server.url, "/resnet_serve.v1.Classifier/ClassifyStream").await;
     let frame = StreamFrame {
         frame_id: 0,
         model: String::new(),
         image: Some(tensor_image(0).0),
         output: None,
     };
-    send.send_data(common::grpc_body(&frame), false)
+    send.send_data(testkit::wire::grpc_body(&frame), false)
         .expect("frame");
     let mut body = response.await.expect("response").into_body();
     let first = body.data().await.expect("a result").expect("data");
@@ -476,7 +345,7 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     let server = TestServer::start(options(&[1], 1, 8), model()).await;
-    let channel = Channel::from_shared(server.addr.clone())
+    let channel = Channel::from_shared(server.url.clone())
         .expect("uri")
         .connect()
         .await
@@ -514,7 +383,7 @@ async fn reflection_lists_the_services() {
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        let channel = Channel::from_shared(server.addr.clone())
+        let channel = Channel::from_shared(server.url.clone())
             .expect("uri")
             .connect()
             .await
@@ -604,34 +473,8 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
     server.stop().await;
 }
 
-/// Wraps the real model and holds each forward pass until released, so tests can keep
-/// the worker busy for as long as they need.
-struct Gated {
-    inner: Arc<Classifier>,
-    open: AtomicBool,
-    entered: tokio::sync::Notify,
-}
-
-impl Backend for Gated {
-    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.entered.notify_one();
-        while !self.open.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Backend::forward(self.inner.as_ref(), pixels, n)
-    }
-
-    fn info(&self) -> BackendInfo {
-        Backend::info(self.inner.as_ref())
-    }
-}
-
 fn gated() -> Arc<Gated> {
-    Arc::new(Gated {
-        inner: model(),
-        open: AtomicBool::new(false),
-        entered: tokio::sync::Notify::new(),
-    })
+    Gated::new(model())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,7 +484,7 @@ async fn deadline_is_answered_on_time_and_the_request_never_computed() {
     let mut busy = server.client().await;
     let first =
         tokio::spawn(async move { busy.classify(logits_request(vec![tensor_image(1).0])).await });
-    gate.entered.notified().await; // the worker is now inside the first batch
+    gate.entered().await; // the worker is now inside the first batch
     let mut client = server.client().await;
     let mut req = tonic::Request::new(logits_request(vec![tensor_image(2).0, tensor_image(3).0]));
     req.set_timeout(Duration::from_millis(500));
@@ -653,7 +496,7 @@ async fn deadline_is_answered_on_time_and_the_request_never_computed() {
         waited < Duration::from_millis(1500),
         "answered by a timer, after {waited:?}"
     );
-    gate.open.store(true, Ordering::SeqCst);
+    gate.open();
     first.await.expect("task").expect("first request completes");
     // Only the first request's image was ever computed.
     let slots = server.metric("resnet_serve_batch_slots_total{").await;
@@ -675,7 +518,7 @@ async fn a_cancelled_request_is_not_computed() {
     let mut busy = server.client().await;
     let first =
         tokio::spawn(async move { busy.classify(logits_request(vec![tensor_image(1).0])).await });
-    gate.entered.notified().await;
+    gate.entered().await;
     let mut client = server.client().await;
     let doomed = tokio::spawn(async move {
         client
@@ -696,7 +539,7 @@ async fn a_cancelled_request_is_not_computed() {
         server.metric("resnet_serve_requests_in_flight").await <= 1.0
     })
     .await;
-    gate.open.store(true, Ordering::SeqCst);
+    gate.open();
     first.await.expect("task").expect("first completes");
     // The server still answers, and the cancelled images were skipped.
     let mut c = server.client().await;
@@ -724,15 +567,15 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
             c.classify(logits_request(vec![tensor_image(s).0])).await
         }));
     }
-    gate.entered.notified().await;
+    gate.entered().await;
     // All six are inside the server before the shutdown signal.
     eventually("all six requests are in flight", || async {
         server.metric("resnet_serve_requests_in_flight").await >= 6.0
     })
     .await;
     let mut late = server.client().await;
-    let TestServer { server, addr } = server;
-    let stopping = tokio::spawn(server.stop());
+    let addr = server.url.clone();
+    let stopping = tokio::spawn(server.shutdown());
     // Draining: health goes NOT_SERVING and new requests are refused.
     eventually("health leaves SERVING", || async {
         health(&addr).await != 1
@@ -751,7 +594,7 @@ async fn drain_answers_every_in_flight_request_then_refuses_new_ones() {
         .expect("info")
         .into_inner();
     assert!(!info.ready, "ModelInfo.ready while draining");
-    gate.open.store(true, Ordering::SeqCst);
+    gate.open();
     for t in tasks {
         t.await
             .expect("task")
@@ -785,17 +628,17 @@ async fn replicas_share_the_queue_and_compute_at_the_same_time() {
     }
     // Both replicas are inside a forward pass at once (neither gate is open yet).
     tokio::time::timeout(Duration::from_secs(30), async {
-        a.entered.notified().await;
-        b.entered.notified().await;
+        a.entered().await;
+        b.entered().await;
     })
     .await
     .expect("both replicas entered a forward pass");
-    a.open.store(true, Ordering::SeqCst);
-    b.open.store(true, Ordering::SeqCst);
+    a.open();
+    b.open();
     for t in tasks {
         let (out, input) = t.await.expect("task");
         let out = out.expect("answered").into_inner();
-        assert!(common::relative_error(&out.results[0].values, &alone(&input)) <= 1e-5);
+        assert!(testkit::relative_error(&out.results[0].values, &alone(&input)) <= 1e-5);
     }
     let info = server
         .client()
@@ -811,31 +654,9 @@ async fn replicas_share_the_queue_and_compute_at_the_same_time() {
     server.stop().await;
 }
 
-/// The real model, except that its first forward pass panics.
-struct PanicOnce {
-    inner: Arc<Classifier>,
-    panicked: AtomicBool,
-}
-
-impl Backend for PanicOnce {
-    fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        if !self.panicked.swap(true, Ordering::SeqCst) {
-            panic!("injected fault");
-        }
-        Backend::forward(self.inner.as_ref(), pixels, n)
-    }
-
-    fn info(&self) -> BackendInfo {
-        Backend::info(self.inner.as_ref())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_panic_fails_its_batch_and_the_worker_is_restarted() {
-    let backend = Arc::new(PanicOnce {
-        inner: model(),
-        panicked: AtomicBool::new(false),
-    });
+    let backend = PanicOnce::new(model());
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), backend).await;
     let mut client = server.client().await;
     let err = client
@@ -854,7 +675,7 @@ async fn a_worker_panic_fails_its_batch_and_the_worker_is_restarted() {
         .await
         .expect("served after restart")
         .into_inner();
-    assert!(common::relative_error(&ok.results[0].values, &alone(&input)) <= 1e-5);
+    assert!(testkit::relative_error(&ok.results[0].values, &alone(&input)) <= 1e-5);
     assert_eq!(
         server.metric("resnet_serve_worker_restarts_total{").await,
         1.0
@@ -883,7 +704,7 @@ async fn a_non_finite_tensor_fails_its_request_not_its_batch() {
         b.classify(logits_request(vec![tensor_image(7).0, bad])),
     );
     let ok = ok.expect("the good request").into_inner();
-    assert!(common::relative_error(&ok.results[0].values, &alone(&good_values)) <= 1e-5);
+    assert!(testkit::relative_error(&ok.results[0].values, &alone(&good_values)) <= 1e-5);
     let refused = refused.expect_err("the bad request");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
     assert!(
@@ -1020,7 +841,7 @@ async fn classify_in_frames(
 ) {
     use prost::Message;
     let (response, mut send) =
-        common::bare_call(addr, "/resnet_serve.v1.Classifier/Classify").await;
+        testkit::wire::bare_call(addr, "/resnet_serve.v1.Classifier/Classify").await;
     let mut start = 0;
     while start < body.len() {
         let end = (start + frame).min(body.len());
@@ -1060,8 +881,8 @@ async fn a_call_cut_into_small_frames_is_answered_as_one_sent_whole() {
     let server = TestServer::start(options(&[1, 2, 4], 1, 64), model()).await;
     let (a, a_values) = tensor_image(21);
     let (b, b_values) = tensor_image(22);
-    let body = common::grpc_body(&logits_request(vec![a, encoded("coffee.png"), b]));
-    let png = std::fs::read(common::fixture("images/coffee.png")).expect("fixture");
+    let body = testkit::wire::grpc_body(&logits_request(vec![a, encoded("coffee.png"), b]));
+    let png = testkit::fixtures::image_bytes("coffee.png");
     let png_values = Preprocessor::default()
         .prepare(Input::Encoded(&png))
         .expect("pre")
@@ -1070,27 +891,27 @@ async fn a_call_cut_into_small_frames_is_answered_as_one_sent_whole() {
     // 1,000-byte frames cut every tensor (602 KB) and the PNG across hundreds of frames;
     // 16 KiB is HTTP/2's smallest maximum frame; then the whole call in one buffer.
     for frame in [1000, 16 << 10, usize::MAX] {
-        let (status, reply) = classify_in_frames(&server.addr, body.clone(), frame).await;
+        let (status, reply) = classify_in_frames(&server.url, body.clone(), frame).await;
         assert_eq!(status.code(), Code::Ok, "frames of {frame}: {status}");
         let reply = reply.expect("a reply");
         assert_eq!(reply.results.len(), 3);
         for (i, (got, want)) in reply.results.iter().zip(&want).enumerate() {
-            let err = common::relative_error(&got.values, want);
+            let err = testkit::relative_error(&got.values, want);
             assert!(err <= 1e-5, "frames of {frame}, image {i}: {err:e}");
         }
     }
     // A call whose body ends inside its message, or runs past it, is refused (INTERNAL,
     // as tonic refuses it), and the server goes on serving.
     let cut = body.slice(..body.len() - 100);
-    let (status, _) = classify_in_frames(&server.addr, cut, 1 << 20).await;
+    let (status, _) = classify_in_frames(&server.url, cut, 1 << 20).await;
     assert_eq!(status.code(), Code::Internal, "{status}");
     assert!(status.message().contains("Unexpected EOF"), "{status}");
     let mut two = body.to_vec();
     two.extend_from_slice(&body);
-    let (status, _) = classify_in_frames(&server.addr, two.into(), 1 << 20).await;
+    let (status, _) = classify_in_frames(&server.url, two.into(), 1 << 20).await;
     assert_eq!(status.code(), Code::Internal, "{status}");
     assert!(status.message().contains("one message"), "{status}");
-    let (status, reply) = classify_in_frames(&server.addr, body, 4096).await;
+    let (status, reply) = classify_in_frames(&server.url, body, 4096).await;
     assert_eq!(status.code(), Code::Ok, "{status}");
     assert_eq!(reply.map(|r| r.results.len()), Some(3));
     server.stop().await;
@@ -1182,7 +1003,7 @@ async fn shared_memory_tensors_are_read_and_bad_references_refused() {
         model(),
     )
     .await;
-    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+    let client = Client::connect(ClientConfig::new([server.url.clone()]))
         .await
         .expect("connect");
     let values: Vec<Vec<f32>> = (21..24).map(|s| synthetic::input(s, 1, 224)).collect();
@@ -1218,7 +1039,7 @@ async fn shared_memory_tensors_are_read_and_bad_references_refused() {
         .into_iter()
         .enumerate()
     {
-        let err = common::relative_error(&got[i], &alone(want));
+        let err = testkit::relative_error(&got[i], &alone(want));
         assert!(err <= 1e-5, "image {i}: {err:e}");
     }
 
@@ -1234,7 +1055,7 @@ async fn shared_memory_tensors_are_read_and_bad_references_refused() {
     let Some(stream_result::Outcome::Result(c)) = first.outcome else {
         panic!("frame failed: {first:?}");
     };
-    assert!(common::relative_error(&c.values, &alone(&values[1])) <= 1e-5);
+    assert!(testkit::relative_error(&c.values, &alone(&values[1])) <= 1e-5);
 
     // The server reads the region as it is when the request comes: a NaN written into
     // the object after registration fails that image, with its element named.
@@ -1315,7 +1136,7 @@ async fn shared_memory_tensors_are_read_and_bad_references_refused() {
 
     // A server started with the defaults refuses registration outright.
     let server = TestServer::start(options(&[1], 1, 8), model()).await;
-    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+    let client = Client::connect(ClientConfig::new([server.url.clone()]))
         .await
         .expect("connect");
     let err = SharedTensors::create(&client, "off", &values[..1])
@@ -1348,7 +1169,7 @@ async fn a_client_truncating_its_shared_memory_cannot_stop_the_server() {
         model(),
     )
     .await;
-    let client = Client::connect(ClientConfig::new([server.addr.clone()]))
+    let client = Client::connect(ClientConfig::new([server.url.clone()]))
         .await
         .expect("connect");
     let values: Vec<Vec<f32>> = (31..33).map(|s| synthetic::input(s, 1, 224)).collect();
@@ -1378,7 +1199,7 @@ async fn a_client_truncating_its_shared_memory_cannot_stop_the_server() {
         .await
         .expect("task")
         .expect("read before the truncation");
-    let err = common::relative_error(&got.results[0].values, &alone(&values[0]));
+    let err = testkit::relative_error(&got.results[0].values, &alone(&values[0]));
     assert!(err <= 1e-5, "{err:e}");
 
     // Truncated before the request: FAILED_PRECONDITION, through both APIs.
@@ -1495,7 +1316,7 @@ async fn the_request_id_travels_both_ways() {
         .expect_err("unknown model");
     assert_eq!(id_of(err.metadata()).as_deref(), Some("trace-err"));
     // KServe's ModelInfer returns the header it was sent.
-    let mut kserve = GrpcInferenceServiceClient::connect(server.addr.clone())
+    let mut kserve = GrpcInferenceServiceClient::connect(server.url.clone())
         .await
         .expect("connect");
     let values = synthetic::input(4, 1, 224);

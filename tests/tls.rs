@@ -4,27 +4,19 @@
 //! rotated while a connection stays open, Python's tritonclient over mutual TLS with a
 //! token, and GOAWAY after `max_connection_age` with the call in flight finishing.
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use common::testca::{Issued, TestCa};
 use prost::Message;
 use resnet_client::proto::{stream_result, StreamFrame, StreamResult};
 use resnet_client::{Client, ClientConfig, ClientError, Output, TlsFiles};
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, Classifier};
-use resnet_serve::process::local::LocalServer;
-use resnet_serve::process::server::{self, RunError, ServeOptions};
+use resnet_serve::process::server::{ModelLoader, RunError, ServeOptions};
 use resnet_serve::process::tls::TlsOptions;
-use resnet_serve::scheduler::{Backend, BatchPolicy};
+use testkit::testca::{Issued, TestCa};
+use testkit::{TestServer, MODEL};
 use tokio_rustls::rustls;
 use tonic::Code;
-
-const MODEL: &str = "resnet18_swsl";
 
 /// A CA, the server's certificate and key files, and a directory for more.
 struct Pki {
@@ -68,29 +60,10 @@ impl Pki {
     }
 }
 
-async fn start(configure: impl FnOnce(&mut ServeOptions)) -> LocalServer {
-    let loader: server::ModelLoader = Box::new(|| {
-        let arch = Architecture::Resnet18;
-        let model: Arc<dyn Backend> = Arc::new(
-            Classifier::load(
-                arch,
-                &SyntheticWeights::new(arch, 7),
-                &Device::Cpu,
-                DType::F32,
-            )
-            .expect("model"),
-        );
-        Ok(vec![(MODEL.to_string(), model)])
-    });
-    let mut options = ServeOptions {
-        policy: BatchPolicy::new(&[1, 2], Duration::from_millis(1), 16).expect("policy"),
-        preprocess_threads: 2,
-        ..ServeOptions::default()
-    };
+async fn start(configure: impl FnOnce(&mut ServeOptions)) -> TestServer {
+    let mut options = testkit::server::options(&[1, 2], 1, 16);
     configure(&mut options);
-    let server = LocalServer::start(options, loader).await.expect("bind");
-    server.ready(Duration::from_secs(120)).await.expect("ready");
-    server
+    TestServer::start(options, testkit::resnet18()).await
 }
 
 fn image() -> resnet_client::proto::Image {
@@ -126,18 +99,14 @@ async fn classify(client: &Client) -> Result<(), String> {
 }
 
 /// `resnet_serve_tls_handshake_failures_total{reason}` now.
-async fn handshake_failures(server: &LocalServer, reason: &str) -> u64 {
-    let text = common::scrape(server.metrics_addr).await;
-    let prefix = format!("resnet_serve_tls_handshake_failures_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+async fn handshake_failures(server: &TestServer, reason: &str) -> u64 {
+    let series = format!("resnet_serve_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    testkit::metrics::series(&server.metrics().await, &series).unwrap_or(0.0) as u64
 }
 
 /// Waits (a little) for the server to count `want` failed handshakes: it counts them
 /// in its own task, after the client has given up.
-async fn expect_handshake_failures(server: &LocalServer, want: u64) {
+async fn expect_handshake_failures(server: &TestServer, want: u64) {
     let give_up = Instant::now() + Duration::from_secs(5);
     loop {
         let got = handshake_failures(server, "error").await;
@@ -225,7 +194,7 @@ async fn the_client_crate_speaks_tls_and_plaintext_is_refused() {
         .err()
         .expect("refused");
     assert!(matches!(err, ClientError::PlaintextEndpoint(_)), "{err:?}");
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +243,7 @@ async fn mutual_tls_admits_certificates_of_its_client_ca_only() {
         ..pki.client(Some((&good_cert, &good_key)))
     };
     assert!(matches!(half.config(), Err(ClientError::TlsIdentity)));
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +269,7 @@ async fn tokens_are_required_over_tls_too() {
     classify_with(&server.url, &pki.client(None), Some("tls-secret"))
         .await
         .expect("TLS and the token");
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +308,7 @@ async fn certificates_rotate_without_dropping_open_connections() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = common::scrape(server.metrics_addr).await;
+    let text = server.metrics().await;
     assert!(
         text.contains("resnet_serve_tls_reloads_total{result=\"applied\"} 1"),
         "{text}"
@@ -364,7 +333,7 @@ async fn certificates_rotate_without_dropping_open_connections() {
     classify_with(&server.url, &new_trust, None)
         .await
         .expect("a new connection with the new CA");
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +368,7 @@ async fn sighup_rereads_the_certificate_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,21 +376,16 @@ async fn unusable_certificate_files_stop_the_start() {
     let pki = Pki::new();
     let mut missing = pki.options();
     missing.cert = pki.dir.path().join("absent.crt");
-    let loader: server::ModelLoader = Box::new(|| Ok(Vec::new()));
+    let loader: ModelLoader = Box::new(|| Ok(Vec::new()));
     let options = ServeOptions {
         tls: Some(missing),
         ..ServeOptions::default()
     };
-    let server = LocalServer::start(options, loader).await.expect("bind");
-    assert!(server.ready(Duration::from_secs(10)).await.is_err());
-    let err = server.stop().await.expect_err("no start");
+    let server = TestServer::spawn(options, loader).await;
+    assert!(server.ready_within(Duration::from_secs(10)).await.is_err());
+    let err = server.shutdown().await.expect_err("no start");
     assert!(matches!(err, RunError::Tls(_)), "{err:?}");
     assert!(err.to_string().contains("absent.crt"), "{err}");
-}
-
-/// The Python interpreter with tritonclient[grpc] (`.ci/run` installs it).
-fn python() -> String {
-    std::env::var("RESNET_SERVE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,39 +405,32 @@ async fn tritonclient_over_mutual_tls_with_a_token() {
         ));
     })
     .await;
-    let url = server.url.trim_start_matches("https://").to_string();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kserve/tritonclient_tls.py");
-    let ca = pki.ca_file.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
-            .arg(&script)
-            .args(["--url", &url, "--model", MODEL, "--token", "py-secret"])
-            .arg("--ca")
-            .arg(&ca)
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .output()
-    })
-    .await
-    .expect("join")
-    .unwrap_or_else(|e| panic!("running {} (set RESNET_SERVE_TEST_PYTHON): {e}", python()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "tritonclient over TLS failed:\n{text}"
-    );
+    let url = server.url.trim_start_matches("https://");
+    let out = testkit::python::run(
+        "tritonclient_tls.py",
+        vec![
+            "--url".into(),
+            url.into(),
+            "--model".into(),
+            MODEL.into(),
+            "--token".into(),
+            "py-secret".into(),
+            "--ca".into(),
+            pki.ca_file.clone().into(),
+            "--cert".into(),
+            cert.into(),
+            "--key".into(),
+            key.into(),
+        ],
+    )
+    .await;
+    let text = out.text;
+    assert!(out.success, "tritonclient over TLS failed:\n{text}");
     assert!(
         text.contains("all tritonclient TLS checks passed"),
         "{text}"
     );
-    server.stop().await.expect("stops");
+    server.stop().await;
 }
 
 /// The next whole gRPC message of a response body.
@@ -534,7 +491,7 @@ async fn old_connections_are_sent_goaway_and_their_calls_finish() {
         .send_request(head("/resnet_serve.v1.Classifier/ClassifyStream"), false)
         .expect("send");
     stream
-        .send_data(common::grpc_body(&frame(1)), false)
+        .send_data(testkit::wire::grpc_body(&frame(1)), false)
         .expect("frame 1");
     let response = response.await.expect("response");
     assert_eq!(response.status(), 200);
@@ -573,7 +530,7 @@ async fn old_connections_are_sent_goaway_and_their_calls_finish() {
 
     // The call in flight goes on: another frame, its result, and an OK status.
     stream
-        .send_data(common::grpc_body(&frame(2)), true)
+        .send_data(testkit::wire::grpc_body(&frame(2)), true)
         .expect("frame 2 after GOAWAY");
     let second: StreamResult = next_message(&mut body, &mut buffered).await;
     assert_eq!(second.frame_id, 2);
@@ -600,5 +557,5 @@ async fn old_connections_are_sent_goaway_and_their_calls_finish() {
         .await
         .expect("connects");
     classify(&client).await.expect("on a fresh connection");
-    server.stop().await.expect("stops");
+    server.stop().await;
 }

@@ -5,130 +5,54 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use resnet_serve::model::synthetic::SyntheticWeights;
-use resnet_serve::model::{Architecture, Classifier};
+use resnet_serve::model::Classifier;
 use resnet_serve::preprocess::{Input, Preprocessor};
-use resnet_serve::process::local::LocalServer;
-use resnet_serve::process::server::{self, ServeOptions};
-use resnet_serve::scheduler::{Backend, BatchPolicy};
-
-#[path = "../../tests/common/testca.rs"]
-mod testca;
+use resnet_serve::process::server::ServeOptions;
+use testkit::backends::Gated;
+use testkit::metrics::{scrape_blocking, sum};
+use testkit::testca;
+use testkit::BlockingServer;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/images")
-        .join(name)
+    testkit::fixture(&format!("images/{name}"))
 }
 
 fn model() -> Arc<Classifier> {
-    let arch = Architecture::Resnet18;
-    Arc::new(
-        Classifier::load(
-            arch,
-            &SyntheticWeights::new(arch, 7),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .expect("model"),
-    )
+    testkit::resnet18()
 }
 
-/// A server on its own runtime thread, so the blocking CLI runs can call it.
-struct Server {
-    grpc: String,
-    metrics: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The servers' options here: a model queue of `queue_capacity` images, and shared
+/// memory on (`load --shared-memory` registers a region).
+fn options(queue_capacity: usize) -> ServeOptions {
+    ServeOptions {
+        shared_memory: true,
+        ..testkit::server::options(&[1, 2, 4, 8], 2, queue_capacity)
+    }
 }
 
-impl Server {
-    fn start(model: Arc<Classifier>) -> Server {
-        Server::start_with(model)
+/// The options of a server that requires the bearer tokens of the file `tokens`.
+fn with_tokens(tokens: &Path, options: ServeOptions) -> ServeOptions {
+    ServeOptions {
+        auth_tokens: Some(Arc::new(
+            resnet_serve::api::auth::Tokens::load(tokens).expect("tokens"),
+        )),
+        ..options
     }
+}
 
-    fn start_with(model: Arc<dyn Backend>) -> Server {
-        Server::start_queue(model, 256)
-    }
+/// A server of the seeded resnet18 as the tests here start most of them.
+fn serve() -> BlockingServer {
+    BlockingServer::start(options(256), model())
+}
 
-    /// As [`Server::start_with`], with a model queue of `queue_capacity` images.
-    fn start_queue(model: Arc<dyn Backend>, queue_capacity: usize) -> Server {
-        Server::start_configured(model, queue_capacity, None)
-    }
+/// The CLI under test, pointed at a server.
+trait Cli {
+    fn client(&self) -> Command;
+}
 
-    /// As [`Server::start_queue`], requiring the bearer tokens of `tokens` when given.
-    fn start_configured(
-        model: Arc<dyn Backend>,
-        queue_capacity: usize,
-        tokens: Option<PathBuf>,
-    ) -> Server {
-        Server::start_secured(model, queue_capacity, tokens, None)
-    }
-
-    /// As [`Server::start_configured`], serving TLS when `tls` is given.
-    fn start_secured(
-        model: Arc<dyn Backend>,
-        queue_capacity: usize,
-        tokens: Option<PathBuf>,
-        tls: Option<resnet_serve::process::tls::TlsOptions>,
-    ) -> Server {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async move {
-                let options = ServeOptions {
-                    policy: BatchPolicy::new(
-                        &[1, 2, 4, 8],
-                        Duration::from_millis(2),
-                        queue_capacity,
-                    )
-                    .expect("policy"),
-                    preprocess_threads: 2,
-                    // `load --shared-memory` registers a region.
-                    shared_memory: true,
-                    auth_tokens: tokens.map(|path| {
-                        Arc::new(resnet_serve::api::auth::Tokens::load(path).expect("tokens"))
-                    }),
-                    tls,
-                    ..ServeOptions::default()
-                };
-                let loader: server::ModelLoader =
-                    Box::new(move || Ok(vec![("resnet18_swsl".to_string(), model)]));
-                let server = LocalServer::start(options, loader).await.expect("bind");
-                server.ready(Duration::from_secs(60)).await.expect("ready");
-                ready_tx
-                    .send((server.url.clone(), server.metrics_addr.to_string()))
-                    .expect("ready");
-                let _ = stopped.await;
-                server.stop().await.expect("server runs");
-            });
-        });
-        let (grpc, metrics) = ready_rx.recv().expect("addresses");
-        Server {
-            grpc,
-            metrics,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
+impl Cli for BlockingServer {
     fn client(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_resnet-client"));
-        c.args(["--endpoint", &self.grpc]);
-        c
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.command(env!("CARGO_BIN_EXE_resnet-client"))
     }
 }
 
@@ -145,7 +69,7 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn classify_prints_what_predict_computes() {
     let model = model();
-    let server = Server::start(model.clone());
+    let server = serve();
     let files = [
         fixture("rocket.jpg"),
         fixture("coffee.png"),
@@ -177,17 +101,8 @@ fn classify_prints_what_predict_computes() {
             .iter()
             .map(|v| v.as_f64().expect("number") as f32)
             .collect();
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            diff / scale <= 1e-5,
-            "{}: {}",
-            files[i].display(),
-            diff / scale
-        );
+        let err = testkit::relative_error(&got, want);
+        assert!(err <= 1e-5, "{}: {err}", files[i].display());
     }
     // Text top-k names labels.
     let out = server
@@ -221,7 +136,7 @@ fn ffmpeg_video(dir: &Path, frames: u32) -> PathBuf {
 
 #[test]
 fn stream_a_video_in_order_with_a_summary() {
-    let server = Server::start(model());
+    let server = serve();
     let dir = tempfile::tempdir().expect("tempdir");
     let video = ffmpeg_video(dir.path(), 12);
     let out = server
@@ -263,7 +178,7 @@ fn stream_a_video_in_order_with_a_summary() {
 
 #[test]
 fn stream_a_directory_reports_a_bad_frame_and_goes_on() {
-    let server = Server::start(model());
+    let server = serve();
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(fixture("rocket.jpg"), dir.path().join("000.jpg")).expect("copy");
     std::fs::write(dir.path().join("001.jpg"), b"not a jpeg").expect("write");
@@ -301,7 +216,7 @@ fn stream_a_directory_reports_a_bad_frame_and_goes_on() {
 
 #[test]
 fn a_missing_ffmpeg_is_a_clear_error() {
-    let server = Server::start(model());
+    let server = serve();
     let out = server
         .client()
         .env("PATH", "/nonexistent")
@@ -316,55 +231,12 @@ fn a_missing_ffmpeg_is_a_clear_error() {
     );
 }
 
-/// The real model behind a gate that holds every forward pass until opened.
-struct Gated {
-    inner: Arc<Classifier>,
-    open: std::sync::atomic::AtomicBool,
-    entered: std::sync::atomic::AtomicBool,
-}
-
-impl Backend for Gated {
-    fn forward(
-        &self,
-        pixels: &[f32],
-        n: usize,
-    ) -> Result<Vec<Vec<f32>>, resnet_serve::model::ModelError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.entered.store(true, SeqCst);
-        while !self.open.load(SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Backend::forward(self.inner.as_ref(), pixels, n)
-    }
-
-    fn info(&self) -> resnet_serve::scheduler::BackendInfo {
-        Backend::info(self.inner.as_ref())
-    }
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
-
-fn counter(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn the_library_balances_endpoints() {
     use resnet_client::{tensor, Client, ClientConfig, Output};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let input = vec![0.25f32; 3 * 224 * 224];
-    let (a, b) = (Server::start(model()), Server::start(model()));
+    let (a, b) = (serve(), serve());
     rt.block_on(async {
         let client = Client::connect(ClientConfig::new([a.grpc.clone(), b.grpc.clone()]))
             .await
@@ -376,8 +248,8 @@ fn the_library_balances_endpoints() {
                 .expect("classify");
         }
     });
-    let na = counter(&scrape(&a.metrics), "resnet_serve_requests_total{");
-    let nb = counter(&scrape(&b.metrics), "resnet_serve_requests_total{");
+    let na = sum(&scrape_blocking(&a.metrics), "resnet_serve_requests_total{");
+    let nb = sum(&scrape_blocking(&b.metrics), "resnet_serve_requests_total{");
     assert_eq!(na + nb, 24.0);
     assert!(na > 0.0 && nb > 0.0, "both endpoints used: {na} and {nb}");
 }
@@ -388,7 +260,7 @@ fn a_load_spreads_its_requests_over_its_connections() {
     use resnet_client::{tensor, Client, ClientConfig, Output};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // Two servers, one connection to each: each server counts what its connection carried.
-    let (a, b) = (Server::start(model()), Server::start(model()));
+    let (a, b) = (serve(), serve());
     let report = rt.block_on(async {
         let mut clients = Vec::new();
         for url in [&a.grpc, &b.grpc] {
@@ -412,8 +284,8 @@ fn a_load_spreads_its_requests_over_its_connections() {
         load::run(&clients, &cfg, None, indicatif::ProgressBar::hidden()).await
     });
     assert_eq!((report.ok, report.connections), (12, 2));
-    let na = counter(&scrape(&a.metrics), "resnet_serve_requests_total{");
-    let nb = counter(&scrape(&b.metrics), "resnet_serve_requests_total{");
+    let na = sum(&scrape_blocking(&a.metrics), "resnet_serve_requests_total{");
+    let nb = sum(&scrape_blocking(&b.metrics), "resnet_serve_requests_total{");
     // Workers 0 and 2 use the first connection, 1 and 3 the second; each worker sends at
     // least its first request before any budget runs out.
     assert_eq!(na + nb, 12.0);
@@ -426,15 +298,10 @@ fn a_load_spreads_its_requests_over_its_connections() {
 #[test]
 fn the_library_retries_unavailable_only() {
     use resnet_client::{tensor, Client, ClientConfig, Output};
-    use std::sync::atomic::Ordering::SeqCst;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let input = vec![0.25f32; 3 * 224 * 224];
-    let gate = Arc::new(Gated {
-        inner: model(),
-        open: std::sync::atomic::AtomicBool::new(false),
-        entered: std::sync::atomic::AtomicBool::new(false),
-    });
-    let mut server = Server::start_with(gate.clone());
+    let gate = Gated::new(model());
+    let mut server = BlockingServer::start(options(256), gate.clone());
     rt.block_on(async {
         let mut config = ClientConfig::new([server.grpc.clone()]);
         config.retries = 2;
@@ -447,7 +314,7 @@ fn the_library_retries_unavailable_only() {
                 .await
         });
         let give_up = std::time::Instant::now() + Duration::from_secs(30);
-        while !gate.entered.load(SeqCst) {
+        while !gate.has_entered() {
             assert!(
                 std::time::Instant::now() < give_up,
                 "the held request never reached the model"
@@ -461,9 +328,7 @@ fn the_library_retries_unavailable_only() {
             .expect_err("invalid");
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
         // Start the drain (the held request keeps it going): new calls are UNAVAILABLE.
-        if let Some(s) = server.stop.take() {
-            let _ = s.send(());
-        }
+        server.begin_stop();
         // Wait for the drain with a probe that does not retry (and gives up quickly
         // if it was queued before the drain began).
         let mut probe_config = ClientConfig::new([server.grpc.clone()]);
@@ -482,8 +347,8 @@ fn the_library_retries_unavailable_only() {
                 break;
             }
         }
-        let before = counter(
-            &scrape(&server.metrics),
+        let before = sum(
+            &scrape_blocking(&server.metrics),
             "resnet_serve_requests_total{code=\"UNAVAILABLE\"",
         );
         let err = client
@@ -491,18 +356,17 @@ fn the_library_retries_unavailable_only() {
             .await
             .expect_err("draining");
         assert_eq!(err.code(), tonic::Code::Unavailable);
-        let text = scrape(&server.metrics);
+        let text = scrape_blocking(&server.metrics);
         assert_eq!(
-            counter(
+            sum(
                 &text,
                 "resnet_serve_requests_total{code=\"INVALID_ARGUMENT\""
             ),
             1.0
         );
-        let unavailable =
-            counter(&text, "resnet_serve_requests_total{code=\"UNAVAILABLE\"") - before;
+        let unavailable = sum(&text, "resnet_serve_requests_total{code=\"UNAVAILABLE\"") - before;
         assert_eq!(unavailable, 3.0, "one call, tried 1 + 2 retries times");
-        gate.open.store(true, SeqCst);
+        gate.open();
         held.await
             .expect("task")
             .expect("the held request is answered during the drain");
@@ -533,7 +397,7 @@ fn check_report(r: &serde_json::Value) {
 
 #[test]
 fn closed_loop_load_counts_every_request() {
-    let server = Server::start(model());
+    let server = serve();
     for extra in [
         vec![],
         vec!["--stream"],
@@ -579,7 +443,7 @@ fn closed_loop_load_counts_every_request() {
 
 #[test]
 fn open_loop_load_keeps_its_schedule_and_counts() {
-    let server = Server::start(model());
+    let server = serve();
     let out = server
         .client()
         .args([
@@ -630,7 +494,7 @@ fn library_calls_answer_as_the_generated_stub_does() {
     use resnet_client::proto::{ClassifyRequest, ClassifyResponse};
     use resnet_client::{tensor, wire, Client, ClientConfig, Output};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let server = Server::start(model());
+    let server = serve();
     let images: Vec<_> = (0..3)
         .map(|i| tensor(&vec![0.1 * i as f32; 3 * 224 * 224]))
         .collect();
@@ -769,7 +633,7 @@ fn library_calls_answer_as_the_generated_stub_does() {
 #[test]
 fn a_soak_refuses_past_capacity_and_loses_nothing() {
     // A queue of 8 images: ten times the capacity must be refused, not queued.
-    let server = Server::start_queue(model(), 8);
+    let server = BlockingServer::start(options(8), model());
     let metrics_url = format!("http://{}/metrics", server.metrics);
     let out = server
         .client()
@@ -874,7 +738,7 @@ fn every_subcommand_sends_the_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "cli-secret\n").expect("write");
-    let server = Server::start_configured(model(), 256, Some(tokens));
+    let server = BlockingServer::start(with_tokens(&tokens, options(256)), model());
     let image = fixture("rocket.jpg");
     let image = image.to_str().expect("utf8");
     let refused = server
@@ -943,7 +807,13 @@ fn tls_and_mutual_tls_from_the_flags_and_the_environment() {
     tls.client_ca = Some(clients.write(dir.path(), "clients.crt"));
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "cli-secret\n").expect("write");
-    let server = Server::start_secured(model(), 256, Some(tokens), Some(tls));
+    let server = BlockingServer::start(
+        ServeOptions {
+            tls: Some(tls),
+            ..with_tokens(&tokens, options(256))
+        },
+        model(),
+    );
     assert!(server.grpc.starts_with("https://"), "{}", server.grpc);
     let image = fixture("rocket.jpg");
     let image = image.to_str().expect("utf8");

@@ -1,12 +1,11 @@
 //! A certificate authority made in the test (rcgen): its CA certificate, and server and
-//! client certificates it signs, as PEM files. Shared by tests/tls.rs (through
-//! tests/common) and client/tests/cli.rs (by path).
-#![allow(dead_code)]
+//! client certificates it signs, as PEM files (tests/tls.rs, client/tests/cli.rs).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SerialNumber};
 
+/// A CA made in the test, with its key: it signs certificates at will.
 pub struct TestCa {
     /// The CA certificate, PEM.
     pub pem: String,
@@ -22,6 +21,7 @@ pub struct Issued {
 }
 
 impl TestCa {
+    /// A fresh CA with common name `name`.
     pub fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -16,9 +16,9 @@ use resnet_serve::api::kserve::views::View;
 use resnet_serve::api::kserve::{tensors, InferRequest};
 use resnet_serve::api::shm::SharedMemory;
 use resnet_serve::api::unary::{Frames, FromFrames, Limits};
-use resnet_serve::preprocess::{Input, Preprocessor};
+use resnet_serve::preprocess::Preprocessor;
+use resnet_serve::proto;
 use resnet_serve::proto::inference::ModelInferRequest;
-use resnet_serve::proto::{self, image};
 
 /// Splits `data` into a message and the points at which its frames are cut: the first
 /// byte is the number of cuts (mod 8), each cut two little-endian bytes (mod the
@@ -172,8 +172,8 @@ fn shared_memory() -> &'static SharedMemory {
 }
 
 /// KServe tensors to model inputs: a `ModelInferRequest` (prost, from the bytes after
-/// the first) under the view the first byte picks, to our image messages
-/// ([`tensors::images`]) and from there to model inputs as the service prepares them;
+/// the first) under the view the first byte picks, to the core's images
+/// ([`tensors::images`]) and from there to model inputs as the services prepare them;
 /// and its requested outputs.
 pub fn kserve_tensors(data: &[u8]) {
     let Some((&choice, rest)) = data.split_first() else {
@@ -192,16 +192,7 @@ pub fn kserve_tensors(data: &[u8]) {
     };
     let p = Preprocessor::default();
     for img in images.into_iter().take(4) {
-        let _ = match img.kind {
-            Some(image::Kind::Tensor(t)) => p.prepare(Input::Tensor(&t.data)),
-            Some(image::Kind::Encoded(e)) => p.prepare(Input::Encoded(&e.data)),
-            Some(image::Kind::Raw(r)) => p.prepare(Input::Raw {
-                width: r.width,
-                height: r.height,
-                rgb: &r.rgb,
-            }),
-            Some(image::Kind::Shared(_)) | None => continue,
-        };
+        let _ = p.prepare(img.input());
     }
 }
 
@@ -271,14 +262,14 @@ pub fn message_reader(data: &[u8]) {
 }
 
 /// The `grpc-timeout` header, through the interceptor that turns it into a deadline
-/// ([`resnet_serve::api::service::stamp_deadline`]), with the bytes as the header's value.
+/// ([`resnet_serve::api::deadline::stamp_deadline`]), with the bytes as the header's value.
 pub fn grpc_timeout(data: &[u8]) {
     let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(data) else {
         return;
     };
     let mut req = tonic::Request::new(());
     req.metadata_mut().insert("grpc-timeout", value);
-    let _ = resnet_serve::api::service::stamp_deadline(req);
+    let _ = resnet_serve::api::deadline::stamp_deadline(req);
 }
 
 /// Where two debug renderings part, with some context of each.

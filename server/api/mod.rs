@@ -3,14 +3,18 @@
 //!
 //! A call enters through [`unary`] (the tensor-carrying methods, decoded from their HTTP/2
 //! frames) or tonic's generated stubs, passes [`auth`] and [`admission`], and is served by
-//! [`service`] (our `resnet_serve.v1.Classifier`) or [`kserve`] (KServe v2 / Triton), both
+//! [`classifier`] (our `resnet_serve.v1.Classifier`) or [`kserve`] (KServe v2 / Triton), both
 //! handing prepared inputs to the scheduler's queues.
 
 pub mod admission;
 pub mod auth;
+pub mod classifier;
+pub mod deadline;
 pub mod error;
 pub mod kserve;
+mod prepare;
 pub mod refusals;
-pub mod service;
 pub mod shm;
+pub mod state;
+pub mod stream;
 pub mod unary;

@@ -76,6 +76,40 @@ pub enum Input<'a> {
     Tensor(&'a Bytes),
 }
 
+/// An image as an API hands it to the serving core: the bytes as received, owned, nothing
+/// decoded yet. Both APIs convert what their callers send into these (a shared-memory
+/// window is read into a `Tensor` at the API), so one preprocessing path serves both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    /// JPEG, PNG, WebP, BMP or GIF (first frame) bytes.
+    Encoded(Bytes),
+    /// Row-major `height x width x 3` RGB8.
+    Raw { width: u32, height: u32, rgb: Bytes },
+    /// A ready `3 x 224 x 224` f32 tensor, little-endian, already normalised.
+    Tensor(Bytes),
+}
+
+impl Image {
+    /// The image as [`Preprocessor::prepare`] reads it.
+    pub fn input(&self) -> Input<'_> {
+        match self {
+            Image::Encoded(data) => Input::Encoded(data),
+            Image::Raw { width, height, rgb } => Input::Raw {
+                width: *width,
+                height: *height,
+                rgb,
+            },
+            Image::Tensor(data) => Input::Tensor(data),
+        }
+    }
+
+    /// Whether preparing it is decoding and resizing (work worth a thread of the
+    /// blocking pool), not only a length check.
+    pub fn needs_decoding(&self) -> bool {
+        !matches!(self, Image::Tensor(_))
+    }
+}
+
 /// Turns inputs into model tensors under a set of limits.
 #[derive(Debug, Clone, Default)]
 pub struct Preprocessor {

@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use crate::api::classifier::ClassifierService;
 use crate::api::kserve::{KServeService, Repository};
-use crate::api::service::{ClassifierService, State};
 use crate::api::shm::SharedMemory;
+use crate::api::state::State;
 use crate::api::unary;
 use crate::preprocess::{Limits, Preprocessor};
 use crate::process::metrics::Metrics;
@@ -19,26 +20,12 @@ use crate::process::registry::Registry;
 use crate::proto::classifier_server::Classifier;
 use crate::proto::classifier_server::ClassifierServer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+pub use crate::scheduler::ModelFactory;
 use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
 
 /// The largest message of a method that tonic decodes (every one but the four that
 /// carry images and tensors).
 const CONTROL_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Loads one model by hub name (from a file named in the model repository, or the
-/// weights cache) at run time, one backend per replica: what KServe's
-/// RepositoryModelLoad runs. Blocking. Errors go to the client as they are.
-pub type LoadFn = dyn Fn(&str, Option<&str>) -> Result<Vec<Arc<dyn Backend>>, String> + Send + Sync;
-
-/// Run-time model loading, when enabled (`--model-control`).
-#[derive(Clone)]
-pub struct ModelFactory(pub Arc<LoadFn>);
-
-impl std::fmt::Debug for ModelFactory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ModelFactory")
-    }
-}
 
 /// Everything about serving that is not a model.
 #[derive(Debug, Clone)]
@@ -210,7 +197,7 @@ pub async fn run(
             .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
         limits.clone(),
-        crate::api::service::stamp_deadline,
+        crate::api::deadline::stamp_deadline,
     )
     .unary("/resnet_serve.v1.Classifier/Classify", move |request| {
         let service = classifier_service.clone();
@@ -240,7 +227,7 @@ pub async fn run(
             .max_decoding_message_size(control_message_bytes)
             .max_encoding_message_size(options.max_message_bytes),
         limits,
-        crate::api::service::stamp_deadline,
+        crate::api::deadline::stamp_deadline,
     )
     .unary(
         "/inference.GRPCInferenceService/ModelInfer",

@@ -33,6 +33,21 @@ pub use worker::{Backend, BackendInfo};
 
 use crate::process::metrics::ModelMetrics;
 
+/// Loads one model by hub name (from a file named in the model repository, or the
+/// weights cache) at run time, one backend per replica: what KServe's
+/// RepositoryModelLoad runs. Blocking. Errors go to the client as they are.
+pub type LoadFn = dyn Fn(&str, Option<&str>) -> Result<Vec<Arc<dyn Backend>>, String> + Send + Sync;
+
+/// Run-time model loading, when enabled (`--model-control`).
+#[derive(Clone)]
+pub struct ModelFactory(pub Arc<LoadFn>);
+
+impl std::fmt::Debug for ModelFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelFactory")
+    }
+}
+
 /// Why a scheduled image got no logits.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {

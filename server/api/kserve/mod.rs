@@ -32,15 +32,17 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::api::admission::{Bounded, Counts, Held};
+use crate::api::deadline::deadline_of;
 use crate::api::error::ServeError;
-use crate::api::service::{code_name, deadline_of, ordered_stream, State};
+use crate::api::state::{code_name, State};
+use crate::api::stream::ordered_stream;
 use crate::api::unary::{Segmented, WithSegments};
 use crate::model::ModelName;
-use crate::process::server::ModelFactory;
 use crate::proto::inference::{
     self as pb, grpc_inference_service_server::GrpcInferenceService,
     model_repository_parameter::ParameterChoice as RepoParam,
 };
+use crate::scheduler::ModelFactory;
 use crate::scheduler::{BatchPolicy, ModelHandle, Priority};
 
 use views::View;
@@ -325,7 +327,7 @@ impl KServeService {
         request: Request<InferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = deadline_of(&request);
-        let given = crate::api::service::request_id_header(request.metadata());
+        let given = crate::api::state::request_id_header(request.metadata());
         let request_id = self
             .state
             .request_id(given.as_deref().unwrap_or(&request.get_ref().message.id));
@@ -357,7 +359,7 @@ impl KServeService {
             };
             crate::process::telemetry::record_status(&span, code, message);
         }
-        crate::api::service::with_request_id(result, echo)
+        crate::api::state::with_request_id(result, echo)
     }
 
     async fn model_infer_segmented(

@@ -14,12 +14,12 @@ use crate::api::shm::{Region, SharedMemory};
 use crate::api::unary::Segmented;
 use crate::labels;
 use crate::model::{INPUT_SIZE, NUM_CLASSES};
+use crate::preprocess::Image;
 use crate::proto::inference::{
     infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
     model_infer_request::InferRequestedOutputTensor, model_infer_response::InferOutputTensor,
     InferParameter, ModelInferRequest,
 };
-use crate::proto::{self, image};
 
 use super::views::{Output, View};
 
@@ -69,15 +69,15 @@ fn shared_window(
     }))
 }
 
-/// The request's images, in batch order, as our API's image messages (so both APIs share
-/// one preprocessing path).
+/// The request's images, in batch order, as the serving core takes them (the same type
+/// our Classifier API converts its images into).
 pub fn images(
     view: View,
     req: &ModelInferRequest,
     raw_input_contents: Vec<Segmented>,
     shared_memory: &SharedMemory,
     max_images: usize,
-) -> Result<Vec<proto::Image>, ServeError> {
+) -> Result<Vec<Image>, ServeError> {
     let [input] = req.inputs.as_slice() else {
         return Err(bad(format!(
             "this model takes exactly one input, '{}' ({} {:?} with -1 for the batch); got {}",
@@ -173,7 +173,7 @@ fn tensors(
     input: &InferInputTensor,
     raw: Option<Segmented>,
     max_images: usize,
-) -> Result<Vec<proto::Image>, ServeError> {
+) -> Result<Vec<Image>, ServeError> {
     let shape = dims(input)?;
     let side = INPUT_SIZE;
     if shape.len() != 4 || shape[1..] != [3, side, side] {
@@ -209,13 +209,7 @@ fn tensors(
     }
     // Slices of the received frames: a copy only for an image across two of them.
     (0..n)
-        .map(|i| {
-            Ok(proto::Image {
-                kind: Some(image::Kind::Tensor(proto::FloatTensor {
-                    data: nth(&bytes, i, per)?,
-                })),
-            })
-        })
+        .map(|i| Ok(Image::Tensor(nth(&bytes, i, per)?)))
         .collect()
 }
 
@@ -223,7 +217,7 @@ fn frames(
     input: &InferInputTensor,
     raw: Option<Segmented>,
     max_images: usize,
-) -> Result<Vec<proto::Image>, ServeError> {
+) -> Result<Vec<Image>, ServeError> {
     let shape = dims(input)?;
     if shape.len() != 4 || shape[3] != 3 || shape[1] == 0 || shape[2] == 0 {
         return Err(bad(format!(
@@ -265,12 +259,10 @@ fn frames(
     };
     (0..n)
         .map(|i| {
-            Ok(proto::Image {
-                kind: Some(image::Kind::Raw(proto::RawFrame {
-                    width,
-                    height,
-                    rgb: nth(&bytes, i, per)?,
-                })),
+            Ok(Image::Raw {
+                width,
+                height,
+                rgb: nth(&bytes, i, per)?,
             })
         })
         .collect()
@@ -280,7 +272,7 @@ fn encoded(
     input: &InferInputTensor,
     raw: Option<Segmented>,
     max_images: usize,
-) -> Result<Vec<proto::Image>, ServeError> {
+) -> Result<Vec<Image>, ServeError> {
     let shape = dims(input)?;
     if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
         return Err(bad(format!(
@@ -304,12 +296,7 @@ fn encoded(
             elements.len()
         )));
     }
-    Ok(elements
-        .into_iter()
-        .map(|data| proto::Image {
-            kind: Some(image::Kind::Encoded(proto::EncodedImage { data })),
-        })
-        .collect())
+    Ok(elements.into_iter().map(Image::Encoded).collect())
 }
 
 /// KServe's raw BYTES layout: each element a little-endian u32 length, then its bytes.
@@ -558,7 +545,7 @@ mod tests {
         view: View,
         req: &mut ModelInferRequest,
         shm: &SharedMemory,
-    ) -> Result<Vec<proto::Image>, ServeError> {
+    ) -> Result<Vec<Image>, ServeError> {
         let raw = std::mem::take(&mut req.raw_input_contents)
             .into_iter()
             .map(Segmented::from)
@@ -605,11 +592,11 @@ mod tests {
             (start..start + frame.len()).contains(&(b.as_ptr() as usize))
         };
         for (i, img) in got.iter().enumerate() {
-            let Some(image::Kind::Tensor(t)) = &img.kind else {
+            let Image::Tensor(t) = img else {
                 panic!("{img:?}");
             };
-            assert_eq!(t.data[..], data[i * per..(i + 1) * per], "image {i}");
-            let (in_first, in_second) = (within(&first, &t.data), within(&second, &t.data));
+            assert_eq!(t[..], data[i * per..(i + 1) * per], "image {i}");
+            let (in_first, in_second) = (within(&first, t), within(&second, t));
             match i {
                 0 => assert!(in_first, "image 0 is a slice of the first frame"),
                 1 => assert!(!in_first && !in_second, "image 1 straddles: a copy"),
@@ -758,10 +745,10 @@ mod tests {
             req
         };
         let got = images_of(View::Tensor, &mut shared(16, 2 * per as i64), &shm).expect("images");
-        let Some(image::Kind::Tensor(t)) = &got[0].kind else {
+        let Image::Tensor(t) = &got[0] else {
             panic!("{got:?}");
         };
-        assert_eq!(t.data[..4], 1.5f32.to_le_bytes());
+        assert_eq!(t[..4], 1.5f32.to_le_bytes());
         for (mut req, what) in [
             (shared(17, 2 * per as i64), "run past"),
             (shared(0, per as i64), "needs 1204224 bytes"),

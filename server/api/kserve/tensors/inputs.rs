@@ -1,73 +1,18 @@
-//! KServe tensors to our images and logits to KServe tensors: shape and datatype checks,
-//! `raw_input_contents` (little-endian, row-major; BYTES as 4-byte length + data) or typed
-//! `contents`, or a window of a registered system shared-memory region (the tensor
-//! parameters `shared_memory_region`, `shared_memory_byte_size`, `shared_memory_offset`);
-//! requested outputs, and the classification extension.
-
-use std::collections::HashMap;
-use std::sync::Arc;
+//! A request's one input to the images the serving core takes: the view's name, datatype
+//! and shape checked, its bytes from `raw_input_contents`, typed `contents` or a
+//! shared-memory window, cut per image as slices of the frames they arrived in.
 
 use prost::bytes::Bytes;
 
 use crate::api::error::ServeError;
-use crate::api::shm::{Region, SharedMemory};
+use crate::api::shm::SharedMemory;
 use crate::api::unary::Segmented;
-use crate::labels;
-use crate::model::{INPUT_SIZE, NUM_CLASSES};
+use crate::model::INPUT_SIZE;
 use crate::preprocess::Image;
-use crate::proto::inference::{
-    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
-    model_infer_request::InferRequestedOutputTensor, model_infer_response::InferOutputTensor,
-    InferParameter, ModelInferRequest,
-};
+use crate::proto::inference::{model_infer_request::InferInputTensor, ModelInferRequest};
 
-use super::views::{Output, View};
-
-fn bad(message: String) -> ServeError {
-    ServeError::InvalidArgument(message)
-}
-
-/// A tensor's place in a registered shared-memory region, from its parameters.
-struct SharedWindow {
-    region: String,
-    offset: u64,
-    byte_size: u64,
-}
-
-fn shared_window(
-    tensor: &str,
-    params: &HashMap<String, InferParameter>,
-) -> Result<Option<SharedWindow>, ServeError> {
-    let Some(p) = params.get("shared_memory_region") else {
-        return Ok(None);
-    };
-    let Some(ParameterChoice::StringParam(region)) = &p.parameter_choice else {
-        return Err(bad(format!(
-            "'{tensor}': parameter 'shared_memory_region' must be a string"
-        )));
-    };
-    let unsigned = |key: &str| -> Result<Option<u64>, ServeError> {
-        integer(params, key)?
-            .map(|v| {
-                u64::try_from(v).map_err(|_| {
-                    bad(format!(
-                        "'{tensor}': parameter '{key}' must not be negative"
-                    ))
-                })
-            })
-            .transpose()
-    };
-    let byte_size = unsigned("shared_memory_byte_size")?.ok_or_else(|| {
-        bad(format!(
-            "'{tensor}': 'shared_memory_region' needs 'shared_memory_byte_size'"
-        ))
-    })?;
-    Ok(Some(SharedWindow {
-        region: region.clone(),
-        offset: unsigned("shared_memory_offset")?.unwrap_or(0),
-        byte_size,
-    }))
-}
+use super::super::views::View;
+use super::{bad, shared_window, split_bytes};
 
 /// The request's images, in batch order, as the serving core takes them (the same type
 /// our Classifier API converts its images into).
@@ -299,246 +244,13 @@ fn encoded(
     Ok(elements.into_iter().map(Image::Encoded).collect())
 }
 
-/// KServe's raw BYTES layout: each element a little-endian u32 length, then its bytes.
-/// The elements are slices of `b`, not copies; more than `max` of them (the batch the
-/// shape declares) is refused as soon as it shows, not after splitting them all.
-fn split_bytes(b: &Bytes, max: usize) -> Result<Vec<Bytes>, ServeError> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < b.len() {
-        if out.len() == max {
-            return Err(bad(format!(
-                "raw BYTES data holds more than the {max} elements its shape declares"
-            )));
-        }
-        let Some(len) = b.get(at..at + 4) else {
-            return Err(bad("raw BYTES data ends inside an element's length".into()));
-        };
-        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let start = at + 4;
-        if b.len() - start < len {
-            return Err(bad(format!(
-                "raw BYTES element of {len} bytes runs past the data ({} left)",
-                b.len() - start
-            )));
-        }
-        out.push(b.slice(start..start + len));
-        at = start + len;
-    }
-    Ok(out)
-}
-
-fn join_bytes<'a>(elements: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in elements {
-        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
-        out.extend_from_slice(e);
-    }
-    out
-}
-
-fn int_param(p: &InferParameter) -> Option<i128> {
-    match p.parameter_choice.as_ref()? {
-        ParameterChoice::Int64Param(v) => Some(i128::from(*v)),
-        ParameterChoice::Uint64Param(v) => Some(i128::from(*v)),
-        _ => None,
-    }
-}
-
-/// An integer request or output parameter, if present.
-pub fn integer(
-    params: &HashMap<String, InferParameter>,
-    key: &str,
-) -> Result<Option<i128>, ServeError> {
-    match params.get(key) {
-        None => Ok(None),
-        Some(p) => int_param(p)
-            .map(Some)
-            .ok_or_else(|| bad(format!("parameter '{key}' must be an integer"))),
-    }
-}
-
-/// What to send back for one output.
-#[derive(Debug, Clone)]
-pub struct OutputRequest {
-    pub output: Output,
-    /// The classification extension: the top K as BYTES `"score:index:label"`.
-    pub classes: Option<usize>,
-    /// Written into this shared-memory window instead of the response.
-    pub shared: Option<SharedOutput>,
-}
-
-/// Where in a registered region an output goes: at most `byte_size` bytes at `offset`.
-#[derive(Debug, Clone)]
-pub struct SharedOutput {
-    region: Arc<Region>,
-    offset: u64,
-    byte_size: u64,
-}
-
-impl OutputRequest {
-    /// Fails, before any compute, if this output goes to shared memory and its window
-    /// cannot hold it for `images` images (FP32 outputs; a classification's strings
-    /// vary in length and are checked when written).
-    pub fn check_fits(&self, images: usize) -> Result<(), ServeError> {
-        let (Some(shared), None) = (&self.shared, self.classes) else {
-            return Ok(());
-        };
-        let needed = (images * NUM_CLASSES * 4) as u64;
-        if needed > shared.byte_size {
-            return Err(bad(format!(
-                "output '{}' of {images} images needs {needed} bytes; its shared memory window holds {}",
-                self.output.name(),
-                shared.byte_size
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl SharedOutput {
-    /// Writes an output's raw contents into the window, and says where in the tensor's
-    /// parameters (as Triton does); fails if they do not fit in it.
-    pub fn place(&self, tensor: &mut InferOutputTensor, raw: &[u8]) -> Result<(), ServeError> {
-        if raw.len() as u64 > self.byte_size {
-            return Err(bad(format!(
-                "output '{}' needs {} bytes; its shared memory window holds {}",
-                tensor.name,
-                raw.len(),
-                self.byte_size
-            )));
-        }
-        self.region.write(self.offset, raw)?;
-        let param = |choice| InferParameter {
-            parameter_choice: Some(choice),
-        };
-        tensor.parameters.insert(
-            "shared_memory_region".into(),
-            param(ParameterChoice::StringParam(self.region.name.clone())),
-        );
-        tensor.parameters.insert(
-            "shared_memory_byte_size".into(),
-            param(ParameterChoice::Int64Param(raw.len() as i64)),
-        );
-        if self.offset != 0 {
-            tensor.parameters.insert(
-                "shared_memory_offset".into(),
-                param(ParameterChoice::Int64Param(self.offset as i64)),
-            );
-        }
-        Ok(())
-    }
-}
-
-/// The outputs a request asked for; the listed one (`logits`, as a tensor) when it named
-/// none, as Triton answers every output its configuration lists.
-/// Shared-memory outputs are checked here, before any compute: the region exists and
-/// the window lies inside it.
-pub fn requested(
-    outputs: &[InferRequestedOutputTensor],
-    shared_memory: &SharedMemory,
-) -> Result<Vec<OutputRequest>, ServeError> {
-    if outputs.is_empty() {
-        return Ok(Output::LISTED
-            .into_iter()
-            .map(|output| OutputRequest {
-                output,
-                classes: None,
-                shared: None,
-            })
-            .collect());
-    }
-    outputs
-        .iter()
-        .map(|o| {
-            let output = Output::parse(&o.name).ok_or_else(|| {
-                bad(format!(
-                    "unknown output '{}'; the output is 'logits' (and 'probabilities', the softmax of the logits, when named)",
-                    o.name
-                ))
-            })?;
-            let classes = match integer(&o.parameters, "classification")? {
-                None | Some(0) => None,
-                Some(k) if (1..=NUM_CLASSES as i128).contains(&k) => Some(k as usize),
-                Some(k) => {
-                    return Err(bad(format!(
-                        "classification count {k} must be between 1 and {NUM_CLASSES}"
-                    )))
-                }
-            };
-            let shared = match shared_window(&o.name, &o.parameters)? {
-                None => None,
-                Some(w) => {
-                    let region = shared_memory.region(&w.region)?;
-                    // The whole window must lie in the region, whatever is written to it.
-                    region.range(w.offset, w.byte_size)?;
-                    Some(SharedOutput {
-                        region,
-                        offset: w.offset,
-                        byte_size: w.byte_size,
-                    })
-                }
-            };
-            Ok(OutputRequest {
-                output,
-                classes,
-                shared,
-            })
-        })
-        .collect()
-}
-
-/// One output tensor and its raw contents for a batch of logit rows.
-pub fn encode(req: &OutputRequest, logits: &[Vec<f32>]) -> (InferOutputTensor, Bytes) {
-    let values: Vec<Vec<f32>> = match req.output {
-        Output::Logits => logits.to_vec(),
-        Output::Probabilities => logits.iter().map(|l| labels::softmax(l)).collect(),
-    };
-    let n = values.len() as i64;
-    match req.classes {
-        None => (
-            InferOutputTensor {
-                name: req.output.name().into(),
-                datatype: "FP32".into(),
-                shape: vec![n, NUM_CLASSES as i64],
-                ..Default::default()
-            },
-            Bytes::from(
-                values
-                    .iter()
-                    .flatten()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
-        ),
-        Some(k) => {
-            // Triton's format: the output's own value (not a probability unless the
-            // output is one), its class index and its label; best first.
-            let strings: Vec<String> = values
-                .iter()
-                .flat_map(|row| {
-                    labels::top_k(row, k)
-                        .into_iter()
-                        .map(|s| format!("{:.6}:{}:{}", s.score, s.index, s.label))
-                })
-                .collect();
-            (
-                InferOutputTensor {
-                    name: req.output.name().into(),
-                    datatype: "BYTES".into(),
-                    shape: vec![n, k as i64],
-                    ..Default::default()
-                },
-                Bytes::from(join_bytes(strings.iter().map(|s| s.as_bytes()))),
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::join_bytes;
     use super::*;
-    use crate::proto::inference::InferTensorContents;
+    use crate::proto::inference::{
+        infer_parameter::ParameterChoice, InferParameter, InferTensorContents,
+    };
 
     /// `images` of a request as tonic decodes it (raw contents in the message).
     fn images_of(
@@ -551,6 +263,31 @@ mod tests {
             .map(Segmented::from)
             .collect();
         images(view, req, raw, shm, 256)
+    }
+
+    fn request(view: View, datatype: &str, shape: Vec<i64>, raw: Vec<u8>) -> ModelInferRequest {
+        ModelInferRequest {
+            inputs: vec![InferInputTensor {
+                name: view.input_name().into(),
+                datatype: datatype.into(),
+                shape,
+                ..Default::default()
+            }],
+            raw_input_contents: vec![Bytes::from(raw)],
+            ..Default::default()
+        }
+    }
+
+    fn string(v: &str) -> InferParameter {
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(v.into())),
+        }
+    }
+
+    fn int(v: i64) -> InferParameter {
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(v)),
+        }
     }
 
     #[test]
@@ -609,19 +346,6 @@ mod tests {
         assert!(crate::api::kserve::InferRequest::decode_frames(short).is_err());
     }
 
-    fn request(view: View, datatype: &str, shape: Vec<i64>, raw: Vec<u8>) -> ModelInferRequest {
-        ModelInferRequest {
-            inputs: vec![InferInputTensor {
-                name: view.input_name().into(),
-                datatype: datatype.into(),
-                shape,
-                ..Default::default()
-            }],
-            raw_input_contents: vec![Bytes::from(raw)],
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn a_batch_past_the_limit_is_refused_before_any_size_is_computed() {
         let shm = SharedMemory::new(false);
@@ -643,21 +367,6 @@ mod tests {
         // More BYTES elements than the shape declares stop the split early.
         let joined = Bytes::from(join_bytes(std::iter::repeat_n(&b""[..], 1000)));
         assert!(split_bytes(&joined, 3).is_err());
-    }
-
-    #[test]
-    fn raw_bytes_round_trip_and_truncation_is_an_error() {
-        let joined = Bytes::from(join_bytes([&b"ab"[..], b"", b"xyz"].into_iter()));
-        assert_eq!(
-            split_bytes(&joined, 10).ok(),
-            Some(vec![
-                Bytes::from_static(b"ab"),
-                Bytes::new(),
-                Bytes::from_static(b"xyz")
-            ])
-        );
-        assert!(split_bytes(&joined.slice(..joined.len() - 1), 10).is_err());
-        assert!(split_bytes(&Bytes::from_static(&[1, 0]), 10).is_err());
     }
 
     #[test]
@@ -714,18 +423,6 @@ mod tests {
         );
     }
 
-    fn string(v: &str) -> InferParameter {
-        InferParameter {
-            parameter_choice: Some(ParameterChoice::StringParam(v.into())),
-        }
-    }
-
-    fn int(v: i64) -> InferParameter {
-        InferParameter {
-            parameter_choice: Some(ParameterChoice::Int64Param(v)),
-        }
-    }
-
     #[test]
     fn tensors_in_shared_memory_are_windows_of_their_region() {
         let per = 3 * 224 * 224 * 4;
@@ -765,30 +462,5 @@ mod tests {
             .parameters
             .remove("shared_memory_byte_size");
         assert!(images_of(View::Tensor, &mut unsized_, &shm).is_err());
-    }
-
-    #[test]
-    fn classification_strings_follow_triton() {
-        let mut logits = vec![0f32; NUM_CLASSES];
-        logits[3] = 2.5;
-        logits[9] = 1.25;
-        let (t, raw) = encode(
-            &OutputRequest {
-                output: Output::Logits,
-                classes: Some(2),
-                shared: None,
-            },
-            &[logits],
-        );
-        assert_eq!(
-            (t.datatype.as_str(), t.shape.clone()),
-            ("BYTES", vec![1, 2])
-        );
-        let items = split_bytes(&raw, 256).expect("bytes");
-        assert_eq!(
-            String::from_utf8_lossy(&items[0]),
-            format!("2.500000:3:{}", labels::label(3))
-        );
-        assert!(String::from_utf8_lossy(&items[1]).starts_with("1.250000:9:"));
     }
 }

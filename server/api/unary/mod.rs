@@ -99,30 +99,24 @@ impl<S> FrameRoutes<S> {
         F: Fn(Request<M>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<R>, Status>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        let limits = self.limits.clone();
-        self.route(path, move |head, body| {
-            let handler = handler.clone();
-            let limits = limits.clone();
-            async move {
-                // Held until the answer is made: the message's bytes count against the
-                // server's budget while any of them may still be in use.
-                let (frames, trailers, _reservation) =
-                    read_message(body, limits.max_decoding, &limits.budget).await?;
-                M::check_counts(&frames, &limits.counts)?;
-                let message = M::decode_frames(frames)?;
-                let (mut metadata, extensions, ()) = head.into_parts();
-                if let Some(trailers) = trailers {
-                    let mut headers = metadata.into_headers();
-                    headers.extend(trailers);
-                    metadata = MetadataMap::from_headers(headers);
-                }
-                let response = handler(Request::from_parts(metadata, extensions, message)).await?;
-                Ok(encode(
-                    response.map(|message| tokio_stream::once(Ok(message))),
-                    limits.max_encoding,
-                ))
+        self.route(path, handler, |handler, limits, head, body| async move {
+            // Held until the answer is made: the message's bytes count against the
+            // server's budget while any of them may still be in use.
+            let (frames, trailers, _reservation) =
+                read_message(body, limits.max_decoding, &limits.budget).await?;
+            M::check_counts(&frames, &limits.counts)?;
+            let message = M::decode_frames(frames)?;
+            let (mut metadata, extensions, ()) = head.into_parts();
+            if let Some(trailers) = trailers {
+                let mut headers = metadata.into_headers();
+                headers.extend(trailers);
+                metadata = MetadataMap::from_headers(headers);
             }
+            let response = handler(Request::from_parts(metadata, extensions, message)).await?;
+            Ok(encode(
+                response.map(|message| tokio_stream::once(Ok(message))),
+                limits.max_encoding,
+            ))
         })
     }
 
@@ -136,37 +130,33 @@ impl<S> FrameRoutes<S> {
         F: Fn(Request<Messages<M>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<Out>, Status>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        let limits = self.limits.clone();
-        self.route(path, move |head, body| {
-            let handler = handler.clone();
-            let limits = limits.clone();
-            async move {
-                let (metadata, extensions, ()) = head.into_parts();
-                let max_encoding = limits.max_encoding;
-                let messages = messages(body, limits);
-                let response = handler(Request::from_parts(metadata, extensions, messages)).await?;
-                Ok(encode(response, max_encoding))
-            }
+        self.route(path, handler, |handler, limits, head, body| async move {
+            let (metadata, extensions, ()) = head.into_parts();
+            let max_encoding = limits.max_encoding;
+            let messages = messages(body, limits);
+            let response = handler(Request::from_parts(metadata, extensions, messages)).await?;
+            Ok(encode(response, max_encoding))
         })
     }
 
-    /// Routes `path` to `serve`, which gets the call's head as the interceptor passed it
-    /// (with the method recorded, as tonic's generated server does) and its body; an
-    /// error from either is the call's status.
-    fn route<F, Fut>(mut self, path: &'static str, serve: F) -> Self
+    /// Routes `path` to `serve`, which gets the method's `handler`, the limits, the call's
+    /// head as the interceptor passed it (with the method recorded, as tonic's generated
+    /// server does) and its body; an error from either is the call's status.
+    fn route<H, F, Fut>(mut self, path: &'static str, handler: H, serve: F) -> Self
     where
-        F: Fn(Request<()>, Body) -> Fut + Send + Sync + 'static,
+        H: Send + Sync + 'static,
+        F: Fn(Arc<H>, Limits, Request<()>, Body) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<http::Response<Body>, Status>> + Send + 'static,
     {
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or((path, ""));
-        let serve = Arc::new(serve);
+        let (handler, serve) = (Arc::new(handler), Arc::new(serve));
+        let limits = self.limits.clone();
         let interceptor = self.interceptor;
         let route: Route = Arc::new(move |request| {
-            let serve = serve.clone();
+            let (handler, serve, limits) = (handler.clone(), serve.clone(), limits.clone());
             Box::pin(async move {
                 let (parts, body) = request.into_parts();
                 let call = async {
@@ -174,7 +164,7 @@ impl<S> FrameRoutes<S> {
                         interceptor(Request::from_http(http::Request::from_parts(parts, ())))?;
                     head.extensions_mut()
                         .insert(tonic::GrpcMethod::new(service, method));
-                    serve(head, body).await
+                    serve(handler, limits, head, body).await
                 };
                 call.await.unwrap_or_else(|status| status.into_http())
             })

@@ -1,32 +1,89 @@
 //! The soak tool against the `resnet-serve` binary run as an operator runs it, SIGTERM
-//! sent under ten times its capacity: the drain answers every request it took.
+//! sent under ten times its capacity: the drain answers every request it took, over
+//! plaintext and over TLS (where connections are handshaken before the server takes
+//! them, so one made during the drain must not be dropped unserved).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use resnet_client::load::{LoadConfig, Mode, Transport};
 use resnet_client::soak::{self, Sigterm, SoakConfig};
-use resnet_client::{tensor, Client, ClientConfig, Output};
+use resnet_client::{tensor, Client, ClientConfig, Output, TlsFiles};
 use resnet_serve::model::Architecture;
 use testkit::binary::Served;
 
 #[test]
 fn sigterm_under_ten_times_capacity_loses_no_request() {
+    sigterm_under_load(false);
+}
+
+#[test]
+fn sigterm_under_ten_times_capacity_loses_no_request_over_tls() {
+    sigterm_under_load(true);
+}
+
+/// A client once the server answers a classification over `config` (TLS or not).
+async fn ready(server: &Served, config: &ClientConfig) -> Client {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let input = vec![0.25f32; 3 * 224 * 224];
+    loop {
+        assert!(
+            Instant::now() < give_up,
+            "the server never answered: {}",
+            server.log()
+        );
+        if let Ok(client) = Client::connect(config.clone()).await {
+            if client
+                .classify("", vec![tensor(&input)], Output::TopK(1))
+                .await
+                .is_ok()
+            {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The soak with SIGTERM 2.5 s into its overload, over plaintext or TLS (a certificate
+/// of a CA made here); asserts that nothing is lost and the server exits by itself.
+fn sigterm_under_load(tls: bool) {
+    // One at a time: each calibrates against the machine's capacity.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
     testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let log = dir.path().join("server.log");
+    let pki = tls.then(|| {
+        let ca = testkit::testca::TestCa::new("soak test CA");
+        let (cert, key) = ca.issue("server", 1).write(dir.path(), "server");
+        (ca.write(dir.path(), "ca.crt"), cert, key)
+    });
     let mut server = Served::start(env!("CARGO_BIN_EXE_resnet-serve"), &log, |c| {
         c.arg("--model")
             .arg(format!("resnet18_swsl={}", weights.display()))
             .args(["--batch-sizes", "1,2,4,8", "--queue-capacity", "8"])
             .args(["--drain-timeout-s", "10"]);
+        if let Some((_, cert, key)) = &pki {
+            c.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
     });
-    let url = server.url.clone();
+    let mut config = ClientConfig::new([server.url.clone()]);
+    if let Some((ca, _, _)) = &pki {
+        // The certificate names localhost; Served's URL is http://127.0.0.1:PORT.
+        let port = server.url.rsplit(':').next().expect("a port");
+        config = ClientConfig::new([format!("https://localhost:{port}")]);
+        config.tls = TlsFiles {
+            ca: Some(ca.clone()),
+            ..TlsFiles::default()
+        }
+        .config()
+        .expect("client TLS");
+    }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let report = rt.block_on(async {
-        let first = server.ready("").await;
+        let first = ready(&server, &config).await;
         let mut clients = vec![first];
-        let mut config = ClientConfig::new([url.clone()]);
         config.retries = 0;
         clients.push(Client::connect(config).await.expect("connect"));
         let cfg = SoakConfig {

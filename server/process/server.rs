@@ -288,9 +288,17 @@ pub async fn run(
     };
     let grpc = tokio::spawn(async move {
         match tls {
+            // tonic stops on the end of the TLS stream, not on `stopped`: tonic would
+            // drop the stream, and with it connections already handshaken and waiting
+            // in it (see `Tls::incoming`). A signal that never comes still makes the
+            // shutdown graceful: every connection served is sent GOAWAY and its calls
+            // finish.
             Some(tls) => {
                 router
-                    .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
+                    .serve_with_incoming_shutdown(
+                        tls.incoming(listener, stopped),
+                        std::future::pending::<()>(),
+                    )
                     .await
             }
             None => {

@@ -523,10 +523,18 @@ impl Tls {
 
     /// Accepts connections on `listener` and yields them once their handshake is done.
     /// Each handshake is a task of its own with a deadline, so none waits for another.
-    /// When the stream is dropped (the server stops accepting), the listener closes.
+    ///
+    /// When `stop` resolves, the listener closes at once (a client then finds the port
+    /// closed: its request was never sent), the handshakes under way finish or time out,
+    /// and the stream ends once every connection they made has been yielded. The server
+    /// must stop on the stream's end, not on a signal of its own: a connection accepted
+    /// and handshaken but not yet taken from the stream would be dropped with a request
+    /// the client sent on it (tests/soak.rs, over TLS). Dropping the stream also closes
+    /// the listener.
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = mpsc::channel(READY_CONNECTIONS);
         let tls = self.clone();
@@ -537,9 +545,13 @@ impl Tls {
         });
         tokio::spawn(async move {
             let mut errors = crate::process::accept::AcceptErrors::default();
+            let mut stop = std::pin::pin!(stop);
             loop {
                 // Out of descriptors, it waits rather than spins (crate::process::accept).
+                // Biased: once `stop` has resolved, no connection is accepted after it.
                 let (stream, peer) = tokio::select! {
+                    biased;
+                    () = &mut stop => break,
                     () = tx.closed() => break,
                     accepted = crate::process::accept::accept(&listener, &mut errors) => accepted,
                 };
@@ -580,6 +592,9 @@ impl Tls {
                     }
                 });
             }
+            // The port closes now; the stream ends when the last handshake's task, which
+            // holds a sender, has handed its connection over or given up.
+            drop(listener);
         });
         ReceiverStream::new(rx)
     }
@@ -913,7 +928,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener);
+        let mut incoming = tls.incoming(listener, std::future::pending());
         let name = || ServerName::try_from("localhost").expect("name");
 
         // The one slot, held by a client that says nothing.
@@ -972,7 +987,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let mut incoming = tls.incoming(listener);
+        let mut incoming = tls.incoming(listener, std::future::pending());
         let name = || ServerName::try_from("localhost").expect("name");
         let from = |ip: [u8; 4]| async move {
             let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1025,7 +1040,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener);
+        let mut incoming = tls.incoming(listener, std::future::pending());
 
         // Connects and says nothing.
         let _silent = TcpStream::connect(addr).await.expect("connect");
@@ -1062,5 +1077,63 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(errors(), 1);
+    }
+
+    #[tokio::test]
+    async fn at_stop_the_port_closes_and_every_handshaken_connection_is_yielded() {
+        let ca = Ca::new("test CA");
+        let setup = Setup::new(&ca.leaf("server"), None);
+        let metrics = crate::process::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut incoming = tls.incoming(listener, async {
+            let _ = stop_rx.await;
+        });
+        let name = || ServerName::try_from("localhost").expect("name");
+
+        // Handshaken before the stop and not yet taken from the stream: a client that
+        // has sent its request on it.
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut waiting = client(&ca, None)
+            .connect(name(), tcp)
+            .await
+            .expect("handshake");
+        waiting.write_all(b"first").await.expect("write");
+        waiting.flush().await.expect("flush");
+        // Accepted before the stop, its handshake after it.
+        let late = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        stop_tx.send(()).expect("stop");
+        let mut closed = false;
+        for _ in 0..100 {
+            if TcpStream::connect(addr).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(closed, "the port still takes connections after the stop");
+        let mut late = client(&ca, None)
+            .connect(name(), late)
+            .await
+            .expect("a handshake under way at the stop finishes");
+        late.write_all(b"second").await.expect("write");
+        late.flush().await.expect("flush");
+
+        let mut got = Vec::new();
+        while let Some(connection) = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("the stream ends once both are yielded")
+        {
+            let mut connection = connection.expect("accepted");
+            let mut buf = [0u8; 6];
+            let n = connection.read(&mut buf).await.expect("read");
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got.sort();
+        assert_eq!(got, ["first", "second"]);
     }
 }

@@ -83,14 +83,12 @@ fn predict_refuses_weights_of_another_architecture() {
     let dir = tempfile::tempdir().expect("tempdir");
     let weights = dir.path().join("resnet18.safetensors");
     testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
-    let out = bin()
-        .args(["predict", "--model", "resnet50_swsl", "--weights"])
-        .arg(&weights)
-        .arg(testkit::fixture("images/rocket.jpg"))
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = testkit::binary::run_failing(
+        bin()
+            .args(["predict", "--model", "resnet50_swsl", "--weights"])
+            .arg(&weights)
+            .arg(testkit::fixture("images/rocket.jpg")),
+    );
     assert!(
         err.contains("does not match resnet50") && err.contains("missing key"),
         "{err}"

@@ -3,6 +3,7 @@
 //! (the client crate's) and through Python's tritonclient.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -958,15 +959,12 @@ async fn tritonclient_drives_the_server() {
     std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
     std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
     std::fs::write(dir.join("jpeg_logits.f32"), raw_f32(&jpeg_want[0])).expect("write");
-    let url = server.server.url.trim_start_matches("http://");
     let out = testkit::python::run(
         "tritonclient_check.py",
-        vec![
-            "--url".into(),
-            url.into(),
-            "--model".into(),
-            MODEL.into(),
-            "--data".into(),
+        &server.server.url,
+        MODEL,
+        [
+            OsString::from("--data"),
             dir.into(),
             "--jpeg".into(),
             jpeg_path.into(),
@@ -1124,17 +1122,11 @@ async fn a_triton_image_client_takes_the_model_as_an_image_classifier() {
     let dir = server.dir.path();
     std::fs::write(dir.join("input.f32"), raw_f32(&values)).expect("write");
     std::fs::write(dir.join("logits.f32"), raw_f32(&want.concat())).expect("write");
-    let url = server.server.url.trim_start_matches("http://");
     let out = testkit::python::run(
         "triton_image_client_contract.py",
-        vec![
-            "--url".into(),
-            url.into(),
-            "--model".into(),
-            MODEL.into(),
-            "--data".into(),
-            dir.into(),
-        ],
+        &server.server.url,
+        MODEL,
+        [OsString::from("--data"), dir.into()],
     )
     .await;
     let text = out.text;

@@ -4,6 +4,7 @@
 //! rotated while a connection stays open, Python's tritonclient over mutual TLS with a
 //! token, and GOAWAY after `max_connection_age` with the call in flight finishing.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -405,15 +406,12 @@ async fn tritonclient_over_mutual_tls_with_a_token() {
         ));
     })
     .await;
-    let url = server.url.trim_start_matches("https://");
     let out = testkit::python::run(
         "tritonclient_tls.py",
-        vec![
-            "--url".into(),
-            url.into(),
-            "--model".into(),
-            MODEL.into(),
-            "--token".into(),
+        &server.url,
+        MODEL,
+        [
+            OsString::from("--token"),
             "py-secret".into(),
             "--ca".into(),
             pki.ca_file.clone().into(),

@@ -9,6 +9,7 @@ use resnet_serve::model::Classifier;
 use resnet_serve::preprocess::{Input, Preprocessor};
 use resnet_serve::process::server::ServeOptions;
 use testkit::backends::Gated;
+use testkit::binary::run_failing;
 use testkit::metrics::{scrape_blocking, sum};
 use testkit::testca;
 use testkit::BlockingServer;
@@ -217,14 +218,12 @@ fn stream_a_directory_reports_a_bad_frame_and_goes_on() {
 #[test]
 fn a_missing_ffmpeg_is_a_clear_error() {
     let server = serve();
-    let out = server
-        .client()
-        .env("PATH", "/nonexistent")
-        .args(["stream", "clip.mp4"])
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_failing(
+        server
+            .client()
+            .env("PATH", "/nonexistent")
+            .args(["stream", "clip.mp4"]),
+    );
     assert!(
         err.contains("not found on PATH") && err.contains("FFmpeg"),
         "{err}"
@@ -741,13 +740,7 @@ fn every_subcommand_sends_the_token() {
     let server = BlockingServer::start(with_tokens(&tokens, options(256)), model());
     let image = fixture("rocket.jpg");
     let image = image.to_str().expect("utf8");
-    let refused = server
-        .client()
-        .args(["classify", image])
-        .output()
-        .expect("runs");
-    assert!(!refused.status.success());
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = run_failing(server.client().args(["classify", image]));
     assert!(said.contains("token"), "{said}");
     let classified = server
         .client()

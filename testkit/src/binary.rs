@@ -136,16 +136,21 @@ impl Drop for Served {
     }
 }
 
-/// Runs `bin` with `args` on free loopback ports to its end (it must fail at start-up)
-/// and returns what it printed on stderr.
-pub fn failed_start(bin: &str, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(args)
-        .output()
-        .expect("runs");
+/// Runs `command` to its end (it must fail) and returns what it printed on stderr.
+pub fn run_failing(command: &mut Command) -> String {
+    let out = command.output().expect("runs");
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "must fail: {text}");
     text
+}
+
+/// Runs `bin` with `args` on free loopback ports to its end (it must fail at start-up)
+/// and returns what it printed on stderr.
+pub fn failed_start(bin: &str, args: &[&str]) -> String {
+    run_failing(
+        Command::new(bin)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(args),
+    )
 }

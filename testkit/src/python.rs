@@ -17,15 +17,30 @@ pub struct Ran {
     pub text: String,
 }
 
-/// Runs `tests/kserve/<script>` with `args` to its end (off the runtime's threads).
-pub async fn run(script: &str, args: Vec<OsString>) -> Ran {
+/// Runs `tests/kserve/<script>` to its end (off the runtime's threads) against the
+/// server at `url` (`--url`, its scheme dropped: the scripts take `host:port`) for
+/// `model` (`--model`), with `args` after those.
+pub async fn run<A: Into<OsString>>(
+    script: &str,
+    url: &str,
+    model: &str,
+    args: impl IntoIterator<Item = A>,
+) -> Ran {
     let script: PathBuf = crate::fixtures::repo_root()
         .join("tests/kserve")
         .join(script);
+    let host_port = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let mut all: Vec<OsString> = ["--url", host_port, "--model", model]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    all.extend(args.into_iter().map(Into::into));
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python())
             .arg(&script)
-            .args(&args)
+            .args(&all)
             .output()
     })
     .await

@@ -32,11 +32,7 @@ impl ServeArgs {
             config: self.config.clone(),
             listen: self.listen.or(file.listen),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
-            models: if self.models.is_empty() {
-                file.models
-            } else {
-                self.models
-            },
+            models: or_file(self.models, file.models),
             default_model: self.default_model.or(file.default_model),
             device: self.device.or(file.device),
             dtype: self.dtype.or(file.dtype),
@@ -51,11 +47,7 @@ impl ServeArgs {
                 .shared_memory_max_regions
                 .or(file.shared_memory_max_regions),
             shared_memory_max_mib: self.shared_memory_max_mib.or(file.shared_memory_max_mib),
-            batch_sizes: if self.batch_sizes.is_empty() {
-                file.batch_sizes
-            } else {
-                self.batch_sizes
-            },
+            batch_sizes: or_file(self.batch_sizes, file.batch_sizes),
             max_queue_delay_ms: self.max_queue_delay_ms.or(file.max_queue_delay_ms),
             queue_capacity: self.queue_capacity.or(file.queue_capacity),
             max_message_mib: self.max_message_mib.or(file.max_message_mib),
@@ -68,11 +60,7 @@ impl ServeArgs {
             drain_timeout_s: self.drain_timeout_s.or(file.drain_timeout_s),
             cache_dir: self.cache_dir.or(file.cache_dir),
             auth_token_file: self.auth_token_file.or(file.auth_token_file),
-            auth_open: if self.auth_open.is_empty() {
-                file.auth_open
-            } else {
-                self.auth_open
-            },
+            auth_open: or_file(self.auth_open, file.auth_open),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
@@ -107,6 +95,15 @@ impl ServeArgs {
         resnet_serve::process::telemetry::endpoint(configured.as_deref(), |name| {
             std::env::var(name).ok()
         })
+    }
+}
+
+/// A list flag's values when the command line or environment gave any, else the file's.
+fn or_file<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flag.is_empty() {
+        file
+    } else {
+        flag
     }
 }
 
@@ -154,17 +151,13 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::commands::config::tests::Cli;
+    use crate::commands::config::tests::{serve_toml, Cli};
 
     #[test]
     fn flags_win_over_the_toml_file_which_fills_the_rest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        std::fs::write(
-            &file,
+        let (_dir, file) = serve_toml(
             "models = [\"resnet18_ssl=/m/r18.pth\"]\nbatch_sizes = [1, 4]\nmax_queue_delay_ms = 9\nqueue_capacity = 64\n",
-        )
-        .expect("write");
+        );
         let cli = Cli::try_parse_from([
             "x",
             "--config",
@@ -182,10 +175,7 @@ mod tests {
 
     #[test]
     fn the_model_and_log_format_come_from_any_source() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        std::fs::write(&file, "model = [\"resnet18_ssl\"]\nlog_format = \"json\"\n")
-            .expect("write");
+        let (_dir, file) = serve_toml("model = [\"resnet18_ssl\"]\nlog_format = \"json\"\n");
         let cli =
             Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
         assert_eq!(

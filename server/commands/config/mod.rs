@@ -98,11 +98,18 @@ mod tests {
         pub(super) serve: ServeArgs,
     }
 
-    #[test]
-    fn unknown_toml_keys_and_bad_models_are_errors() {
+    /// A `serve.toml` holding `text`, in a temporary directory that lasts as long as the
+    /// returned guard.
+    pub(super) fn serve_toml(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("serve.toml");
-        std::fs::write(&file, "batch_size = [1]\n").expect("write");
+        std::fs::write(&file, text).expect("write");
+        (dir, file)
+    }
+
+    #[test]
+    fn unknown_toml_keys_and_bad_models_are_errors() {
+        let (_dir, file) = serve_toml("batch_size = [1]\n");
         let cli =
             Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
         let err = cli.serve.merged().expect_err("unknown key").to_string();
@@ -126,13 +133,7 @@ mod tests {
 
     #[test]
     fn the_model_repository_comes_from_the_flag_or_the_toml_file_and_needs_model_control() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        std::fs::write(
-            &file,
-            "model_control = true\nmodel_repository = \"/srv/models\"\n",
-        )
-        .expect("write");
+        let (dir, file) = serve_toml("model_control = true\nmodel_repository = \"/srv/models\"\n");
         let config = file.to_str().expect("utf8");
         let merged = |extra: &[&str]| {
             let args = ["x", "--config", config]

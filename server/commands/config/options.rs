@@ -176,23 +176,19 @@ fn model_policy(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
-    use super::*;
-    use crate::commands::config::tests::Cli;
     use std::path::PathBuf;
 
+    use clap::Parser;
+
     use super::super::flags::LogFormat;
+    use super::*;
+    use crate::commands::config::tests::{serve_toml, Cli};
 
     #[test]
     fn tls_files_come_in_pairs_from_any_source() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        std::fs::write(
-            &file,
+        let (_dir, file) = serve_toml(
             "tls_key = \"/tls/key.pem\"\ntls_client_ca = \"/tls/ca.pem\"\nmax_connection_age = 300\n",
-        )
-        .expect("write");
+        );
         let config = file.to_str().expect("utf8");
         let cli = Cli::try_parse_from(["x", "--config", config, "--tls-cert", "/tls/cert.pem"])
             .expect("parses");
@@ -228,9 +224,7 @@ mod tests {
             let err = age(refused).expect_err(refused).to_string();
             assert!(err.contains("--max-connection-age"), "{err}");
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        std::fs::write(&file, "max_connection_age = 18446744073709551615\n").expect("write");
+        let (_dir, file) = serve_toml("max_connection_age = 18446744073709551615\n");
         let cli =
             Cli::try_parse_from(["x", "--config", file.to_str().expect("utf8")]).expect("parses");
         match cli.serve.merged() {
@@ -242,16 +236,12 @@ mod tests {
 
     #[test]
     fn model_tables_in_the_file_give_each_model_its_settings() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("serve.toml");
-        let config = file.to_str().expect("utf8");
-        std::fs::write(
-            &file,
+        let (_dir, file) = serve_toml(
             "batch_sizes = [1, 2]\nlog_format = \"json\"\n\
              [models.resnet50]\npath = \"/mnt/models\"\nbatch_sizes = [1, 8]\nmax_queue_delay_ms = 1\n\
              [models.small]\nhub = \"resnet18_ssl\"\n",
-        )
-        .expect("write");
+        );
+        let config = file.to_str().expect("utf8");
         let cli = Cli::try_parse_from(["x", "--config", config]).expect("parses");
         assert_eq!(
             cli.serve.log_format(),

@@ -1,10 +1,21 @@
 //! Putting it together: health and reflection, the classifier service, the metrics
 //! endpoint, model loading, and a graceful drain on shutdown.
+//!
+//! Its parts: `options` holds what the operator sets ([`ServeOptions`]);
+//! `connections` is what the plaintext listener does to each connection (Nagle off)
+//! and the jittered connection age; this file assembles the services and routes, loads
+//! the models, serves and drains.
+
+mod connections;
+mod options;
+
+pub(crate) use connections::nodelay;
+use connections::{jittered, without_nagle};
+pub use options::ServeOptions;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -14,92 +25,18 @@ use crate::api::kserve::{KServeService, Repository};
 use crate::api::shm::SharedMemory;
 use crate::api::state::State;
 use crate::api::unary;
-use crate::preprocess::{Limits, Preprocessor};
+use crate::preprocess::Preprocessor;
 use crate::process::metrics::Metrics;
 use crate::process::registry::Registry;
 use crate::proto::classifier_server::Classifier;
 use crate::proto::classifier_server::ClassifierServer;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 pub use crate::scheduler::ModelFactory;
-use crate::scheduler::{Backend, BatchPolicy, ModelHandle};
+use crate::scheduler::{Backend, ModelHandle};
 
 /// The largest message of a method that tonic decodes (every one but the four that
 /// carry images and tensors).
 const CONTROL_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Everything about serving that is not a model.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub policy: BatchPolicy,
-    pub limits: Limits,
-    /// Largest gRPC message accepted or sent.
-    pub max_message_bytes: usize,
-    pub max_images_per_request: usize,
-    pub preprocess_threads: usize,
-    /// How long queued and in-flight requests get to finish after a shutdown signal.
-    pub drain_timeout: Duration,
-    /// The default model's name; the first loaded otherwise.
-    pub default_model: Option<String>,
-    /// Lets KServe clients load and unload models at run time; `None` (the default)
-    /// refuses them.
-    pub model_factory: Option<ModelFactory>,
-    /// Serves KServe's system shared-memory extension (regions of this host's
-    /// `/dev/shm` that clients register). Off by default: the operator enables it.
-    pub shared_memory: bool,
-    /// How many regions and bytes clients may register when it is on.
-    pub shared_memory_limits: crate::api::shm::Limits,
-    /// Bytes of request messages the server holds at once (received and not yet
-    /// answered); past it a new call is refused with RESOURCE_EXHAUSTED at once.
-    pub max_in_flight_bytes: usize,
-    /// Concurrent streams (calls) one HTTP/2 connection may open.
-    pub max_concurrent_streams: u32,
-    /// The models the loader will load, by the names they will be served under: while
-    /// they load, a request for one answers UNAVAILABLE rather than NOT_FOUND.
-    pub configured_models: Vec<String>,
-    /// Batching policies of models that have their own (the config file's
-    /// `[models.NAME]` tables), by served name; the rest follow `policy`.
-    pub model_policies: std::collections::HashMap<String, BatchPolicy>,
-    /// KServe refuses FP32 inputs holding NaN or infinity (INVALID_ARGUMENT) rather
-    /// than computing them as given, as Triton does.
-    pub kserve_refuse_non_finite: bool,
-    /// Bearer tokens every call must carry (`None`: the server is open).
-    pub auth_tokens: Option<Arc<crate::api::auth::Tokens>>,
-    /// The calls that stay open when tokens are required.
-    pub auth_open: crate::api::auth::Open,
-    /// TLS (and mutual TLS) on the gRPC port; `None`: plaintext.
-    pub tls: Option<crate::process::tls::TlsOptions>,
-    /// After about this long (+-10%), a connection is asked to go away (HTTP/2 GOAWAY;
-    /// its calls in flight finish), so that clients reconnect and L4 load balancing
-    /// spreads them over replicas added since. `None`: connections live on.
-    pub max_connection_age: Option<Duration>,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            policy: BatchPolicy::default(),
-            limits: Limits::default(),
-            max_message_bytes: 64 << 20,
-            // One default queue's worth (scheduler::policy::default_queue_capacity).
-            max_images_per_request: 128,
-            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            drain_timeout: Duration::from_secs(30),
-            default_model: None,
-            model_factory: None,
-            shared_memory: false,
-            shared_memory_limits: crate::api::shm::Limits::default(),
-            max_in_flight_bytes: crate::api::admission::default_in_flight_bytes(),
-            max_concurrent_streams: 128,
-            configured_models: Vec::new(),
-            model_policies: std::collections::HashMap::new(),
-            kserve_refuse_non_finite: false,
-            auth_tokens: None,
-            auth_open: crate::api::auth::Open::default(),
-            tls: None,
-            max_connection_age: None,
-        }
-    }
-}
 
 /// Loads the models (on a blocking thread, while health says NOT_SERVING). Entries that
 /// share a name are replicas of one model (one per device, say): they share its queue.
@@ -417,88 +354,11 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]).
-fn without_nagle(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    // Polled by tonic itself, not fed from a task of its own: once tonic stops taking
-    // connections the listener is gone with this stream, so a client finds the port
-    // closed (never sent) instead of a connection accepted and then dropped under its
-    // call (a lost request at shutdown; tests/soak.rs caught one).
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(|accepted| accepted.inspect(nodelay))
-}
-
-/// Turns Nagle's algorithm off on an accepted connection. A reply goes out as several
-/// small writes (headers, message, trailers); with Nagle on, the later ones wait for the
-/// client to acknowledge the first, and the client delays that acknowledgement by up to
-/// 40 ms. That was ~36 ms of every 64-tensor request's 73 ms at concurrency 1.
-pub(crate) fn nodelay(stream: &tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!("TCP_NODELAY: {e}");
-    }
-}
-
-/// `age` moved by up to 10% either way, so that replicas started together do not close
-/// their connections all at once. tonic applies one age to every connection of a server,
-/// so the draw is made once per server.
-fn jittered(age: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    // A random u64 without a dependency for it: std seeds each RandomState at random.
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    // In [0.9, 1.1].
-    let factor = 0.9 + 0.2 * (random >> 11) as f64 / (1u64 << 53) as f64;
-    // `mul_f64` panics past `Duration::MAX`; config caps the age, this never panics.
-    Duration::try_from_secs_f64(age.as_secs_f64() * factor).unwrap_or(age)
-}
-
 /// A background task that ends with its owner.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio_stream::StreamExt;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut incoming = Box::pin(without_nagle(listener));
-        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let accepted = incoming.next().await.expect("one").expect("accepted");
-        assert!(accepted.nodelay().expect("option"));
-    }
-
-    #[test]
-    fn connection_ages_are_jittered_by_ten_percent_at_most() {
-        let age = Duration::from_secs(100);
-        let draws: Vec<Duration> = (0..200).map(|_| jittered(age)).collect();
-        for d in &draws {
-            assert!(
-                *d >= Duration::from_secs(90) && *d <= Duration::from_secs(110),
-                "{d:?}"
-            );
-        }
-        // Near `Duration::MAX` every draw above ~1.0 overflows (`mul_f64` panicked on
-        // about half of them): such an age is kept as it is.
-        for _ in 0..64 {
-            assert!(jittered(Duration::MAX) >= Duration::MAX.mul_f64(0.85));
-        }
-        let (min, max) = (draws.iter().min(), draws.iter().max());
-        assert!(
-            max.zip(min)
-                .is_some_and(|(a, b)| *a - *b > Duration::from_secs(5)),
-            "spread: {min:?}..{max:?}"
-        );
     }
 }

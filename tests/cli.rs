@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use resnet_serve::model::Architecture;
+use testkit::binary::run_ok;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resnet-serve"))
@@ -14,24 +15,19 @@ fn predict_prints_torchvision_logits_and_top5_as_json() {
     let weights = dir.path().join("resnet18.safetensors");
     testkit::write_synthetic_checkpoint(Architecture::Resnet18, &weights);
     let images = ["rocket.jpg", "camera_gray.png", "chelsea_rgba.png"];
-    let out = bin()
-        .args([
-            "predict",
-            "--model",
-            "resnet18_swsl",
-            "--output",
-            "logits",
-            "--json",
-            "--weights",
-        ])
-        .arg(&weights)
-        .args(images.map(|i| testkit::fixture(&format!("images/{i}"))))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args([
+                "predict",
+                "--model",
+                "resnet18_swsl",
+                "--output",
+                "logits",
+                "--json",
+                "--weights",
+            ])
+            .arg(&weights)
+            .args(images.map(|i| testkit::fixture(&format!("images/{i}")))),
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let reference = testkit::fixtures::reference("preprocess.safetensors");
@@ -127,17 +123,7 @@ fn weights_inspect_and_convert_work_on_all_three_formats() {
             "{text}"
         );
         let dest = dir.path().join(format!("{file}.safetensors"));
-        let out = bin()
-            .args(["weights", "convert"])
-            .arg(&src)
-            .arg(&dest)
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(bin().args(["weights", "convert"]).arg(&src).arg(&dest));
         let out = bin()
             .args(["weights", "inspect"])
             .arg(&dest)

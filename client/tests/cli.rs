@@ -9,7 +9,7 @@ use resnet_serve::model::Classifier;
 use resnet_serve::preprocess::{Input, Preprocessor};
 use resnet_serve::process::server::ServeOptions;
 use testkit::backends::Gated;
-use testkit::binary::run_failing;
+use testkit::binary::{run_failing, run_ok};
 use testkit::metrics::{scrape_blocking, sum};
 use testkit::testca;
 use testkit::BlockingServer;
@@ -140,17 +140,7 @@ fn stream_a_video_in_order_with_a_summary() {
     let server = serve();
     let dir = tempfile::tempdir().expect("tempdir");
     let video = ffmpeg_video(dir.path(), 12);
-    let out = server
-        .client()
-        .args(["stream", "--json"])
-        .arg(&video)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(server.client().args(["stream", "--json"]).arg(&video));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
@@ -184,18 +174,8 @@ fn stream_a_directory_reports_a_bad_frame_and_goes_on() {
     std::fs::copy(fixture("rocket.jpg"), dir.path().join("000.jpg")).expect("copy");
     std::fs::write(dir.path().join("001.jpg"), b"not a jpeg").expect("write");
     std::fs::copy(fixture("coffee.png"), dir.path().join("002.png")).expect("copy");
-    let out = server
-        .client()
-        .args(["stream"])
-        .arg(dir.path())
-        .output()
-        .expect("runs");
+    let out = run_ok(server.client().args(["stream"]).arg(dir.path()));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines[0].starts_with("frame      0") && !lines[0].contains("error"),
@@ -704,27 +684,18 @@ fn a_soak_refuses_past_capacity_and_loses_nothing() {
     );
 
     // The human summary says the same.
-    let out = server
-        .client()
-        .args([
-            "soak",
-            "--capacity",
-            "20",
-            "--calibrate",
-            "0.5",
-            "--duration",
-            "1",
-            "--overload",
-            "2",
-        ])
-        .output()
-        .expect("runs");
+    let out = run_ok(server.client().args([
+        "soak",
+        "--capacity",
+        "20",
+        "--calibrate",
+        "0.5",
+        "--duration",
+        "1",
+        "--overload",
+        "2",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         text.contains("capacity 20.0 req/s (given), offered 40.0 req/s (2x)")
             && text.contains("requests lost (sent, never given a status): 0"),
@@ -742,15 +713,10 @@ fn every_subcommand_sends_the_token() {
     let image = image.to_str().expect("utf8");
     let said = run_failing(server.client().args(["classify", image]));
     assert!(said.contains("token"), "{said}");
-    let classified = server
-        .client()
-        .args(["--token", "cli-secret", "classify", "--json", image])
-        .output()
-        .expect("runs");
-    assert!(
-        classified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&classified.stderr)
+    run_ok(
+        server
+            .client()
+            .args(["--token", "cli-secret", "classify", "--json", image]),
     );
     // From the environment, on a load test's own connections, for each transport.
     for extra in [

@@ -136,6 +136,18 @@ impl Drop for Served {
     }
 }
 
+/// Runs `command` to its end (it must succeed; its stderr is shown if not) and returns
+/// its output.
+pub fn run_ok(command: &mut Command) -> std::process::Output {
+    let out = command.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs `command` to its end (it must fail) and returns what it printed on stderr.
 pub fn run_failing(command: &mut Command) -> String {
     let out = command.output().expect("runs");

@@ -20,7 +20,7 @@ Prints one line per finding and exits 1 if there is any. Needs PyYAML and jsonsc
    instead of in a cluster:
    - every `--flag` a server container passes, every RESNET_SERVE_* variable in the
      manifests and Dockerfiles, and every key of the resnet-serve.toml ConfigMap is one
-     the server declares (server/commands/config.rs and the rest of server/);
+     the server declares (server/commands/config/ and the rest of server/);
    - every resnet_serve_* metric in a Prometheus query is one server/process/metrics.rs exports;
    - a ScaledObject scales a Deployment defined here; a ServiceMonitor selects a Service
      here that has the port it scrapes, a PodMonitor pods that have it;

@@ -172,7 +172,7 @@ impl KServeService {
     }
 
     /// `ModelStreamInfer` over `requests`, as tonic decodes them or as decoded from the
-    /// call's HTTP/2 frames (server/api/unary.rs): responses in the requests' order, an
+    /// call's HTTP/2 frames (server/api/unary/): responses in the requests' order, an
     /// error in its response's `error_message` without ending the stream.
     pub fn stream_infer(
         &self,

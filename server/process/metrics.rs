@@ -246,12 +246,12 @@ impl Metrics {
         self.auth_refusals.clone()
     }
 
-    /// Failed TLS handshakes, by reason (server/process/tls.rs).
+    /// Failed TLS handshakes, by reason (server/process/tls/handshake.rs).
     pub fn tls_handshake_failures(&self) -> IntCounterVec {
         self.tls_handshake_failures.clone()
     }
 
-    /// Reloads of the TLS files, by result (server/process/tls.rs).
+    /// Reloads of the TLS files, by result (server/process/tls/reload.rs).
     pub fn tls_reloads(&self) -> IntCounterVec {
         self.tls_reloads.clone()
     }

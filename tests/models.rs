@@ -2,7 +2,7 @@
 //! the `resnet-serve` binary run as an operator runs it: a TOML file with `[models.NAME]`
 //! tables, `--model NAME=ARCH:PATH`, and a directory as KServe mounts it at /mnt/models.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use resnet_client::proto::inference::{
     model_repository_parameter::ParameterChoice, ModelMetadataRequest, ModelRepositoryParameter,
@@ -25,6 +25,28 @@ fn server(args: &[&str], log: &Path) -> Served {
     })
 }
 
+/// What KServe mounts at /mnt/models (a directory holding the seeded resnet18 as
+/// `model.safetensors`) and a copy of that checkpoint as a plain file, under `dir`.
+fn mounted_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
+    let mounted = dir.join("mnt-models");
+    std::fs::create_dir(&mounted).expect("mkdir");
+    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    let file = dir.join("r18.safetensors");
+    std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
+    (mounted, file)
+}
+
+/// The binary started with `toml` as its `--config` file; its log is the returned path.
+fn served_with_config(dir: &Path, toml: &str) -> (Served, PathBuf) {
+    let config = dir.join("serve.toml");
+    std::fs::write(&config, toml).expect("write");
+    let log = dir.join("server.log");
+    (
+        server(&["--config", &config.display().to_string()], &log),
+        log,
+    )
+}
+
 /// Runs the binary on the CPU to its end (it must fail at start-up) and returns what it
 /// printed.
 fn failed_start(args: &[&str]) -> String {
@@ -39,16 +61,11 @@ fn failed_start(args: &[&str]) -> String {
 fn a_model_is_served_under_its_own_name_with_its_own_settings() {
     let dir = tempfile::tempdir().expect("tempdir");
     // What KServe mounts at /mnt/models: the checkpoint and whatever came with it.
-    let mounted = dir.path().join("mnt-models");
-    std::fs::create_dir(&mounted).expect("mkdir");
-    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
+    let (mounted, file) = mounted_checkpoint(dir.path());
     std::fs::write(mounted.join("README.md"), "the synthetic resnet18").expect("write");
-    let file = dir.path().join("r18.safetensors");
-    std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (served, log) = served_with_config(
+        dir.path(),
+        &format!(
             "batch_sizes = [1, 2, 4, 8]\n\
              model = [\"cats=resnet18:{file}\"]\n\
              [models.resnet18-custom]\n\
@@ -60,10 +77,7 @@ fn a_model_is_served_under_its_own_name_with_its_own_settings() {
             file = file.display(),
             mounted = mounted.display()
         ),
-    )
-    .expect("write");
-    let log = dir.path().join("server.log");
-    let served = server(&["--config", &config.display().to_string()], &log);
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let client = served.ready("resnet18-custom").await;
@@ -160,18 +174,13 @@ fn load_request(model: &str, file: Option<&str>) -> RepositoryModelLoadRequest {
 #[test]
 fn model_control_reloads_a_configured_model_as_configured() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mounted = dir.path().join("mnt-models");
-    std::fs::create_dir(&mounted).expect("mkdir");
-    testkit::write_synthetic_checkpoint(Architecture::Resnet18, &mounted.join("model.safetensors"));
-    let file = dir.path().join("r18.safetensors");
-    std::fs::copy(mounted.join("model.safetensors"), &file).expect("copy");
+    let (mounted, file) = mounted_checkpoint(dir.path());
     let repo = dir.path().join("repo");
     std::fs::create_dir(&repo).expect("mkdir");
     std::fs::copy(&file, repo.join("other.safetensors")).expect("copy");
-    let config = dir.path().join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (served, log) = served_with_config(
+        dir.path(),
+        &format!(
             "batch_sizes = [1, 2, 4, 8]\n\
              model_control = true\n\
              model_repository = \"{repo}\"\n\
@@ -189,10 +198,7 @@ fn model_control_reloads_a_configured_model_as_configured() {
             mounted = mounted.display(),
             file = file.display(),
         ),
-    )
-    .expect("write");
-    let log = dir.path().join("server.log");
-    let served = server(&["--config", &config.display().to_string()], &log);
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let client = served.ready("resnet18-custom").await;

@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod allocator;
 pub mod device;
+pub mod linger;
 pub mod local;
 pub mod metrics;
 pub mod models;

@@ -1,22 +1,26 @@
 //! What the server does to the connections it accepts: Nagle's algorithm off on each,
-//! the plaintext listener polled by tonic itself, and the connection age jittered per
-//! server.
+//! each closed lingering, the plaintext listener polled by tonic itself, and the
+//! connection age jittered per server.
 
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]).
-pub(super) fn without_nagle(
+use crate::process::linger::{Closes, Lingering};
+
+/// The accepted connections, with Nagle's algorithm off (see [`nodelay`]), each closing
+/// lingering (crate::process::linger).
+pub(super) fn accepted(
     listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    closes: Closes,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Lingering>> {
     // Polled by tonic itself, not fed from a task of its own: once tonic stops taking
     // connections the listener is gone with this stream, so a client finds the port
     // closed (never sent) instead of a connection accepted and then dropped under its
     // call (a lost request at shutdown; tests/soak.rs caught one).
     use tokio_stream::StreamExt;
     tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(|accepted| accepted.inspect(nodelay))
+        .map(move |result| result.inspect(nodelay).map(|s| closes.wrap(s)))
 }
 
 /// Turns Nagle's algorithm off on an accepted connection. A reply goes out as several
@@ -53,10 +57,11 @@ mod tests {
     async fn accepted_connections_have_nagle_off() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = Box::pin(without_nagle(listener));
+        let mut incoming = Box::pin(accepted(listener, Closes::default()));
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let accepted = incoming.next().await.expect("one").expect("accepted");
-        assert!(accepted.nodelay().expect("option"));
+        let tcp = accepted.tcp().expect("open");
+        assert!(tcp.nodelay().expect("option"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod connections;
 mod options;
 
 pub(crate) use connections::nodelay;
-use connections::{jittered, without_nagle};
+use connections::{accepted, jittered};
 pub use options::ServeOptions;
 
 use std::future::Future;
@@ -189,6 +189,7 @@ pub async fn run(
         .transpose()?;
     let _tls_watch = tls.clone().map(|t| AbortOnDrop(tokio::spawn(t.watch())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let closes = crate::process::linger::Closes::default();
     let mut builder = tonic::transport::Server::builder()
         // Requests of float tensors run to tens of MiB; HTTP/2's default 64 KiB window
         // would cost a WINDOW_UPDATE round trip per 64 KiB received.
@@ -223,6 +224,7 @@ pub async fn run(
     let stopped = async {
         let _ = stop_rx.await;
     };
+    let closes_of_grpc = closes.clone();
     let grpc = tokio::spawn(async move {
         match tls {
             // tonic stops on the end of the TLS stream, not on `stopped`: tonic would
@@ -233,14 +235,14 @@ pub async fn run(
             Some(tls) => {
                 router
                     .serve_with_incoming_shutdown(
-                        tls.incoming(listener, stopped),
+                        tls.incoming(listener, stopped, closes_of_grpc),
                         std::future::pending::<()>(),
                     )
                     .await
             }
             None => {
                 router
-                    .serve_with_incoming_shutdown(without_nagle(listener), stopped)
+                    .serve_with_incoming_shutdown(accepted(listener, closes_of_grpc), stopped)
                     .await
             }
         }
@@ -315,6 +317,9 @@ pub async fn run(
     let _ = stop_tx.send(());
     let _ = metrics_stop_tx.send(());
     grpc.await.map_err(|e| RunError::Load(e.to_string()))??;
+    // Exiting now would reset the connections still closing, and with them requests
+    // their clients sent after the GOAWAY (crate::process::linger).
+    closes.finished().await;
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

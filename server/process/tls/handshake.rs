@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Tls;
+use crate::process::linger::{Closes, Lingering};
 
 /// Finished handshakes waiting for the server to take them; past it, handshakes wait.
 const READY_CONNECTIONS: usize = 64;
@@ -86,7 +87,8 @@ impl Tls {
         self: &Arc<Self>,
         listener: TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        closes: Closes,
+    ) -> ReceiverStream<std::io::Result<TlsStream<Lingering>>> {
         let (tx, rx) = mpsc::channel(READY_CONNECTIONS);
         let tls = self.clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(self.options.max_handshakes));
@@ -117,6 +119,8 @@ impl Tls {
                     continue;
                 };
                 crate::process::server::nodelay(&stream);
+                // Closed lingering, failed handshakes too: their last alert gets there.
+                let stream = closes.wrap(stream);
                 let acceptor = TlsAcceptor::from(tls.config());
                 let tx = tx.clone();
                 let tls = tls.clone();
@@ -157,6 +161,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
     use tokio_rustls::rustls::pki_types::ServerName;
     use tokio_stream::StreamExt;
 
@@ -169,7 +174,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener, std::future::pending());
+        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
         let name = || ServerName::try_from("localhost").expect("name");
 
         // The one slot, held by a client that says nothing.
@@ -228,7 +233,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let mut incoming = tls.incoming(listener, std::future::pending());
+        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
         let name = || ServerName::try_from("localhost").expect("name");
         let from = |ip: [u8; 4]| async move {
             let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -281,7 +286,7 @@ mod tests {
         let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener, std::future::pending());
+        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
 
         // Connects and says nothing.
         let _silent = TcpStream::connect(addr).await.expect("connect");
@@ -294,7 +299,8 @@ mod tests {
             .expect("the second client's handshake finishes before the first times out")
             .expect("a connection")
             .expect("accepted");
-        assert!(accepted.get_ref().0.nodelay().expect("option"), "Nagle off");
+        let tcp = accepted.get_ref().0.tcp().expect("open");
+        assert!(tcp.nodelay().expect("option"), "Nagle off");
         let _client = client_side.await.expect("task").expect("client handshake");
 
         tokio::time::sleep(Duration::from_millis(1600)).await;
@@ -329,9 +335,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut incoming = tls.incoming(listener, async {
-            let _ = stop_rx.await;
-        });
+        let mut incoming = tls.incoming(
+            listener,
+            async {
+                let _ = stop_rx.await;
+            },
+            Closes::default(),
+        );
         let name = || ServerName::try_from("localhost").expect("name");
 
         // Handshaken before the stop and not yet taken from the stream: a client that

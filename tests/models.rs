@@ -345,3 +345,115 @@ fn model_paths_and_names_that_cannot_be_served_fail_at_start_up_saying_why() {
         "{text}"
     );
 }
+
+/// What `kernels` ("avx2-direct=19 gemm=1") counts, by implementation.
+fn kernel_counts(kernels: &str) -> std::collections::BTreeMap<String, usize> {
+    kernels
+        .split_whitespace()
+        .map(|part| {
+            let (name, count) = part.split_once('=').expect("NAME=COUNT");
+            (name.to_string(), count.parse().expect("a count"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_cpu_kernels_chosen_at_load_are_shown_and_can_be_forced() {
+    use resnet_serve::model::cpu::{CpuKernels, CPU_KERNELS_ENV};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, file) = mounted_checkpoint(dir.path());
+    let model = format!("r18=resnet18:{}", file.display());
+    let supported = CpuKernels::supported();
+    // resnet18's convolutions: the stem, 16 in its blocks, 3 shortcut projections, and
+    // the classifier head, which the CPU path runs as a 1x1 convolution.
+    const CONVOLUTIONS: usize = 21;
+    let direct = |k: CpuKernels| match k {
+        CpuKernels::Avx512 => "avx512-direct",
+        CpuKernels::Avx2 => "avx2-direct",
+        _ => "gemm",
+    };
+    let fastest = supported.first().copied().expect("gemm runs anywhere");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for choice in [
+        CpuKernels::Auto,
+        CpuKernels::Avx512,
+        CpuKernels::Avx2,
+        CpuKernels::Gemm,
+    ] {
+        let start = |c: &mut std::process::Command| {
+            c.args(["--device", "cpu", "--model", &model])
+                .env("RESNET_SERVE_WEIGHTS_URL", "http://127.0.0.1:9")
+                .env(CPU_KERNELS_ENV, choice.name());
+        };
+        if choice != CpuKernels::Auto && !supported.contains(&choice) {
+            // Never a silent fallback: the start fails, naming what the CPU lacks.
+            let text = failed_start_with_kernels(&model, choice.name());
+            assert!(text.contains("this CPU lacks"), "{}: {text}", choice.name());
+            println!(
+                "{}: refused at start-up on this CPU, as it must be",
+                choice.name()
+            );
+            continue;
+        }
+        let log = dir.path().join(format!("{}.log", choice.name()));
+        let served = Served::start(BIN, &log, start);
+        let kernels = rt.block_on(async {
+            let client = served.ready("r18").await;
+            let models = client.list_models().await.expect("list");
+            let info = models.first().expect("r18");
+            let mut k = client.kserve_stub();
+            let config = testkit::kserve::model_config(&mut k, "r18").await;
+            assert_eq!(
+                config.parameters["kernels"].string_value, info.kernels,
+                "KServe's model config and GetModel say the same"
+            );
+            info.kernels.clone()
+        });
+        let counts = kernel_counts(&kernels);
+        assert_eq!(counts.values().sum::<usize>(), CONVOLUTIONS, "{kernels}");
+        let expected = direct(if choice == CpuKernels::Auto {
+            fastest
+        } else {
+            choice
+        });
+        // Most run on the chosen implementation; the rest, shapes its direct kernels
+        // do not cover, on the portable GEMMs, never on another instruction set.
+        assert!(
+            counts.get(expected).is_some_and(|&n| n * 2 > CONVOLUTIONS),
+            "{}: {kernels}",
+            choice.name()
+        );
+        assert!(
+            counts.keys().all(|k| k == expected || k == "gemm"),
+            "{}: {kernels}",
+            choice.name()
+        );
+        assert!(
+            served.log().contains(&format!(
+                "cpu_kernels=\"{}\" convolutions={kernels}",
+                choice.name()
+            )),
+            "the choice is logged: {}",
+            served.log()
+        );
+        println!("{}: {kernels}", choice.name());
+    }
+    let text = failed_start_with_kernels(&model, "sse4");
+    assert!(
+        text.contains("expected auto, avx512, avx2 or gemm"),
+        "{text}"
+    );
+}
+
+/// The binary started on `model` with `RESNET_SERVE_CPU_KERNELS=kernels`, run to its end
+/// (it must fail at start-up): what it printed.
+fn failed_start_with_kernels(model: &str, kernels: &str) -> String {
+    let port = || format!("127.0.0.1:{}", testkit::binary::free_port());
+    testkit::binary::run_failing(
+        std::process::Command::new(BIN)
+            .args(["--listen", &port(), "--metrics-listen", &port()])
+            .args(["--device", "cpu", "--model", model])
+            .env("RESNET_SERVE_WEIGHTS_URL", "http://127.0.0.1:9")
+            .env(resnet_serve::model::cpu::CPU_KERNELS_ENV, kernels),
+    )
+}

@@ -211,6 +211,7 @@ fn model_info(h: &ModelHandle, ready: bool) -> proto::ModelInfo {
         device: info.device.clone(),
         dtype: info.dtype.clone(),
         ready,
+        kernels: h.implementation().to_string(),
     }
 }
 

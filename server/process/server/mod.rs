@@ -2,12 +2,13 @@
 //! endpoint, model loading, and a graceful drain on shutdown.
 //!
 //! Its parts: `options` holds what the operator sets ([`ServeOptions`]);
-//! `connections` is what the plaintext listener does to each connection (Nagle off)
-//! and the jittered connection age; this file assembles the services and routes, loads
-//! the models, serves and drains.
+//! `connections` is what the listeners do to each connection (Nagle off, a lingering
+//! close) and the jittered connection age; `routes` builds the services; this file
+//! starts them on the port, installs the models once loaded, and drains.
 
 mod connections;
 mod options;
+mod routes;
 
 pub(crate) use connections::nodelay;
 use connections::{accepted, jittered};
@@ -21,22 +22,12 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::api::classifier::ClassifierService;
-use crate::api::kserve::{KServeService, Repository};
-use crate::api::shm::SharedMemory;
 use crate::api::state::State;
-use crate::api::unary;
-use crate::preprocess::Preprocessor;
 use crate::process::metrics::Metrics;
 use crate::process::registry::Registry;
-use crate::proto::classifier_server::Classifier;
 use crate::proto::classifier_server::ClassifierServer;
-use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 pub use crate::scheduler::ModelFactory;
 use crate::scheduler::{Backend, ModelHandle};
-
-/// The largest message of a method that tonic decodes (every one but the four that
-/// carry images and tensors).
-const CONTROL_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Loads the models (on a blocking thread, while health says NOT_SERVING). Entries that
 /// share a name are replicas of one model (one per device, say): they share its queue.
@@ -69,117 +60,12 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let metrics = Metrics::new();
     let registry = Registry::new();
-    let mut state = State::new(
-        registry.clone(),
-        Preprocessor::new(options.limits),
-        metrics.clone(),
-        options.preprocess_threads,
-        options.max_images_per_request,
-        SharedMemory::with_limits(options.shared_memory, options.shared_memory_limits),
-    );
-    // Two batches' worth of frames per stream keeps the device fed without letting one
-    // stream fill its model's queue by itself (the smallest queue, where models have
-    // policies of their own).
-    state.stream_window = (2 * options.policy.max_batch())
-        .min(options.policy.queue_capacity)
-        .min(
-            options
-                .model_policies
-                .values()
-                .map(|p| p.queue_capacity)
-                .min()
-                .unwrap_or(usize::MAX),
-        )
-        .max(1);
-    state.configured_models = options.configured_models.clone();
-    let state = Arc::new(state);
+    let state = routes::state(&options, registry.clone(), &metrics);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    // Both generations of the reflection protocol: grpcurl 1.8, Postman and older evans
-    // ask for v1alpha only, newer clients for v1.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder()
-        .build_v1()
-        .map_err(|e| RunError::Load(format!("reflection: {e}")))?;
-    let reflection_v1alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(|e| RunError::Load(format!("reflection: {e}")))?;
-    let limits = unary::Limits {
-        max_decoding: options.max_message_bytes,
-        max_encoding: options.max_message_bytes,
-        counts: crate::api::admission::Counts::new(
-            options.max_images_per_request,
-            options.max_message_bytes,
-        ),
-        budget: crate::api::admission::ByteBudget::new(
-            options.max_in_flight_bytes,
-            Some(metrics.refusals("in_flight_bytes")),
-        ),
-    };
-    // The methods tonic decodes itself carry names and small parameters, never tensors
-    // (those are all routed through `unary`): a message of theirs is held to 1 MiB.
-    let control_message_bytes = options.max_message_bytes.min(CONTROL_MESSAGE_BYTES);
-    let classifier_service = Arc::new(ClassifierService {
-        state: state.clone(),
-    });
-    // The methods that carry tensors, unary and streaming, are decoded from their
-    // frames as received; the rest of each service is tonic's generated server.
-    let streaming_service = classifier_service.clone();
-    let classifier = unary::FrameRoutes::new(
-        ClassifierServer::from_arc(classifier_service.clone())
-            .max_decoding_message_size(control_message_bytes)
-            .max_encoding_message_size(options.max_message_bytes),
-        limits.clone(),
-        crate::api::deadline::stamp_deadline,
-    )
-    .unary("/resnet_serve.v1.Classifier/Classify", move |request| {
-        let service = classifier_service.clone();
-        async move { service.classify(request).await }
-    })
-    .streaming(
-        "/resnet_serve.v1.Classifier/ClassifyStream",
-        move |request: tonic::Request<unary::Messages<crate::proto::StreamFrame>>| {
-            let answers = streaming_service.classify_frames(request.into_inner());
-            async move { answers }
-        },
-    );
-
-    let kserve_service = Arc::new(KServeService {
-        state: state.clone(),
-        repository: options.model_factory.clone().map(|f| {
-            Arc::new(
-                Repository::new(f, options.policy.clone())
-                    .with_policies(options.model_policies.clone()),
-            )
-        }),
-        refuse_non_finite: options.kserve_refuse_non_finite,
-    });
-    let streaming_kserve = kserve_service.clone();
-    let kserve = unary::FrameRoutes::new(
-        GrpcInferenceServiceServer::from_arc(kserve_service.clone())
-            .max_decoding_message_size(control_message_bytes)
-            .max_encoding_message_size(options.max_message_bytes),
-        limits,
-        crate::api::deadline::stamp_deadline,
-    )
-    .unary(
-        "/inference.GRPCInferenceService/ModelInfer",
-        move |request: tonic::Request<crate::api::kserve::InferRequest>| {
-            let service = kserve_service.clone();
-            async move { service.model_infer_call(request).await }
-        },
-    )
-    .streaming(
-        "/inference.GRPCInferenceService/ModelStreamInfer",
-        move |request: tonic::Request<unary::Messages<crate::api::kserve::InferRequest>>| {
-            let answers = streaming_kserve.stream_infer(request.into_inner());
-            async move { answers }
-        },
-    );
+    let (reflection, reflection_v1alpha) = routes::reflection()?;
+    let classifier = routes::classifier(&options, &state, &metrics);
+    let kserve = routes::kserve(&options, &state, &metrics);
 
     // Read before anything is served: files that cannot be read or used stop it here.
     let tls = options
@@ -198,7 +84,7 @@ pub async fn run(
         // Lets clients send DATA frames of up to the stream window (8 MiB) instead of
         // 16 KiB: a 64-image tensor request is a few frames rather than ~2,400, and
         // since `Classify` and `ModelInfer` decode straight from the frames
-        // (server/api/unary.rs), a tensor is copied only when it straddles two of them:
+        // (server/api/unary/), a tensor is copied only when it straddles two of them:
         // ~6% of tensors at 8 MiB against ~56% at 1 MiB.
         .max_frame_size(8 << 20)
         // Each open stream holds a task and buffers: one connection may not open
@@ -265,6 +151,34 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Load(e.to_string()))?
         .map_err(RunError::Load)?;
+    install(loaded, &registry, &options, &metrics)?;
+    state.loaded.store(true, Ordering::SeqCst);
+    state.ready.store(true, Ordering::SeqCst);
+    set_health(&health, ServingStatus::Serving).await;
+    tracing::info!("ready");
+
+    shutdown.await;
+    drain(&state, &health, options.drain_timeout).await;
+    let _ = stop_tx.send(());
+    let _ = metrics_stop_tx.send(());
+    grpc.await.map_err(|e| RunError::Load(e.to_string()))??;
+    // Exiting now would reset the connections still closing, and with them requests
+    // their clients sent after the GOAWAY (crate::process::linger).
+    closes.finished().await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Puts the loaded models into `registry`, each with its batcher (entries that share a
+/// name are one model's replicas), and sets the default model.
+fn install(
+    loaded: Vec<(String, Arc<dyn Backend>)>,
+    registry: &Registry,
+    options: &ServeOptions,
+    metrics: &Metrics,
+) -> Result<(), RunError> {
     let mut models: Vec<(String, Vec<Arc<dyn Backend>>)> = Vec::new();
     for (name, backend) in loaded {
         match models.iter_mut().find(|(n, _)| *n == name) {
@@ -295,17 +209,21 @@ pub async fn run(
         }
         registry.set_default(d);
     }
-    state.loaded.store(true, Ordering::SeqCst);
-    state.ready.store(true, Ordering::SeqCst);
-    set_health(&health, ServingStatus::Serving).await;
-    tracing::info!("ready");
+    Ok(())
+}
 
-    shutdown.await;
+/// The drain: health NOT_SERVING and new requests UNAVAILABLE at once, then the
+/// requests in flight get `timeout` to finish.
+async fn drain(
+    state: &State,
+    health: &tonic_health::server::HealthReporter,
+    timeout: std::time::Duration,
+) {
     tracing::info!(in_flight = state.in_flight.count(), "draining");
     state.draining.store(true, Ordering::SeqCst);
     state.ready.store(false, Ordering::SeqCst);
-    set_health(&health, ServingStatus::NotServing).await;
-    if tokio::time::timeout(options.drain_timeout, state.in_flight.wait_idle())
+    set_health(health, ServingStatus::NotServing).await;
+    if tokio::time::timeout(timeout, state.in_flight.wait_idle())
         .await
         .is_err()
     {
@@ -314,16 +232,6 @@ pub async fn run(
             "drain deadline passed; closing anyway"
         );
     }
-    let _ = stop_tx.send(());
-    let _ = metrics_stop_tx.send(());
-    grpc.await.map_err(|e| RunError::Load(e.to_string()))??;
-    // Exiting now would reset the connections still closing, and with them requests
-    // their clients sent after the GOAWAY (crate::process::linger).
-    closes.finished().await;
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
-    Ok(())
 }
 
 /// The whole server ("") and the classifier service report the same status.

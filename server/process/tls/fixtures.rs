@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -14,9 +13,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::files::provider;
 use super::{Tls, TlsOptions};
 
+/// The test CA of every TLS test (testkit's), issuing leaves as these tests use them.
 pub(super) struct Ca {
     pub(super) pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    ca: testkit::testca::TestCa,
+    serial: std::sync::atomic::AtomicU64,
 }
 
 /// A certificate and its key, PEM, and the certificate's DER.
@@ -28,26 +29,24 @@ pub(super) struct Leaf {
 
 impl Ca {
     pub(super) fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("self-signed");
+        let ca = testkit::testca::TestCa::new(name);
         Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            pem: ca.pem.clone(),
+            ca,
+            serial: 1.into(),
         }
     }
 
+    /// A certificate for `localhost`, with common name `name`.
     pub(super) fn leaf(&self, name: &str) -> Leaf {
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let issued = self.ca.issue(name, serial);
         Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().clone(),
+            cert: issued.cert_pem,
+            key: issued.key_pem,
+            der: CertificateDer::from(issued.der),
         }
     }
 }

@@ -25,8 +25,17 @@ fn main() -> anyhow::Result<()> {
         ("l3 1x1 1024->256", 256, 1024, 1, 1, 1, 14),
         ("l4 3x3 512", 512, 512, 3, 1, 1, 7),
         ("l4 1x1 512->2048", 2048, 512, 1, 1, 1, 7),
+        // resnext50_32x4d's grouped 3x3s (4, 8, 16, 32 channels a group; the first of a
+        // stage strided), then resnext101_32x8d's (8, 16, 32, 64).
         ("x l1 3x3 g32 (4)", 128, 128, 3, 1, 32, 56),
+        ("x l2 3x3 g32 (8)", 256, 256, 3, 1, 32, 28),
+        ("x l2 3x3 g32 (8) s2", 256, 256, 3, 2, 32, 56),
         ("x l3 3x3 g32 (16)", 512, 512, 3, 1, 32, 14),
+        ("x l4 3x3 g32 (32)", 1024, 1024, 3, 1, 32, 7),
+        ("x8 l1 3x3 g32 (8)", 256, 256, 3, 1, 32, 56),
+        ("x8 l2 3x3 g32 (16)", 512, 512, 3, 1, 32, 28),
+        ("x8 l3 3x3 g32 (32)", 1024, 1024, 3, 1, 32, 14),
+        ("x8 l4 3x3 g32 (64)", 2048, 2048, 3, 1, 32, 7),
         ("stem 7x7", 64, 3, 7, 2, 1, 224),
     ];
     for (name, o, i, k, stride, groups, side) in layers {
@@ -48,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         let out_side = (side + 2 * (k / 2) - k) / stride + 1;
         let flops = 2.0 * (batch * out_side * out_side * o * ipg * k * k) as f64;
-        let mut row = format!("{name:<20}");
+        let mut row = format!("{name:<22}");
         for which in CpuKernels::supported() {
             let conv = CpuConv::with_kernels(folded.clone(), which)?;
             conv.forward(&x, None, true)?;

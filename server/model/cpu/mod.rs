@@ -568,6 +568,40 @@ mod tests {
             groups: 2,
             input: [1, 4, 6],
         },
+        // Inputs too wide for a full tile's rows to stay in L1: 8-row tiles on AVX-512
+        // (1024 channels), 4-row tiles on both (2048).
+        Case {
+            name: "1x1 of 1024 in",
+            oik: [64, 1024, 1],
+            stride: 1,
+            padding: 0,
+            groups: 1,
+            input: [2, 3, 5],
+        },
+        Case {
+            name: "1x1 s2 of 1024 in",
+            oik: [64, 1024, 1],
+            stride: 2,
+            padding: 0,
+            groups: 1,
+            input: [1, 7, 7],
+        },
+        Case {
+            name: "1x1 of 2048 in",
+            oik: [32, 2048, 1],
+            stride: 1,
+            padding: 0,
+            groups: 1,
+            input: [1, 7, 7],
+        },
+        Case {
+            name: "3x3 of 1024 in",
+            oik: [32, 1024, 3],
+            stride: 1,
+            padding: 1,
+            groups: 1,
+            input: [1, 3, 4],
+        },
         Case {
             name: "uncovered: 40 out",
             oik: [40, 16, 3],
@@ -666,7 +700,14 @@ mod tests {
         // once, so each short-tile kernel runs, with and without a shortcut.
         for_each_supported("last tiles", |which| {
             for pixels in 1..=2 * 14 {
-                for (oik, groups) in [([64, 32, 1], 1), ([32, 32, 3], 8), ([64, 64, 3], 16)] {
+                for (oik, groups) in [
+                    ([64, 32, 1], 1),
+                    ([32, 32, 3], 8),
+                    ([64, 64, 3], 16),
+                    // Shorter tiles for wide inputs (direct.rs `tile_height`).
+                    ([32, 1024, 1], 1),
+                    ([32, 2048, 1], 1),
+                ] {
                     let case = Case {
                         name: "short tile",
                         oik,

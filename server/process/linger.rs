@@ -27,11 +27,33 @@ use tokio_util::task::TaskTracker;
 /// reads the GOAWAY and the FIN closes at once; this bounds one that does not.
 pub const LINGER: Duration = Duration::from_secs(2);
 
+/// The most closes under way at once; past it a connection closes at once. Clients
+/// that open and drop connections (failed TLS handshakes among them) faster than they
+/// close their side would otherwise hold descriptors for [`LINGER`] each.
+pub const MAX_LINGERING: usize = 1024;
+
 /// The lingering closes of one listener.
-#[derive(Clone, Debug, Default)]
-pub struct Closes(TaskTracker);
+#[derive(Clone, Debug)]
+pub struct Closes {
+    tasks: TaskTracker,
+    limit: usize,
+}
+
+impl Default for Closes {
+    fn default() -> Self {
+        Closes::with_limit(MAX_LINGERING)
+    }
+}
 
 impl Closes {
+    /// At most `limit` closes under way at once.
+    pub fn with_limit(limit: usize) -> Closes {
+        Closes {
+            tasks: TaskTracker::new(),
+            limit,
+        }
+    }
+
     /// `stream`, to close lingering when dropped.
     pub fn wrap(&self, stream: TcpStream) -> Lingering {
         Lingering {
@@ -43,13 +65,13 @@ impl Closes {
     /// Resolves once every close under way has ended. Each ends within [`LINGER`];
     /// the bound here is for closes that start while it waits.
     pub async fn finished(&self) {
-        self.0.close();
-        let _ = tokio::time::timeout(2 * LINGER, self.0.wait()).await;
+        self.tasks.close();
+        let _ = tokio::time::timeout(2 * LINGER, self.tasks.wait()).await;
     }
 
     /// How many closes are under way.
     pub fn under_way(&self) -> usize {
-        self.0.len()
+        self.tasks.len()
     }
 }
 
@@ -80,9 +102,12 @@ impl Drop for Lingering {
         let Some(stream) = self.stream.take() else {
             return;
         };
+        if self.closes.under_way() >= self.closes.limit {
+            return;
+        }
         // Without a runtime (the process is ending) it closes as any socket does.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            self.closes.0.spawn_on(linger(stream), &runtime);
+            self.closes.tasks.spawn_on(linger(stream), &runtime);
         }
     }
 }
@@ -246,5 +271,21 @@ mod tests {
         closes.finished().await;
         assert_eq!(closes.under_way(), 0);
         assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_a_connection_closes_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let closes = Closes::with_limit(1);
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+            let (server, _) = listener.accept().await.expect("accept");
+            drop(closes.wrap(server));
+        }
+        // The clients never close their side: without the limit all three would linger.
+        assert_eq!(closes.under_way(), 1);
+        drop(clients);
     }
 }

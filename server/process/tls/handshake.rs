@@ -119,7 +119,8 @@ impl Tls {
                     continue;
                 };
                 crate::process::server::nodelay(&stream);
-                // Closed lingering, failed handshakes too: their last alert gets there.
+                // Closed lingering, failed handshakes too (their last alert gets there),
+                // as many at once as `linger::MAX_LINGERING`.
                 let stream = closes.wrap(stream);
                 let acceptor = TlsAcceptor::from(tls.config());
                 let tx = tx.clone();

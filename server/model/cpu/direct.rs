@@ -280,7 +280,12 @@ impl<I: Isa> DirectConv<I> {
 /// The tallest tile a dense kernel runs at (its own height, 8 or 4 rows) whose input
 /// rows of `kc` channels fit [`TILE_INPUT_BUDGET`]; 4 rows at the least.
 fn tile_height<I: Isa>(kc: usize) -> usize {
-    let fits = |rows: usize| rows * kc * std::mem::size_of::<f32>() <= TILE_INPUT_BUDGET;
+    // `kc` comes from a checkpoint's shapes.
+    let fits = |rows: usize| {
+        rows.saturating_mul(kc)
+            .saturating_mul(std::mem::size_of::<f32>())
+            <= TILE_INPUT_BUDGET
+    };
     [I::MR, 8, 4]
         .into_iter()
         .filter(|&rows| rows <= I::MR)
@@ -408,6 +413,7 @@ mod tests {
         assert_eq!(tile_height::<Avx2>(2048), 4);
         // Never below 4 rows, however wide.
         assert_eq!(tile_height::<Avx512>(1 << 20), 4);
+        assert_eq!(tile_height::<Avx512>(usize::MAX), 4);
         for kc in [1, 64, 1024, 2048, 4096] {
             assert!(tile_height::<Avx512>(kc) <= Avx512::MR);
             assert!(tile_height::<Avx2>(kc) <= Avx2::MR);

@@ -166,16 +166,28 @@ mod tests {
     use tokio_rustls::rustls::pki_types::ServerName;
     use tokio_stream::StreamExt;
 
+    type Incoming = ReceiverStream<std::io::Result<TlsStream<Lingering>>>;
+
+    /// `setup`'s TLS accepting on a loopback port until `stop`: the TLS (for its
+    /// metrics), the port's address and the handshaken connections.
+    async fn accepting(
+        setup: &Setup,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (Arc<Tls>, std::net::SocketAddr, Incoming) {
+        let metrics = crate::process::metrics::Metrics::new();
+        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tls.incoming(listener, stop, Closes::default());
+        (tls, addr, incoming)
+    }
+
     #[tokio::test]
     async fn connections_past_the_handshakes_under_way_are_closed() {
         let ca = Ca::new("test CA");
         let mut setup = Setup::new(&ca.leaf("server"), None);
         setup.options.max_handshakes = 1;
-        let metrics = crate::process::metrics::Metrics::new();
-        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
+        let (tls, addr, mut incoming) = accepting(&setup, std::future::pending()).await;
         let name = || ServerName::try_from("localhost").expect("name");
 
         // The one slot, held by a client that says nothing.
@@ -230,11 +242,8 @@ mod tests {
         let ca = Ca::new("test CA");
         let mut setup = Setup::new(&ca.leaf("server"), None);
         setup.options.max_handshakes_per_ip = 1;
-        let metrics = crate::process::metrics::Metrics::new();
-        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
+        let (tls, addr, mut incoming) = accepting(&setup, std::future::pending()).await;
+        let port = addr.port();
         let name = || ServerName::try_from("localhost").expect("name");
         let from = |ip: [u8; 4]| async move {
             let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -283,11 +292,7 @@ mod tests {
         let leaf = ca.leaf("server");
         let mut setup = Setup::new(&leaf, None);
         setup.options.handshake_timeout = Duration::from_millis(1500);
-        let metrics = crate::process::metrics::Metrics::new();
-        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut incoming = tls.incoming(listener, std::future::pending(), Closes::default());
+        let (tls, addr, mut incoming) = accepting(&setup, std::future::pending()).await;
 
         // Connects and says nothing.
         let _silent = TcpStream::connect(addr).await.expect("connect");
@@ -331,18 +336,11 @@ mod tests {
     async fn at_stop_the_port_closes_and_every_handshaken_connection_is_yielded() {
         let ca = Ca::new("test CA");
         let setup = Setup::new(&ca.leaf("server"), None);
-        let metrics = crate::process::metrics::Metrics::new();
-        let tls = Tls::load(setup.options.clone(), &metrics).expect("loads");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut incoming = tls.incoming(
-            listener,
-            async {
-                let _ = stop_rx.await;
-            },
-            Closes::default(),
-        );
+        let (_tls, addr, mut incoming) = accepting(&setup, async {
+            let _ = stop_rx.await;
+        })
+        .await;
         let name = || ServerName::try_from("localhost").expect("name");
 
         // Handshaken before the stop and not yet taken from the stream: a client that
